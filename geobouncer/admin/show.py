@@ -1,0 +1,214 @@
+"""SHOW commands of the admin console: each builder returns (columns, rows).
+
+Columns follow PgBouncer 1.25's names and order.
+"""
+
+from __future__ import annotations
+
+
+import time
+from time import monotonic
+
+from .. import __version__
+
+T, I8, I4 = 25, 20, 23
+
+
+def _cols(spec: str) -> list[tuple[str, int]]:
+    """'name:t count:i' -> [(name, oid)]; t = text, i = bigint."""
+    out = []
+    for item in spec.split():
+        name, kind = item.split(":")
+        out.append((name, T if kind == "t" else I8))
+    return out
+
+
+def _wall(app, mono: float) -> str:
+    """A monotonic instant as a wall-clock timestamp, as PgBouncer prints them."""
+    stamp = time.time() - (monotonic() - mono)
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
+
+
+def show_pools(app):
+    cols = _cols("database:t user:t cl_active:i cl_waiting:i cl_active_cancel_req:i "
+                 "cl_waiting_cancel_req:i sv_active:i sv_active_cancel:i sv_being_canceled:i "
+                 "sv_idle:i sv_used:i sv_tested:i sv_login:i maxwait:i maxwait_us:i pool_mode:t "
+                 "load_balance_hosts:t")
+    rows = []
+    now = monotonic()
+    for pool in app.pools.values():
+        waiting = [c for c in pool.clients if c.state == "waiting"]
+        active = len(pool.clients) - len(waiting)
+        maxwait = max((now - c.wait_started for c in waiting), default=0.0)
+        idle = sum(1 for s in pool.idle if s.state == "idle")
+        used = len(pool.idle) - idle
+        rows.append([pool.db.name, pool.user, active, len(waiting), 0, 0, len(pool.active), 0, 0,
+                     idle, used, 0, pool.connecting, int(maxwait), int((maxwait % 1) * 1e6),
+                     pool.mode, pool.db.load_balance_hosts or None])
+    rows.append(["pgbouncer", "pgbouncer", sum(1 for c in app.clients if c.admin), 0, 0, 0, 0, 0, 0,
+                 0, 0, 0, 0, 0, 0, "statement", None])
+    return cols, rows
+
+
+_CONN_COLS = ("type:t user:t database:t replication:t state:t addr:t port:i local_addr:t local_port:i "
+              "connect_time:t request_time:t wait:i wait_us:i close_needed:i ptr:t link:t remote_pid:i "
+              "tls:t application_name:t prepared_statements:i id:i")
+
+
+def show_clients(app):
+    rows = []
+    now = monotonic()
+    for c in app.clients:
+        if c.state == "login":
+            continue
+        wait = now - c.wait_started if c.state == "waiting" else 0.0
+        local = _sockname(c.sock)
+        rows.append(["C", c.user, c.dbname, "none", c.state, c.addr[0], c.addr[1], local[0], local[1],
+                     _wall(app, c.connect_time), _wall(app, c.request_time), int(wait),
+                     int((wait % 1) * 1e6), 0, repr(c), repr(c.server) if c.server else None, 0, None,
+                     c.tparams.get("application_name", ""), 0, c.id])
+    return _cols(_CONN_COLS), rows
+
+
+def show_servers(app):
+    rows = []
+    for pool in app.pools.values():
+        for s in list(pool.active) + list(pool.idle):
+            rows.append(["S", pool.user, pool.db.name, "none", s.state, s.host, s.port,
+                         s.local_addr[0] if s.local_addr else None,
+                         s.local_addr[1] if s.local_addr and len(s.local_addr) > 1 else 0,
+                         _wall(app, s.created_at), _wall(app, s.linked_at or s.created_at), 0, 0,
+                         int(s.stale), repr(s), repr(s.client) if s.client else None, s.pid, None,
+                         s.params.get("application_name", ""), 0, s.id])
+    return _cols(_CONN_COLS), rows
+
+
+def show_databases(app):
+    cols = _cols("name:t host:t port:i database:t force_user:t pool_size:i min_pool_size:i "
+                 "reserve_pool_size:i server_lifetime:i pool_mode:t load_balance_hosts:t "
+                 "max_connections:i current_connections:i max_client_connections:i "
+                 "current_client_connections:i paused:i disabled:i")
+    s = app.settings
+    rows = []
+    for name, db in app.cfg.databases.items():
+        rows.append([name, db.host, db.port, db.dbname or name, db.user,
+                     db.pool_size if db.pool_size is not None else s.default_pool_size,
+                     db.min_pool_size if db.min_pool_size is not None else s.min_pool_size,
+                     db.reserve_pool_size if db.reserve_pool_size is not None else s.reserve_pool_size,
+                     int(db.server_lifetime or s.server_lifetime), db.pool_mode, db.load_balance_hosts,
+                     db.max_db_connections or s.max_db_connections,
+                     app.counters.per_db.get(name, 0),
+                     db.max_db_client_connections or s.max_db_client_connections,
+                     app.client_count_for_db(name),
+                     int(app.paused or any(p.paused for p in app.pools.values() if p.db.name == name)),
+                     int(name in app.disabled)])
+    rows.append(["pgbouncer", None, s.listen_port, "pgbouncer", "pgbouncer", 2, 0, 0, 0, "statement",
+                 None, 0, 0, 0, 0, 0, 0])
+    return cols, rows
+
+
+_STAT_KEYS = ("xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time",
+              "query_time", "wait_time", "client_parse_count", "server_parse_count", "bind_count")
+
+
+def show_stats(app):
+    cols = _cols("database:t total_server_assignment_count:i total_xact_count:i total_query_count:i "
+                 "total_received:i total_sent:i total_xact_time:i total_query_time:i total_wait_time:i "
+                 "total_client_parse_count:i total_server_parse_count:i total_bind_count:i "
+                 "avg_server_assignment_count:i avg_xact_count:i avg_query_count:i avg_recv:i "
+                 "avg_sent:i avg_xact_time:i avg_query_time:i avg_wait_time:i "
+                 "avg_client_parse_count:i avg_server_parse_count:i avg_bind_count:i")
+    rows = []
+    for db, tot in app.stats.totals_by_db().items():
+        avg = app.stats.averages.get(db, {})
+        rows.append([db, tot["xact_count"]] + [tot[k] for k in _STAT_KEYS]
+                    + [int(avg.get("xact_count", 0))] + [int(avg.get(k, 0)) for k in _STAT_KEYS])
+    return cols, rows
+
+
+def show_users(app):
+    cols = _cols("name:t pool_size:i reserve_pool_size:i pool_mode:t max_user_connections:i "
+                 "current_connections:i max_user_client_connections:i current_client_connections:i")
+    names = set(app.cfg.users) | {p.user for p in app.pools.values()}
+    rows = []
+    for name in sorted(names):
+        u = app.cfg.users.get(name)
+        rows.append([name, u.pool_size if u else None, u.reserve_pool_size if u else None,
+                     u.pool_mode if u else None, (u.max_user_connections if u else None) or 0,
+                     app.counters.per_user.get(name, 0),
+                     (u.max_user_client_connections if u else None) or 0,
+                     app.client_count_for_user(name)])
+    return cols, rows
+
+
+def show_config(app):
+    from ..config import SETTINGS
+
+    cols = _cols("key:t value:t default:t changeable:t")
+    rows = []
+    for setting in SETTINGS:
+        value = app.settings.get(setting.name)
+        rows.append([setting.name, _fmt(value), _fmt(setting.default), "yes" if setting.reloadable else "no"])
+    return cols, rows
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (tuple, list)):
+        return ",".join(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def show_lists(app):
+    cols = _cols("list:t items:i")
+    pools = app.pools.values()
+    servers = sum(p.server_count() for p in pools)
+    rows = [["databases", len(app.cfg.databases)], ["users", len({p.user for p in pools})],
+            ["peers", 0], ["pools", len(app.pools)], ["peer_pools", 0],
+            ["free_clients", 0], ["used_clients", len(app.clients)], ["login_clients",
+             sum(1 for c in app.clients if c.state == "login")],
+            ["free_servers", 0], ["used_servers", servers], ["dns_names", 0], ["dns_zones", 0],
+            ["dns_queries", 0], ["dns_pending", 0]]
+    return cols, rows
+
+
+def show_version(app):
+    return _cols("version:t"), [[f"geobouncer {__version__} (PgBouncer 1.25 compatible)"]]
+
+
+def show_state(app):
+    return _cols("key:t value:t"), [["active", "no" if app.paused else "yes"],
+                                    ["paused", "yes" if app.paused else "no"], ["suspended", "no"]]
+
+
+def show_help(app):
+    commands = ("SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION|STATE|STATS|LISTS "
+                "PAUSE [<db>] RESUME [<db>] DISABLE <db> ENABLE <db> RECONNECT [<db>] KILL <db> "
+                "KILL_CLIENT <id> WAIT_CLOSE [<db>] RELOAD SHUTDOWN [WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS]")
+    return _cols("help:t"), [[line] for line in commands.split("  ")]
+
+
+def show_fds(app):
+    return _cols("fd:i task:t user:t database:t addr:t port:i cancel:i link:i"), []
+
+
+def _sockname(sock):
+    try:
+        name = sock.getsockname()
+        return (name[0], name[1]) if isinstance(name, tuple) else ("unix", 0)
+    except OSError:
+        return (None, 0)
+
+
+BUILDERS = {
+    "pools": show_pools, "clients": show_clients, "servers": show_servers,
+    "databases": show_databases, "stats": show_stats, "users": show_users,
+    "config": show_config, "lists": show_lists, "version": show_version, "state": show_state,
+    "help": show_help, "fds": show_fds,
+}
+

@@ -1,0 +1,505 @@
+"""The composition root: config -> pools -> listeners -> background greenlets.
+
+One Bouncer object owns everything live: the current config snapshot, the
+auth_file contents, the pools, the clients and their cancel keys. The net layer
+calls back into it for decisions that need that global view.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket as pysocket
+from time import monotonic
+
+import gevent
+from gevent.event import Event
+
+from . import stats
+from .admin.console import AdminConsole
+from .auth import AuthFileError, load_auth_file
+from .config import ConfigError, diff_configs, load_config
+from .net import params as tracked_params
+from .net.checkout import ClientError, acquire_server
+from .net.client import ClientConnection
+from .net.listener import Listeners
+from .net.server import ServerError, send_cancel
+from .pool.pool import ConnectionCounters, Pool, PoolLimits
+from .proto import messages as m
+
+log = logging.getLogger("geobouncer")
+
+DEFAULT_AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
+                      "FROM pg_authid WHERE rolname=$1 AND rolcanlogin")
+
+
+class Bouncer:
+    def __init__(self, config_path: str):
+        self.config_path = config_path
+        self.cfg = load_config(config_path)
+        self.settings = self.cfg.pgbouncer
+        self._check_supported(self.settings)
+        self.auth_file = self._load_auth_file(self.cfg)
+        self.tracked = tracked_params.tracked_names(self.settings)
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.counters = ConnectionCounters()
+        self.clients: set[ClientConnection] = set()
+        self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self.paused = False
+        self.resumed = Event()
+        self.resumed.set()
+        self.disabled: set[str] = set()
+        self.started = monotonic()
+        self.listeners = Listeners(self)
+        self.admin = AdminConsole(self)
+        self.stats = stats.Stats(self)
+        self.shutting_down = False
+        self.stopped = Event()
+        self._ids = 0
+        self._rr: dict[str, int] = {}
+        self.max_packet_size = self.settings.max_packet_size
+
+    # --- start / stop ----------------------------------------------------------
+    def start(self) -> None:
+        self.listeners.start()
+        gevent.spawn(self._janitor)
+        gevent.spawn(self.stats.report_loop)
+        for sig, handler in ((signal.SIGHUP, self.reload), (signal.SIGTERM, self.shutdown_wait_clients),
+                             (signal.SIGINT, self.shutdown_safe)):
+            gevent.signal_handler(sig, lambda h=handler: gevent.spawn(h))
+        self._write_pidfile()
+        log.info("process up: geobouncer, pid=%d", os.getpid())
+
+    def serve_forever(self) -> None:
+        self.start()
+        self.stopped.wait()
+        self._remove_pidfile()
+        log.info("shutting down")
+
+    def next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    # --- config ------------------------------------------------------------------
+    @staticmethod
+    def _check_supported(settings) -> None:
+        if settings.auth_type in ("hba", "pam", "ldap", "cert"):
+            raise ConfigError(f"auth_type {settings.auth_type} is not supported by geobouncer yet",
+                              key="auth_type")
+
+    def _load_auth_file(self, cfg) -> dict[str, str]:
+        path = cfg.pgbouncer.auth_file
+        if not path:
+            return {}
+        return load_auth_file(cfg.resolve_path(path))
+
+    def reload(self) -> None:
+        """SIGHUP / RELOAD: re-read the config and the auth_file; apply what can change live."""
+        try:
+            new = load_config(self.config_path)
+            self._check_supported(new.pgbouncer)
+            auth_file = self._load_auth_file(new)
+        except (ConfigError, AuthFileError) as exc:
+            log.error("config reload failed, keeping the old config: %s", exc)
+            return False
+        _, restart_only = diff_configs(self.cfg, new)
+        for key in sorted(restart_only):
+            log.warning("%s changed in the config but needs a restart to apply", key)
+        self.cfg = new
+        self.settings = new.pgbouncer
+        self.auth_file = auth_file
+        self.tracked = tracked_params.tracked_names(self.settings)
+        self.max_packet_size = self.settings.max_packet_size
+        for (dbname, user), pool in list(self.pools.items()):
+            entry = new.database_for(dbname)
+            if entry is None:
+                continue   # PgBouncer keeps serving existing clients of a removed database
+            old_entry = pool.db
+            pool.db = entry
+            pool.limits = self._limits(entry, user)
+            pool.tracked = frozenset(self.tracked.values())
+            self._refresh_password(pool)
+            if _server_identity(entry) != _server_identity(old_entry):
+                self.reconnect_pool(pool)
+        log.info("RELOAD command issued")
+        return True
+
+    def database_for(self, name: str):
+        return self.cfg.database_for(name)
+
+    # --- authentication ----------------------------------------------------------
+    def auth_method(self, client) -> str:
+        method = self.settings.auth_type
+        if client.unix and method == "peer":
+            return "trust"
+        return method
+
+    def lookup_secret(self, user: str, db):
+        secret = self.auth_file.get(user)
+        if secret is not None or db is None:
+            return secret
+        auth_user = db.auth_user or self.settings.auth_user
+        if auth_user:
+            return self._auth_query(db, auth_user, user)
+        return None
+
+    def _auth_query(self, db, auth_user: str, user: str):
+        dbname = db.auth_dbname or self.settings.auth_dbname or db.name
+        entry = self.database_for(dbname) or db
+        pool = self.get_pool(entry, auth_user, None, forced_user=auth_user)
+        sql = db.auth_query or self.settings.auth_query or DEFAULT_AUTH_QUERY
+        probe = _Probe()
+        try:
+            server = acquire_server(self, pool, probe)
+        except ClientError as exc:
+            raise ClientError("08P01", f"auth_query failed: {exc.text}") from None
+        try:
+            rows = server.run_internal(m.extended_query(sql, [user]), timeout=30).rows
+        except ServerError as exc:
+            server.close(f"auth_query failed: {exc.text}")
+            raise ClientError("08P01", f"auth_query failed: {exc.text}") from None
+        self.release_idle(server)
+        if not rows:
+            return None
+        return rows[0][1] if len(rows[0]) > 1 else None
+
+    # --- pools ---------------------------------------------------------------------
+    def _limits(self, db, user: str) -> PoolLimits:
+        s = self.settings
+        user_entry = self.cfg.users.get(user)
+
+        def pick(attr, default):
+            for source in (user_entry, db):
+                value = getattr(source, attr, None) if source is not None else None
+                if value is not None:
+                    return value
+            return default
+
+        return PoolLimits(
+            pool_size=pick("pool_size", s.default_pool_size),
+            min_pool_size=db.min_pool_size if db.min_pool_size is not None else s.min_pool_size,
+            reserve_pool_size=pick("reserve_pool_size", s.reserve_pool_size),
+            pool_mode=pick("pool_mode", s.pool_mode),
+            max_db_connections=db.max_db_connections if db.max_db_connections is not None else s.max_db_connections,
+            max_user_connections=(user_entry.max_user_connections if user_entry is not None
+                                  and user_entry.max_user_connections is not None else s.max_user_connections),
+        )
+
+    def get_pool(self, db, user: str, auth_result, forced_user: str | None = None) -> Pool:
+        server_user = forced_user or db.user or user
+        key = (db.name, server_user)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = Pool(db, server_user, self._limits(db, server_user), self.counters)
+            pool.tracked = frozenset(self.tracked.values())
+            pool.on_server_closed = self._server_closed
+            self._refresh_password(pool)
+            self.pools[key] = pool
+        if auth_result is not None and server_user == user:
+            client_key = getattr(auth_result, "scram_client_key", None)
+            if client_key and (pool.scram_keys is None or pool.scram_keys[0] != client_key):
+                pool.scram_keys = (client_key, auth_result.scram_server_key)
+            password = getattr(auth_result, "password", None)
+            if pool.server_password is None and password:
+                pool.server_password = password
+        return pool
+
+    def _refresh_password(self, pool: Pool) -> None:
+        db = pool.db
+        if db.user and db.user == pool.user and db.password:
+            pool.server_password = db.password
+        else:
+            pool.server_password = self.auth_file.get(pool.user, pool.server_password)
+
+    def hosts_for(self, pool: Pool):
+        """Hosts to try for a new server connection, in order."""
+        db = pool.db
+        hosts = list(db.hosts) if db.hosts else [self.settings.unix_socket_dir or "/tmp"]
+        ports = list(db.ports) if db.ports else [db.port]
+        pairs = [(h, ports[i] if i < len(ports) else ports[-1]) for i, h in enumerate(hosts)]
+        if len(pairs) > 1 and (db.load_balance_hosts or "round-robin") == "round-robin":
+            start = self._rr.get(db.name, 0)
+            self._rr[db.name] = start + 1
+            start %= len(pairs)
+            pairs = pairs[start:] + pairs[:start]
+        return pairs
+
+    def server_startup(self, pool: Pool) -> dict[str, str]:
+        db = pool.db
+        params = {"user": pool.user, "database": db.dbname or db.name}
+        params.update(db.startup_params())
+        return params
+
+    def _server_closed(self, server, reason: str) -> None:
+        if self.settings.log_disconnections:
+            age = monotonic() - server.created_at
+            log.info("%r: %s closing because: %s (age=%ds)", server, server.describe(), reason, age)
+
+    # --- releasing servers -------------------------------------------------------------
+    def release_active(self, server, linked_at: float) -> None:
+        """Transaction/statement mode: the reader saw the client's work end."""
+        pool = server.pool
+        pool.stats.xact_time += int((monotonic() - server.linked_at) * 1e6)
+        if server.closed:
+            return
+        if server.dirty or server.stale or self._too_old(server):
+            server.close(server.close_reason or ("server lifetime over" if not server.dirty else "dirty"))
+            return
+        if self.settings.server_reset_query_always and self.settings.server_reset_query:
+            gevent.spawn(self._reset_and_release, server)
+            return
+        waiter = pool.release(server)
+        if waiter is None and self.shutting_down:
+            self._check_shutdown()
+
+    def release_idle(self, server) -> None:
+        if not server.closed:
+            server.pool.release(server)
+
+    def release_after_client(self, server, pool) -> None:
+        """A client left with a clean server (session mode): reset, then pool it."""
+        if server.stale or self._too_old(server):
+            server.close("server lifetime over" if not server.stale else "database configuration changed")
+            return
+        if pool.mode == "session" or self.settings.server_reset_query_always:
+            self._reset_and_release(server)
+        else:
+            pool.release(server)
+
+    def _reset_and_release(self, server) -> None:
+        query = self.settings.server_reset_query
+        if query:
+            try:
+                server.query(query, timeout=self.settings.server_connect_timeout or None)
+            except ServerError as exc:
+                server.close(f"server_reset_query failed: {exc.text}")
+                return
+        if server.tx_status != b"I":
+            server.close("server_reset_query left a transaction open")
+            return
+        if not server.closed:
+            server.pool.release(server)
+        if self.shutting_down:
+            self._check_shutdown()
+
+    def _too_old(self, server) -> bool:
+        lifetime = server.lifetime_limit(self.settings.server_lifetime)
+        return lifetime > 0 and monotonic() - server.created_at > lifetime
+
+    def reconnect_pool(self, pool: Pool) -> None:
+        """Close idle servers now and active ones when released (RECONNECT, reload)."""
+        for server in list(pool.idle):
+            server.close("database configuration changed")
+        for server in pool.active:
+            server.stale = True
+
+    # --- clients --------------------------------------------------------------------
+    def accept(self, sock, addr, unix: bool) -> None:
+        client = ClientConnection(self, sock, addr, unix)
+        if self.shutting_down:
+            client.send_error("57P01", "pgbouncer is shutting down", fatal=True)  # PgBouncer's text
+            sock.close()
+            return
+        if len(self.clients) >= self.settings.max_client_conn:
+            client.pending_error = ("53300", "no more connections allowed (max_client_conn)")
+        self.clients.add(client)
+        client.run()
+
+    def register_client(self, client) -> tuple[int, int]:
+        while True:
+            key = (random.getrandbits(31), random.getrandbits(32))
+            if key not in self.cancel_keys:
+                break
+        self.cancel_keys[key] = client
+        if client.pool is not None:
+            client.pool.clients.add(client)
+        return key
+
+    def forget_client(self, client) -> None:
+        self.clients.discard(client)
+        self.cancel_keys.pop(client.cancel_key, None)
+        if client.pool is not None:
+            client.pool.clients.discard(client)
+        if self.shutting_down:
+            self._check_shutdown()
+
+    def client_count_for_db(self, dbname: str) -> int:
+        return sum(1 for c in self.clients if c.dbname == dbname and c.pool is not None)
+
+    def client_count_for_user(self, user: str) -> int:
+        return sum(1 for c in self.clients if c.user == user and c.pool is not None)
+
+    def forward_cancel(self, pid: int, key: int) -> None:
+        """A CancelRequest: reach the server running that client's query, and only it."""
+        client = self.cancel_keys.get((pid, key))
+        if client is None:
+            log.debug("cancel request for unknown key")
+            return
+        server = client.server
+        if server is None or server.closed or server.outstanding <= 0:
+            return
+        server.cancelling = True
+        try:
+            send_cancel(server.host, server.port, server.pid, server.key)
+        except OSError as exc:
+            log.warning("cancel request to %s failed: %s", server.describe(), exc)
+        finally:
+            server.cancelling = False
+
+    # --- pause / resume / shutdown -----------------------------------------------
+    def wait_resumed(self, pool, timeout) -> None:
+        while self.paused or pool.paused:
+            if not self.resumed.wait(timeout):
+                return
+
+    def pause(self, dbname: str | None = None) -> None:
+        if dbname is None:
+            self.paused = True
+        for pool in self.pools.values():
+            if dbname is None or pool.db.name == dbname:
+                pool.paused = True
+        self.resumed.clear()
+
+    def resume(self, dbname: str | None = None) -> None:
+        if dbname is None:
+            self.paused = False
+        for pool in self.pools.values():
+            if dbname is None or pool.db.name == dbname:
+                pool.paused = False
+        if not self.paused and not any(p.paused for p in self.pools.values()):
+            self.resumed.set()
+        else:
+            # wake waiters of resumed pools; they re-check their own pool
+            self.resumed.set()
+            self.resumed.clear()
+
+    def pause_done(self, dbname: str | None = None) -> bool:
+        return all(not p.active for p in self.pools.values() if dbname is None or p.db.name == dbname)
+
+    def shutdown_safe(self) -> None:
+        """SIGINT: stop accepting, wait for servers to be released, then exit."""
+        if self.shutting_down:
+            return self.shutdown_now()
+        self.shutting_down = "safe"
+        self.listeners.stop()
+        self.pause()
+        self._check_shutdown()
+
+    def shutdown_wait_clients(self) -> None:
+        """SIGTERM: stop accepting, exit when the last client has gone."""
+        if self.shutting_down:
+            return self.shutdown_now()
+        self.shutting_down = "wait_for_clients"
+        self.listeners.stop()
+        self._check_shutdown()
+
+    def _check_shutdown(self) -> None:
+        if self.shutting_down == "safe" and all(not p.active for p in self.pools.values()):
+            self.shutdown_now()
+        elif self.shutting_down == "wait_for_clients" and not self.clients:
+            self.shutdown_now()
+
+    def shutdown_now(self) -> None:
+        self.shutting_down = self.shutting_down or "now"
+        self.listeners.stop()
+        for client in list(self.clients):
+            client.shutdown("57P01", "pgbouncer is shutting down")
+        for pool in self.pools.values():
+            for server in list(pool.idle) + list(pool.active):
+                server.close("shutdown")
+        self.stopped.set()
+
+    # --- janitor --------------------------------------------------------------------
+    def _janitor(self) -> None:
+        while not self.stopped.is_set():
+            gevent.sleep(1.0)
+            try:
+                self._janitor_pass(monotonic())
+            except Exception:  # noqa: BLE001 - the janitor must never die
+                log.exception("janitor pass failed")
+
+    def _janitor_pass(self, now: float) -> None:
+        s = self.settings
+        for pool in list(self.pools.values()):
+            for server in pool.idle_servers_to_close(now, s.server_idle_timeout, s.server_lifetime):
+                idle_too_long = s.server_idle_timeout > 0 and now - server.idle_since > s.server_idle_timeout
+                server.close("server idle timeout" if idle_too_long else "server lifetime over")
+            if pool.waiters and pool.may_open(True):
+                pool.wake_one_waiter()
+            want = min(pool.limits.min_pool_size, pool.limits.pool_size)
+            if want and pool.server_count() < want and not pool.paused and not self.paused:
+                if pool.last_login_error is None or now - pool.last_login_error[0] > s.server_login_retry:
+                    gevent.spawn(self._fill_pool, pool)
+        for client in list(self.clients):
+            self._check_client_timeouts(client, now, s)
+
+    def _fill_pool(self, pool: Pool) -> None:
+        from .net.checkout import open_server
+        if pool.server_count() >= min(pool.limits.min_pool_size, pool.limits.pool_size) or not pool.may_open(False):
+            return
+        try:
+            server = open_server(self, pool)
+        except ClientError:
+            return
+        self.release_idle(server)
+
+    def _check_client_timeouts(self, client, now: float, s) -> None:
+        if client.closing or client.state == "login":
+            return
+        server = client.server
+        if server is None:
+            if s.client_idle_timeout > 0 and now - client.request_time > s.client_idle_timeout and client.state == "active":
+                client.shutdown("08P01", "client_idle_timeout")
+            return
+        if server.outstanding > 0:
+            if s.query_timeout > 0 and now - server.request_started > s.query_timeout:
+                client.server = None
+                server.client = None
+                server.close("query timeout")
+                client.shutdown("57014", "query_timeout")
+        elif server.tx_status != b"I":
+            if s.idle_transaction_timeout > 0 and now - server.last_activity > s.idle_transaction_timeout:
+                client.server = None
+                server.client = None
+                server.close("idle transaction timeout")
+                client.shutdown("25P03", "idle transaction timeout")
+        elif s.client_idle_timeout > 0 and now - client.request_time > s.client_idle_timeout:
+            client.shutdown("08P01", "client_idle_timeout")
+
+    # --- pidfile ---------------------------------------------------------------------
+    def _write_pidfile(self) -> None:
+        path = self.settings.pidfile
+        if path:
+            with open(self.cfg.resolve_path(path), "w") as f:
+                f.write(f"{os.getpid()}\n")
+
+    def _remove_pidfile(self) -> None:
+        path = self.settings.pidfile
+        if path:
+            try:
+                os.unlink(self.cfg.resolve_path(path))
+            except OSError:
+                pass
+
+
+class _Probe:
+    """Stands in for a client when the pooler itself needs a server (auth_query)."""
+
+    state = "active"
+    pool = None
+
+    def set_waiting(self, waiting: bool) -> None:
+        pass
+
+
+def _server_identity(entry):
+    return (entry.host, entry.port, entry.dbname, entry.user, entry.password)
+
+
+def tcp_keepalive(sock) -> None:
+    try:
+        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_KEEPALIVE, 1)
+    except OSError:
+        pass

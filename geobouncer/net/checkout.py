@@ -1,0 +1,192 @@
+"""Getting a server for a client: take an idle one, open a new one, or wait.
+
+The pool decides (geobouncer.pool.pool); this module does the waiting and the
+I/O those decisions need: connecting, server_check_query, connect_query.
+"""
+
+from __future__ import annotations
+
+import logging
+from time import monotonic
+
+import gevent
+from gevent.event import AsyncResult
+
+from .server import ServerConnection, ServerError
+
+log = logging.getLogger("geobouncer")
+
+
+class ClientError(Exception):
+    """An error to send to the client; ``close`` says whether to disconnect it."""
+
+    def __init__(self, sqlstate: str, text: str, close: bool = True):
+        super().__init__(text)
+        self.sqlstate = sqlstate
+        self.text = text
+        self.close = close
+
+
+class Waiter:
+    """A client waiting for a server. ``take`` is the atomic hand-off: once the
+    waiter has given up (timed out) it refuses, so no server is lost."""
+
+    __slots__ = ("result", "done")
+
+    def __init__(self):
+        self.result = AsyncResult()
+        self.done = False
+
+    def take(self, server) -> bool:
+        if self.done:
+            return False
+        self.done = True
+        self.result.set(server)
+        return True
+
+
+def acquire_server(app, pool, client) -> ServerConnection:
+    """Return an active server for ``client``, or raise ClientError."""
+    settings = app.settings
+    start = monotonic()
+    wait_limit = settings.query_wait_timeout
+    deadline = start + wait_limit if wait_limit > 0 else None
+    reserve_after = start + settings.reserve_pool_timeout
+    while True:
+        if app.paused or pool.paused:
+            app.wait_resumed(pool, _remaining(deadline))
+            if deadline is not None and monotonic() >= deadline:
+                raise ClientError("08P01", "query_wait_timeout")
+        server = pool.take_idle()
+        if server is not None:
+            if _usable(app, server):
+                return server
+            continue
+        now = monotonic()
+        use_reserve = pool.limits.reserve_pool_size > 0 and now >= reserve_after
+        if pool.may_open(use_reserve):
+            _check_login_retry(app, pool)
+            if use_reserve and pool.server_count() >= pool.limits.pool_size:
+                log.warning("taking connection from reserve_pool for %s/%s", pool.db.name, pool.user)
+            return open_server(app, pool)
+        server = _wait(app, pool, client, deadline, reserve_after)
+        if server is not None:
+            return server
+
+
+def _remaining(deadline):
+    return None if deadline is None else max(0.0, deadline - monotonic())
+
+
+def _wait(app, pool, client, deadline, reserve_after):
+    """Queue as a waiter until a server is handed over (returned) or a slot frees
+    up (None: the caller loops to open one). Raises ClientError on timeout."""
+    waiter = Waiter()
+    pool.waiters.append(waiter)
+    client.set_waiting(True)
+    timeout = _remaining(deadline)
+    if pool.limits.reserve_pool_size > 0 and monotonic() < reserve_after:
+        until_reserve = reserve_after - monotonic()
+        timeout = until_reserve if timeout is None else min(timeout, until_reserve)
+    try:
+        try:
+            return waiter.result.get(timeout=timeout)
+        except gevent.Timeout:
+            if waiter.done:              # handed over as the timer fired
+                return waiter.result.get()
+            waiter.done = True
+            try:
+                pool.waiters.remove(waiter)
+            except ValueError:
+                pass
+            if deadline is not None and monotonic() >= deadline:
+                raise ClientError("08P01", "query_wait_timeout") from None
+            return None                  # reserve_pool_timeout passed: try again
+    finally:
+        client.set_waiting(False)
+
+
+def _usable(app, server) -> bool:
+    """Checks before reuse: server_lifetime, and server_check_query after
+    server_check_delay of idleness."""
+    settings = app.settings
+    now = monotonic()
+    lifetime = server.lifetime_limit(settings.server_lifetime)
+    if lifetime > 0 and now - server.created_at > lifetime:
+        server.close("server lifetime over")
+        return False
+    check_query = settings.server_check_query
+    if check_query and now - server.idle_since > settings.server_check_delay:
+        try:
+            server.query(check_query, timeout=settings.server_connect_timeout or None)
+        except ServerError as exc:
+            server.close(f"server check query failed: {exc.text}")
+            return False
+    return True
+
+
+def _check_login_retry(app, pool) -> None:
+    failed = pool.last_login_error
+    if failed is None:
+        return
+    when, sqlstate, text = failed
+    if monotonic() - when < app.settings.server_login_retry:
+        raise ClientError(sqlstate if sqlstate.startswith("28") else "08P01",
+                          f"server login has been failing, cached error: {text} (server_login_retry)")
+    pool.last_login_error = None
+
+
+def open_server(app, pool) -> ServerConnection:
+    """Open and log in a new server connection for ``pool``; returns it active."""
+    settings = app.settings
+    pool.opening()
+    errors = []
+    server = None
+    for host, port in app.hosts_for(pool):
+        attempt = ServerConnection(pool, host, port)
+        try:
+            attempt.connect(app.server_startup(pool), pool.server_password, pool.scram_keys,
+                            settings.server_connect_timeout, pool.tracked)
+        except ServerError as exc:
+            errors.append((exc.sqlstate, exc.text))
+            _close_quietly(attempt)
+            if exc.fatal:
+                break
+            continue
+        except OSError as exc:
+            errors.append(("08006", f"could not connect to server: {exc.strerror or exc}"))
+            _close_quietly(attempt)
+            continue
+        server = attempt
+        break
+    if server is None:
+        sqlstate, text = errors[-1] if errors else ("08006", "could not connect to server")
+        pool.open_failed(sqlstate, text)
+        if settings.log_pooler_errors:
+            log.warning("S: %s/%s: server login failed: %s", pool.db.name, pool.user, text)
+        raise ClientError(sqlstate if sqlstate.startswith(("28", "3D")) else "08P01",
+                          f"server login failed: {text}" if sqlstate.startswith("28") else text)
+    pool.opened(server)
+    pool.last_login_error = None
+    if pool.welcome is None:
+        pool.welcome = dict(server.params)
+    if settings.log_connections:
+        log.info("%r: %s new connection to server (from %s:%s)", server, server.describe(),
+                 *server.local_addr[:2])
+    connect_query = pool.db.connect_query
+    if connect_query:
+        try:
+            server.query(connect_query)
+        except ServerError as exc:
+            server.close(f"connect_query failed: {exc.text}")
+            raise ClientError("08P01", f"connect_query failed: {exc.text}") from None
+    return server
+
+
+def _close_quietly(server) -> None:
+    if server.sock is not None:
+        try:
+            server.sock.close()
+        except OSError:
+            pass
+        server.sock = None

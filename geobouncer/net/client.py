@@ -1,0 +1,412 @@
+"""One greenlet per client: startup, authentication, then the forwarding loop.
+
+The client greenlet reads the client's socket and writes to the linked server;
+the server's reader greenlet writes the replies to the client's socket (see
+net/server.py). While linked, only that reader writes to the client; while not
+linked, only this greenlet does. Requests are counted on the way out (Query,
+Sync, FunctionCall each owe one ReadyForQuery) so the reader knows when the
+server has answered everything and may go back to the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket as pysocket
+import struct
+from time import monotonic
+
+import gevent
+
+from ..auth import AuthFailed, authenticate_client
+from ..proto import messages as m
+from ..proto.framing import (CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, SSL_REQUEST_CODE,
+                             ProtocolError, message_at, parse_startup_params, startup_packet_at)
+from ..pool.states import CL_ACTIVE, CL_LOGIN, CL_WAITING
+from . import params as tracked_params
+from .checkout import ClientError, acquire_server
+from .server import ServerError
+
+log = logging.getLogger("geobouncer")
+
+_unpack_len = struct.Struct("!I").unpack_from
+RECV_SIZE = 65536
+_Q, _S, _F, _X = (ord(c) for c in "QSFX")
+_EXTENDED = frozenset(ord(c) for c in "PBDECH")
+_COPY = frozenset(ord(c) for c in "dcf")
+_KNOWN = frozenset(ord(c) for c in "QSFXPBDECHdcfp")
+
+
+class ClientGone(Exception):
+    """The client closed its socket or sent Terminate."""
+
+
+class ClientConnection:
+    def __init__(self, app, sock, addr, unix: bool):
+        self.app = app
+        self.sock = sock
+        self.addr = addr if not unix else ("unix", 0)
+        self.unix = unix
+        self.id = app.next_id()
+        self.state = CL_LOGIN
+        self.user = ""
+        self.dbname = ""
+        self.pool = None
+        self.server = None
+        self.admin = False
+        self.tparams: dict[str, str] = {}
+        self.startup: dict[str, str] = {}
+        self.cancel_key = (0, 0)
+        self.connect_time = monotonic()
+        self.request_time = self.connect_time
+        self.bytes_out = 0
+        self.pending = b""
+        self.closing = False
+        self.greenlet = None
+        self.wait_started = 0.0
+        self.pending_error: tuple[str, str] | None = None   # e.g. max_client_conn, sent after startup
+
+    def __repr__(self) -> str:
+        return f"C-{self.id:#x}"
+
+    def label(self) -> str:
+        host, port = self.addr[0], self.addr[1]
+        return f"{self!r}: {self.dbname or '(nodb)'}/{self.user or '(nouser)'}@{host}:{port}"
+
+    # --- life cycle ------------------------------------------------------------
+    def run(self) -> None:
+        self.greenlet = gevent.getcurrent()
+        try:
+            login_timeout = self.app.settings.client_login_timeout or None
+            with gevent.Timeout(login_timeout, ClientError("08P01", "client_login_timeout")):
+                if not self._login():
+                    return
+            if self.admin:
+                self.app.admin.serve(self)
+            else:
+                self._serve()
+        except ClientError as exc:
+            self._fail(exc.sqlstate, exc.text)
+        except ProtocolError as exc:
+            self._fail("08P01", str(exc))
+        except (ClientGone, OSError):
+            pass
+        finally:
+            self._cleanup()
+
+    def _fail(self, sqlstate: str, text: str) -> None:
+        if self.app.settings.log_pooler_errors:
+            log.warning("%s pooler error: %s", self.label(), text)
+        self.send_error(sqlstate, text, fatal=True)
+
+    def send_error(self, sqlstate: str, text: str, fatal: bool = False) -> None:
+        try:
+            self.sock.sendall(m.error_response(sqlstate, text, "FATAL" if fatal else "ERROR"))
+        except OSError:
+            pass
+
+    def _cleanup(self) -> None:
+        server = self.server
+        if server is not None:
+            self.server = None
+            server.client = None
+            if (server.tx_status == b"I" and server.outstanding <= 0 and not server.unsynced
+                    and not server.in_copy and not server.dirty and not server.closed):
+                gevent.spawn(self.app.release_after_client, server, self.pool)
+            else:
+                server.close("client disconnect while server was not ready")
+        self.app.forget_client(self)
+        if self.state != CL_LOGIN and self.app.settings.log_disconnections:
+            age = monotonic() - self.connect_time
+            log.info("%s closing because: client close request (age=%ds)", self.label(), age)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def shutdown(self, sqlstate: str | None = None, text: str | None = None) -> None:
+        """Close this client from another greenlet (janitor, admin KILL, lost server)."""
+        if self.closing:
+            return
+        self.closing = True
+        if text:
+            if self.app.settings.log_pooler_errors:
+                log.warning("%s closing because: %s", self.label(), text)
+            self.send_error(sqlstate or "08P01", text, fatal=True)
+        try:
+            self.sock.shutdown(pysocket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # --- startup ---------------------------------------------------------------
+    def _login(self) -> bool:
+        params = self._read_startup()
+        if params is None:
+            return False
+        if self.pending_error:
+            raise ClientError(*self.pending_error)
+        user = params.pop("user", "")
+        if not user:
+            raise ClientError("08P01", "no username supplied")
+        self.user = user
+        self.dbname = params.pop("database", "") or user
+        self.startup = params
+        app = self.app
+        if app.settings.log_connections:
+            log.info("%s login attempt: db=%s user=%s tls=no", self.label(), self.dbname, user)
+        db = app.database_for(self.dbname)
+        if db is None and self.dbname == "pgbouncer":
+            self.admin = True
+            app.admin.authorize(self)
+        elif db is None:
+            raise ClientError("3D000", f"no such database: {self.dbname}")
+        elif db.name in app.disabled:
+            raise ClientError("08P01", f'database "{db.name}" does not allow connections')
+        self._check_client_limits(db)
+        secret = app.lookup_secret(user, db)
+        result = self._authenticate(secret)
+        if self.admin:
+            welcome = app.admin.welcome_params()
+        else:
+            self.pool = app.get_pool(db, user, result)
+            self.tparams = tracked_params.client_params(self.pool, params, app.tracked)
+            welcome = self._welcome_params()
+        self.cancel_key = app.register_client(self)
+        out = [m.AUTH_OK]
+        out.extend(m.parameter_status(k, v) for k, v in welcome.items())
+        out.append(m.backend_key_data(*self.cancel_key))
+        out.append(m.READY_IDLE)
+        self.sock.sendall(b"".join(out))
+        self.state = CL_ACTIVE
+        return True
+
+    def _check_client_limits(self, db) -> None:
+        app = self.app
+        if db is not None:
+            limit = db.max_db_client_connections or app.settings.max_db_client_connections
+            if limit and app.client_count_for_db(db.name) >= limit:
+                raise ClientError("53300", "no more connections allowed (max_db_client_connections)")
+        user_entry = app.cfg.users.get(self.user)
+        limit = (user_entry and user_entry.max_user_client_connections) or app.settings.max_user_client_connections
+        if limit and app.client_count_for_user(self.user) >= limit:
+            raise ClientError("53300", "no more connections allowed (max_user_client_connections)")
+
+    def _read_startup(self):
+        buf = bytearray()
+        while True:
+            found = startup_packet_at(buf)
+            if found is None:
+                data = self.sock.recv(RECV_SIZE)
+                if not data:
+                    raise ClientGone()
+                buf += data
+                continue
+            code, end = found
+            body = bytes(buf[8:end])
+            del buf[:end]
+            if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
+                if buf:
+                    raise ProtocolError("data after SSLRequest")
+                self.sock.sendall(m.SSL_NO)
+            elif code == CANCEL_REQUEST_CODE:
+                if len(body) >= 8:
+                    pid, key = struct.unpack_from("!II", body)
+                    self.app.forward_cancel(pid, key)
+                return None
+            elif code >> 16 == 3:
+                self.pending = bytes(buf)
+                params = parse_startup_params(body)
+                tracked_params.validate_startup(params, self.app.settings)
+                if code & 0xFFFF:
+                    self._negotiate(code & 0xFFFF, params)
+                return params
+            else:
+                raise ClientError("08P01", f"unsupported protocol version: {code >> 16}.{code & 0xFFFF}")
+
+    def _negotiate(self, minor: int, params) -> None:
+        unknown = [k for k in params if k.startswith("_pq_.")]
+        for k in unknown:
+            del params[k]
+        body = struct.pack("!II", 196608, len(unknown)) + b"".join(m.cstr(k) for k in unknown)
+        self.sock.sendall(m.message(b"v", body))
+
+    def _read_message(self) -> tuple[int, bytes]:
+        buf = bytearray(self.pending)
+        self.pending = b""
+        while True:
+            found = message_at(buf, 0, 1 << 20)
+            if found is not None:
+                mtype, start, end = found
+                self.pending = bytes(buf[end:])
+                return mtype, bytes(buf[start:end])
+            data = self.sock.recv(RECV_SIZE)
+            if not data:
+                raise ClientGone()
+            buf += data
+
+    def _authenticate(self, secret):
+        method = self.app.auth_method(self)
+        gen = authenticate_client(method, self.user, secret)
+        try:
+            out = next(gen)
+            while True:
+                self.sock.sendall(out)
+                if out[0] == ord("R") and struct.unpack_from("!I", out, 5)[0] == m.AUTH_SASL_FINAL:
+                    out = gen.send(None)
+                    continue
+                mtype, body = self._read_message()
+                if mtype != ord("p"):
+                    raise ClientError("08P01", "expected password response")
+                out = gen.send(body)
+        except StopIteration as done:
+            return done.value
+        except AuthFailed as exc:
+            if self.app.settings.log_pooler_errors:
+                log.warning("%s %s", self.label(), exc.message)
+            raise ClientError(exc.sqlstate, exc.message) from None
+
+    def _welcome_params(self) -> dict[str, str]:
+        pool = self.pool
+        if pool.welcome is None:
+            # Learn the server's parameters (PgBouncer does the same before its first login).
+            server = acquire_server(self.app, pool, self)
+            self.app.release_idle(server)
+        welcome = dict(pool.welcome or {})
+        welcome.update(self.tparams)
+        return welcome
+
+    # --- forwarding ------------------------------------------------------------
+    def _serve(self) -> None:
+        recv = self.sock.recv
+        skip = 0
+        partial = b""
+        data = self.pending
+        self.pending = b""
+        while True:
+            if not data:
+                data = recv(RECV_SIZE)
+                if not data:
+                    raise ClientGone()
+            self.request_time = monotonic()
+            if partial:
+                data = partial + data
+                partial = b""
+            n = len(data)
+            if skip >= n:
+                skip -= n
+                self._send(data, 0, None)
+                data = b""
+                continue
+            pos = skip
+            skip = 0
+            requests = 0
+            synced = None
+            terminate = False
+            while pos < n:
+                if n - pos < 5:
+                    partial = data[pos:]
+                    break
+                mtype = data[pos]
+                length = _unpack_len(data, pos + 1)[0]
+                if length < 4 or length > self.app.max_packet_size:
+                    raise ProtocolError(f"invalid message length {length}")
+                end = pos + 1 + length
+                if mtype == _Q or mtype == _F:
+                    requests += 1
+                elif mtype == _S:
+                    requests += 1
+                    synced = True
+                elif mtype in _EXTENDED:
+                    synced = False
+                elif mtype == _X:
+                    terminate = True
+                    break
+                elif mtype not in _KNOWN:
+                    raise ProtocolError(f"unknown message type {chr(mtype)!r}")
+                if end > n:
+                    skip = end - n
+                    pos = n
+                    break
+                pos = end
+            if pos:
+                self._send(data[:pos] if pos < n else data, requests, synced)
+            if terminate:
+                raise ClientGone()
+            data = b""
+
+    def _send(self, data, requests: int, synced) -> None:
+        server = self.server
+        if server is None:
+            server = self._link()
+        if requests:
+            if server.outstanding <= 0:
+                server.outstanding = requests
+                server.request_started = self.request_time
+            else:
+                server.outstanding += requests
+        if synced is not None:
+            server.unsynced = not synced
+        try:
+            server.sock.sendall(data)
+        except OSError:
+            server.dirty = True
+            raise ClientError("08006", "server conn crashed?") from None
+
+    def _link(self):
+        try:
+            server = acquire_server(self.app, self.pool, self)
+        except ClientError as exc:
+            if exc.close:
+                raise
+            self.send_error(exc.sqlstate, exc.text)
+            raise
+        if server.tparams != self.tparams:
+            try:
+                tracked_params.sync(server, self.tparams)
+            except ServerError as exc:
+                server.close(f"parameter sync failed: {exc.text}")
+                raise ClientError(exc.sqlstate, exc.text) from None
+        server.client = self
+        server.linked_at = self.request_time
+        self.server = server
+        return server
+
+    # --- callbacks from the server's reader greenlet ------------------------------
+    def on_ready(self, server, status: bytes) -> None:
+        stats = self.pool.stats
+        stats.query_count += 1
+        if status == b"I":
+            stats.xact_count += 1
+        server.last_activity = monotonic()
+
+    def on_server_idle(self, server) -> None:
+        """The server answered everything; return it unless the mode keeps it."""
+        mode = self.pool.mode
+        if server.tx_status != b"I":
+            if mode == "statement":
+                self.server = None
+                server.client = None
+                server.close("transaction blocks not allowed in statement pooling mode")
+                self.shutdown("08P01", "transaction blocks not allowed in statement pooling mode")
+            return
+        if mode == "session":
+            return
+        self.server = None
+        server.client = None
+        self.app.release_active(server, self.request_time)
+
+    def on_server_lost(self, server, reason: str) -> None:
+        if self.server is server:
+            self.server = None
+        self.shutdown("08006", "server conn crashed?")
+
+    def on_client_write_failed(self) -> None:
+        self.shutdown()
+
+    def set_waiting(self, waiting: bool) -> None:
+        if waiting:
+            self.state = CL_WAITING
+            self.wait_started = monotonic()
+        else:
+            self.state = CL_ACTIVE
+            if self.pool is not None:
+                self.pool.stats.wait_time += int((monotonic() - self.wait_started) * 1e6)

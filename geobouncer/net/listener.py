@@ -1,0 +1,82 @@
+"""Listening sockets: TCP on listen_addr:listen_port and the unix socket
+``unix_socket_dir/.s.PGSQL.<port>``, as PgBouncer does."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket as pysocket
+
+from gevent.server import StreamServer
+
+log = logging.getLogger("geobouncer")
+
+
+class Listeners:
+    def __init__(self, app):
+        self.app = app
+        self.servers: list[StreamServer] = []
+        self.unix_path: str | None = None
+
+    def start(self) -> None:
+        s = self.app.settings
+        backlog = s.listen_backlog or 128
+        for addr in _listen_addrs(s.listen_addr):
+            family = pysocket.AF_INET6 if ":" in addr else pysocket.AF_INET
+            sock = pysocket.socket(family, pysocket.SOCK_STREAM)
+            sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
+            if family == pysocket.AF_INET6:
+                sock.setsockopt(pysocket.IPPROTO_IPV6, pysocket.IPV6_V6ONLY, 1)
+            sock.bind((addr, s.listen_port))
+            sock.listen(backlog)
+            self._serve(sock, unix=False)
+            log.info("listening on %s:%d", addr, s.listen_port)
+        if s.unix_socket_dir:
+            path = os.path.join(self.app.cfg.resolve_path(s.unix_socket_dir), f".s.PGSQL.{s.listen_port}")
+            if os.path.exists(path):
+                os.unlink(path)
+            sock = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+            sock.bind(path)
+            os.chmod(path, s.unix_socket_mode)
+            sock.listen(backlog)
+            self.unix_path = path
+            self._serve(sock, unix=True)
+            log.info("listening on unix:%s", path)
+
+    def _serve(self, sock, unix: bool) -> None:
+        app = self.app
+
+        def handle(client_sock, addr):
+            if not unix:
+                client_sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+                if app.settings.tcp_keepalive:
+                    client_sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_KEEPALIVE, 1)
+            app.accept(client_sock, addr, unix)
+
+        server = StreamServer(sock, handle)
+        server.start()
+        self.servers.append(server)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        self.servers.clear()
+        if self.unix_path:
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
+            self.unix_path = None
+
+
+def _listen_addrs(value) -> list[str]:
+    if not value:
+        return []
+    addrs = [a.strip() for a in str(value).replace(" ", ",").split(",") if a.strip()]
+    out = []
+    for addr in addrs:
+        if addr == "*":
+            out.extend(["0.0.0.0", "::"] if pysocket.has_ipv6 else ["0.0.0.0"])
+        else:
+            out.append(addr)
+    return out

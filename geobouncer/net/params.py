@@ -1,0 +1,96 @@
+"""Tracked session parameters: which startup parameters a client may send, the
+values each client expects, and the SET that brings a server in line.
+
+PgBouncer tracks client_encoding, DateStyle, TimeZone, standard_conforming_strings
+and application_name, plus track_extra_parameters (IntervalStyle by default).
+"""
+
+from __future__ import annotations
+
+from ..proto.framing import ProtocolError
+
+ALWAYS_TRACKED = ("client_encoding", "DateStyle", "TimeZone",
+                  "standard_conforming_strings", "application_name")
+
+
+def tracked_names(settings) -> dict[str, str]:
+    """lower-case name -> canonical name (as ParameterStatus spells it)."""
+    names = {n.lower(): n for n in ALWAYS_TRACKED}
+    for extra in settings.track_extra_parameters:
+        canonical = "IntervalStyle" if extra.lower() == "intervalstyle" else extra
+        names[extra.lower()] = canonical
+    return names
+
+
+def validate_startup(params: dict[str, str], settings) -> None:
+    """Refuse startup parameters PgBouncer would refuse; fold ``options -c``."""
+    ignored = {p.lower() for p in settings.ignore_startup_parameters}
+    tracked = tracked_names(settings)
+    for key in list(params):
+        low = key.lower()
+        if key in ("user", "database") or low in tracked or key.startswith("_pq_."):
+            continue
+        if low in ignored:
+            del params[key]
+            continue
+        if low == "options":
+            _fold_options(params, tracked)
+            continue
+        if low == "replication":
+            raise ProtocolError("replication connections are not supported")
+        raise ProtocolError(f"unsupported startup parameter: {key}")
+
+
+def _fold_options(params: dict[str, str], tracked: dict[str, str]) -> None:
+    """PgBouncer accepts ``options=-c name=value`` for tracked parameters only."""
+    words = params.pop("options").split()
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "-c" and i + 1 < len(words):
+            setting = words[i + 1]
+            i += 2
+        elif word.startswith("-c"):
+            setting = word[2:]
+            i += 1
+        elif word.startswith("--"):
+            setting = word[2:]
+            i += 1
+        else:
+            raise ProtocolError(f"unsupported options startup parameter: {word}")
+        name, sep, value = setting.partition("=")
+        if not sep or name.lower().replace("-", "_") not in tracked:
+            raise ProtocolError(f"unsupported options startup parameter: parameter {name} is not tracked")
+        params[name.replace("-", "_")] = value
+
+
+def client_params(pool, startup: dict[str, str], tracked: dict[str, str]) -> dict[str, str]:
+    """The tracked values this client expects: the pool's defaults overridden by
+    what the client asked for at startup."""
+    welcome = pool.welcome or {}
+    wanted = {name: welcome[name] for name in pool.tracked if name in welcome}
+    for key, value in startup.items():
+        canonical = tracked.get(key.lower())
+        if canonical is not None:
+            wanted[canonical] = value
+    return wanted
+
+
+def quote_literal(value: str) -> str:
+    if "\\" in value:
+        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def sync(server, wanted: dict[str, str]) -> None:
+    """Bring the server's tracked parameters to ``wanted`` with one round trip."""
+    changes = {k: v for k, v in wanted.items() if server.tparams.get(k) != v}
+    if not changes:
+        return
+    sql = ";".join(f"SET {name}={quote_literal(value)}" for name, value in changes.items())
+    server.query(sql)
+    for name, value in changes.items():
+        reported = server.params.get(name)
+        final = reported if reported is not None and reported.lower() == value.lower() else value
+        server.tparams[name] = final
+        wanted[name] = final

@@ -1,0 +1,410 @@
+"""Server connections: connect and log in to PostgreSQL, then one reader
+greenlet per connection that forwards the server's bytes to the linked client.
+
+Theory of operation. A server connection is written to by exactly one party at
+a time: the linked client's greenlet (forwarding queries), or whoever holds it
+unlinked (the pooler's own SET / reset / check queries). It is read only by its
+own reader greenlet, for its whole life, so a server that dies while idle is
+noticed at once. The reader walks message headers over each received chunk and
+decodes only what the pooler must see: ReadyForQuery (transaction state and the
+count of answered requests), ParameterStatus (tracked parameters), COPY starts,
+and FATAL errors. Everything is forwarded with one ``sendall`` per chunk. After
+forwarding, if the last ReadyForQuery said idle and nothing is outstanding, the
+server goes back to its pool (transaction and statement modes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket as pysocket
+import struct
+from time import monotonic
+
+import gevent
+from gevent import socket
+from gevent.event import AsyncResult
+
+from ..auth import AuthFailed, ServerAuthenticator
+from ..proto import messages as m
+from ..proto.framing import ProtocolError, message_at
+from ..pool.states import SV_LOGIN
+
+log = logging.getLogger("geobouncer")
+
+_unpack_len = struct.Struct("!I").unpack_from
+RECV_SIZE = 65536
+# Types the reader must decode in full; everything else streams through.
+_Z, _S, _E, _G, _H, _W, _D, _C = (ord(c) for c in "ZSEGHWDC")
+_WATCHED = frozenset((_Z, _S, _E, _G, _H, _W))
+
+
+class ServerError(Exception):
+    """PostgreSQL refused or failed something the pooler asked (login, SET ...)."""
+
+    def __init__(self, sqlstate: str, text: str, fatal: bool = False):
+        super().__init__(text)
+        self.sqlstate = sqlstate
+        self.text = text
+        self.fatal = fatal
+
+
+class InternalQuery:
+    """The pooler's own query in flight: rows and the first error are collected."""
+
+    __slots__ = ("result", "rows", "error", "pending")
+
+    def __init__(self, pending: int = 1):
+        self.result = AsyncResult()
+        self.rows: list[list[str | None]] = []
+        self.error: ServerError | None = None
+        self.pending = pending   # ReadyForQuery messages still expected
+
+
+_next_id = 0
+
+
+class ServerConnection:
+    def __init__(self, pool, host: str, port: int):
+        global _next_id
+        _next_id += 1
+        self.id = _next_id
+        self.pool = pool
+        self.host = host
+        self.port = port
+        self.sock = None
+        self.state = SV_LOGIN
+        self.client = None
+        self.tx_status = b"I"
+        self.outstanding = 0          # ReadyForQuery messages owed to the client
+        self.unsynced = False         # extended-protocol messages sent without Sync yet
+        self.in_copy = False
+        self.params: dict[str, str] = {}     # every ParameterStatus seen
+        self.tparams: dict[str, str] = {}    # the tracked subset, compared with clients'
+        self.pid = 0
+        self.key = 0
+        self.created_at = monotonic()
+        self.idle_since = self.created_at
+        self.linked_at = 0.0
+        self.request_started = 0.0    # when outstanding went from 0 to 1
+        self.last_activity = self.created_at
+        self.internal: InternalQuery | None = None
+        self.closed = False
+        self.close_reason = ""
+        self.dirty = False            # must not go back to the pool
+        self.local_addr = ("", 0)
+        self.reader = None
+        self.cancelling = False
+        self.stale = False            # config changed: close instead of reusing
+
+    def __repr__(self) -> str:
+        return f"S-{self.id:#x}"
+
+    def describe(self) -> str:
+        return f"{self.pool.db.name}/{self.pool.user}@{self.host}:{self.port}"
+
+    def lifetime_limit(self, lifetime: float) -> float:
+        return self.pool.db.server_lifetime or lifetime
+
+    # --- connecting ------------------------------------------------------------
+    def connect(self, startup: dict[str, str], password, scram_keys, timeout: float,
+                tracked: frozenset) -> None:
+        """Open the socket and log in. Raises ServerError or OSError."""
+        with gevent.Timeout(timeout or None, ServerError("08006", "server connect timeout")):
+            self.sock = _open_socket(self.host, self.port)
+            try:
+                self.local_addr = self.sock.getsockname()
+            except OSError:
+                self.local_addr = ("unix", 0)
+            self.sock.sendall(m.startup_message(startup))
+            self._login(ServerAuthenticator(startup["user"], password, scram_keys), tracked)
+        self.reader = gevent.spawn(self._read_loop)
+
+    def _login(self, auth, tracked) -> None:
+        buf = bytearray()
+        while True:
+            found = message_at(buf, 0, 1 << 24)
+            if found is None:
+                data = self.sock.recv(RECV_SIZE)
+                if not data:
+                    raise ServerError("08006", "server closed the connection during login")
+                buf += data
+                continue
+            mtype, start, end = found
+            body = bytes(buf[start:end])
+            del buf[:end]
+            if mtype == ord("R"):
+                code, data = m.parse_authentication(body)
+                try:
+                    reply = auth.respond(code, data)
+                except AuthFailed as exc:
+                    raise ServerError("28000", f"server login failed: {exc.message}", fatal=True) from exc
+                if reply:
+                    self.sock.sendall(reply)
+            elif mtype == _E:
+                fields = m.parse_error_fields(body)
+                raise ServerError(fields.get("C", "08006"), fields.get("M", "server login failed"), fatal=True)
+            elif mtype == _S:
+                name, value = m.parse_parameter_status(body)
+                self.params[name] = value
+                if name in tracked:
+                    self.tparams[name] = value
+            elif mtype == ord("K"):
+                self.pid, self.key = m.parse_backend_key_data(body)
+            elif mtype == _Z:
+                self.tx_status = body[:1]
+                if buf:
+                    raise ServerError("08P01", "unexpected data after login")
+                return
+
+    # --- the pooler's own queries ---------------------------------------------
+    def run_internal(self, payload: bytes, replies: int = 1, timeout: float | None = None) -> InternalQuery:
+        """Send the pooler's own request (not linked to a client) and wait for its
+        ``replies`` ReadyForQuery messages. Raises ServerError on error."""
+        q = InternalQuery(replies)
+        self.internal = q
+        try:
+            self.sock.sendall(payload)
+            q.result.get(timeout=timeout)
+        except gevent.Timeout:
+            self.close("internal query timeout")
+            raise ServerError("57014", "internal query timeout") from None
+        except OSError as exc:
+            self.close(f"write failed: {exc}")
+            raise ServerError("08006", "server connection failed") from None
+        finally:
+            self.internal = None
+        if q.error:
+            raise q.error
+        return q
+
+    def query(self, sql: str, timeout: float | None = None) -> list[list[str | None]]:
+        return self.run_internal(m.query(sql), timeout=timeout).rows
+
+    # --- the reader greenlet ---------------------------------------------------
+    def _read_loop(self) -> None:
+        sock = self.sock
+        recv = sock.recv
+        skip = 0
+        partial = b""
+        try:
+            while True:
+                data = recv(RECV_SIZE)
+                if not data:
+                    self._lost("server closed the connection unexpectedly")
+                    return
+                if self.internal is not None:
+                    data = partial + data
+                    partial = self._internal_data(data)
+                    continue
+                n = len(data)
+                if skip >= n:
+                    skip -= n
+                    self._forward(data)
+                    continue
+                if partial:
+                    data = partial + data
+                    n = len(data)
+                    partial = b""
+                pos = skip
+                skip = 0
+                released = False
+                while pos < n:
+                    if n - pos < 5:
+                        partial = data[pos:]
+                        break
+                    mtype = data[pos]
+                    end = pos + 1 + _unpack_len(data, pos + 1)[0]
+                    if mtype in _WATCHED:
+                        if end > n:
+                            partial = data[pos:]
+                            break
+                        released = self._watched(mtype, data, pos + 5, end) or released
+                    elif end > n:
+                        skip = end - n
+                        pos = n
+                        break
+                    pos = end
+                if partial:
+                    if pos:
+                        self._forward(data[:pos])
+                    if len(partial) > self.pool_limit():
+                        raise ProtocolError("server message too large")
+                elif pos:
+                    self._forward(data)
+                if released:
+                    self._maybe_release()
+        except (OSError, ProtocolError) as exc:
+            self._lost(f"server connection failed: {exc}")
+        except gevent.GreenletExit:
+            pass
+
+    def pool_limit(self) -> int:
+        return 1 << 26
+
+    def _watched(self, mtype: int, data: bytes, start: int, end: int) -> bool:
+        """Decode a message the pooler must see; True when a ReadyForQuery came."""
+        if mtype == _Z:
+            self.tx_status = data[start:start + 1]
+            self.in_copy = False
+            self.outstanding -= 1
+            client = self.client
+            if client is not None:
+                client.on_ready(self, self.tx_status)
+            return True
+        if mtype == _S:
+            name, value = m.parse_parameter_status(data[start:end])
+            self.params[name] = value
+            client = self.client
+            if client is not None and name in client.tparams:
+                self.tparams[name] = value
+                client.tparams[name] = value
+            elif name in self.tparams:
+                self.tparams[name] = value
+            return False
+        if mtype in (_G, _H, _W):
+            self.in_copy = True
+            return False
+        if mtype == _E:
+            fields = m.parse_error_fields(data[start:end])
+            if fields.get("S") in ("FATAL", "PANIC"):
+                self.dirty = True
+                self.close_reason = f"server error: {fields.get('M', '')}"
+        return False
+
+    def _forward(self, data) -> None:
+        client = self.client
+        if client is None:
+            self._unexpected(data)
+            return
+        try:
+            client.sock.sendall(data)
+        except OSError:
+            # The client went away mid-response: this server cannot be reused.
+            self.dirty = True
+            client.on_client_write_failed()
+        else:
+            client.bytes_out += len(data)
+
+    def _maybe_release(self) -> None:
+        client = self.client
+        if client is not None and self.outstanding <= 0 and not self.unsynced and not self.in_copy:
+            client.on_server_idle(self)
+
+    def _internal_data(self, data: bytes) -> bytes:
+        """Consume the replies to the pooler's own query; return an unfinished tail."""
+        q = self.internal
+        pos = 0
+        n = len(data)
+        while pos < n:
+            found = message_at(data, pos, 1 << 26)
+            if found is None:
+                break
+            mtype, start, end = found
+            body = data[start:end]
+            if mtype == _D:
+                q.rows.append(_decode_row(body))
+            elif mtype == _E and q.error is None:
+                fields = m.parse_error_fields(body)
+                q.error = ServerError(fields.get("C", "XX000"), fields.get("M", "error"),
+                                      fields.get("S") in ("FATAL", "PANIC"))
+            elif mtype == _S:
+                name, value = m.parse_parameter_status(body)
+                self.params[name] = value
+                if name in self.tparams or name in self.pool.tracked:
+                    self.tparams[name] = value
+            elif mtype == _Z:
+                self.tx_status = body[:1]
+                q.pending -= 1
+                if q.pending == 0:
+                    q.result.set(True)
+            pos = end
+        return data[pos:]
+
+    def _unexpected(self, data: bytes) -> None:
+        """Bytes from a server nobody is using: parameter changes and notices are
+        fine; anything else means the connection is in an unknown state."""
+        pos = 0
+        while True:
+            found = message_at(data, pos, 1 << 26)
+            if found is None:
+                break
+            mtype, start, end = found
+            if mtype == _S:
+                name, value = m.parse_parameter_status(data[start:end])
+                self.params[name] = value
+                if name in self.tparams:
+                    self.tparams[name] = value
+            elif mtype == _E:
+                fields = m.parse_error_fields(data[start:end])
+                self.close(f"server error while idle: {fields.get('M', '')}")
+                return
+            elif mtype not in (ord("N"), ord("A")):
+                self.close("unexpected data from idle server")
+                return
+            pos = end
+
+    def _lost(self, reason: str) -> None:
+        if self.closed:
+            return
+        client = self.client
+        self.close(reason, from_reader=True)
+        if client is not None:
+            client.on_server_lost(self, reason)
+        elif self.internal is not None:
+            self.internal.result.set_exception(ServerError("08006", reason))
+
+    def close(self, reason: str, from_reader: bool = False) -> None:
+        """Close the connection and take it out of its pool."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        self.pool.server_closed(self, reason)
+        if self.sock is not None:
+            try:
+                if not self.dirty and self.client is None:
+                    self.sock.sendall(m.TERMINATE)
+            except OSError:
+                pass
+            self.sock.close()
+        if self.reader is not None and not from_reader and gevent.getcurrent() is not self.reader:
+            self.reader.kill(block=False)
+        if self.internal is not None and not self.internal.result.ready():
+            self.internal.result.set_exception(ServerError("08006", reason))
+
+
+def _decode_row(body) -> list[str | None]:
+    count = struct.unpack_from("!H", body, 0)[0]
+    pos = 2
+    row: list[str | None] = []
+    for _ in range(count):
+        n = struct.unpack_from("!i", body, pos)[0]
+        pos += 4
+        if n < 0:
+            row.append(None)
+        else:
+            row.append(bytes(body[pos:pos + n]).decode(errors="replace"))
+            pos += n
+    return row
+
+
+def _open_socket(host: str, port: int):
+    if host.startswith("/"):
+        sock = socket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+        sock.connect(os.path.join(host, f".s.PGSQL.{port}"))
+        return sock
+    sock = socket.create_connection((host, port))
+    sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+    return sock
+
+
+def send_cancel(host: str, port: int, pid: int, key: int, timeout: float = 5.0) -> None:
+    """Forward a cancel request to a server (a fresh connection, as libpq does)."""
+    with gevent.Timeout(timeout, False):
+        sock = _open_socket(host, port)
+        try:
+            sock.sendall(m.cancel_request(pid, key))
+            sock.recv(1)   # the server closes when done
+        finally:
+            sock.close()

@@ -1,0 +1,200 @@
+"""A pool of server connections for one (database, user) pair.
+
+Decisions only: which idle server to hand out, whether a new one may be opened,
+who waits, who gets a released server. The net layer does the I/O and calls
+these methods; nothing here blocks or touches a socket, so the logic is testable
+without PostgreSQL. Servers and waiters are opaque objects with a few attributes
+(``server.state``, ``server.created_at``; waiters are gevent-free callables).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from time import monotonic
+
+from .states import SV_ACTIVE, SV_IDLE, SV_USED
+
+
+class PoolLimits:
+    """Sizing for one pool, resolved from [databases], [users] and [pgbouncer]."""
+
+    __slots__ = ("pool_size", "min_pool_size", "reserve_pool_size", "pool_mode",
+                 "max_db_connections", "max_user_connections")
+
+    def __init__(self, pool_size, min_pool_size, reserve_pool_size, pool_mode,
+                 max_db_connections=0, max_user_connections=0):
+        self.pool_size = pool_size
+        self.min_pool_size = min_pool_size
+        self.reserve_pool_size = reserve_pool_size
+        self.pool_mode = pool_mode
+        self.max_db_connections = max_db_connections
+        self.max_user_connections = max_user_connections
+
+
+class Pool:
+    """Server connections for (database, user); see module docstring."""
+
+    def __init__(self, db, user: str, limits: PoolLimits, counters):
+        self.db = db                # DatabaseEntry (resolved for this name)
+        self.user = user            # the login user on the server side
+        self.limits = limits
+        self.counters = counters    # shared per-db/per-user open-connection counts
+        self.idle: deque = deque()  # SV_IDLE / SV_USED, most recently used at the right
+        self.active: set = set()
+        self.connecting = 0         # SV_LOGIN
+        self.waiters: deque = deque()
+        self.clients: set = set()   # every logged-in client of this pool
+        self.welcome: dict[str, str] | None = None   # ParameterStatus of the first server
+        self.last_login_error: tuple[float, str, str] | None = None  # (when, sqlstate, text)
+        self.stats = PoolStats()
+        self.paused = False
+        self.tracked: frozenset = frozenset()   # canonical names of tracked parameters
+        self.server_password = None             # password or secret for the server login
+        self.scram_keys = None                  # (client_key, server_key) from a client's SCRAM
+        self.on_server_closed = None            # callback(server, reason) set by the net layer
+
+    @property
+    def mode(self) -> str:
+        return self.limits.pool_mode
+
+    def __repr__(self) -> str:
+        return (f"<Pool {self.db.name}/{self.user} [clients: {len(self.clients)}, "
+                f"{len(self.waiters)} waiting | servers: {len(self.active)} active, "
+                f"{len(self.idle)} idle, {self.connecting} login]>")
+
+    # --- counting ------------------------------------------------------------
+    def server_count(self) -> int:
+        return len(self.idle) + len(self.active) + self.connecting
+
+    def may_open(self, use_reserve: bool) -> bool:
+        """May a new server connection be opened now?"""
+        limit = self.limits.pool_size + (self.limits.reserve_pool_size if use_reserve else 0)
+        if self.server_count() >= limit:
+            return False
+        return self.counters.may_open(self.db.name, self.user, self.limits)
+
+    # --- checkout / release ----------------------------------------------------
+    def take_idle(self):
+        """Pop the most recently used idle server (LIFO keeps the working set warm)."""
+        if self.idle:
+            server = self.idle.pop()
+            server.state = SV_ACTIVE
+            self.active.add(server)
+            return server
+        return None
+
+    def opening(self) -> None:
+        self.connecting += 1
+        self.counters.opened(self.db.name, self.user)
+
+    def opened(self, server) -> None:
+        """A connection finished logging in; it starts active (owned by its opener)."""
+        self.connecting -= 1
+        server.state = SV_ACTIVE
+        self.active.add(server)
+
+    def open_failed(self, sqlstate: str, text: str) -> None:
+        self.connecting -= 1
+        self.counters.closed(self.db.name, self.user)
+        self.last_login_error = (monotonic(), sqlstate, text)
+
+    def release(self, server):
+        """Return an active server: hand it to the first waiter if any (returned),
+        else park it idle (returns None)."""
+        self.active.discard(server)
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if waiter.take(server):
+                self.active.add(server)
+                server.state = SV_ACTIVE
+                return waiter
+        server.state = SV_IDLE
+        server.idle_since = monotonic()
+        self.idle.append(server)
+        return None
+
+    def forget(self, server) -> None:
+        """A server connection closed, whatever its state."""
+        if server in self.active:
+            self.active.discard(server)
+        else:
+            try:
+                self.idle.remove(server)
+            except ValueError:
+                return
+        self.counters.closed(self.db.name, self.user)
+
+    def server_closed(self, server, reason: str) -> None:
+        was_counted = server in self.active or server in self.idle
+        self.forget(server)
+        if was_counted:
+            self.wake_one_waiter()
+        if self.on_server_closed is not None:
+            self.on_server_closed(server, reason)
+
+    def wake_one_waiter(self):
+        """A slot freed up (a server closed): let the first waiter try to open one."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if waiter.take(None):
+                return waiter
+        return None
+
+    def idle_servers_to_close(self, now: float, idle_timeout: float, lifetime: float) -> list:
+        """Idle servers past server_idle_timeout (keeping min_pool_size) or server_lifetime."""
+        doomed = []
+        keep = self.limits.min_pool_size
+        total = self.server_count()
+        for server in list(self.idle):
+            too_old = lifetime > 0 and now - server.created_at > server.lifetime_limit(lifetime)
+            too_idle = idle_timeout > 0 and now - server.idle_since > idle_timeout and total > keep
+            if too_old or too_idle:
+                self.idle.remove(server)
+                self.counters.closed(self.db.name, self.user)
+                doomed.append(server)
+                total -= 1
+        return doomed
+
+    def mark_used(self, now: float, check_delay: float) -> None:
+        for server in self.idle:
+            if now - server.idle_since > check_delay:
+                server.state = SV_USED
+
+
+class PoolStats:
+    """Counters for SHOW STATS (totals since start; averages are computed per period)."""
+
+    __slots__ = ("xact_count", "query_count", "bytes_received", "bytes_sent",
+                 "xact_time", "query_time", "wait_time", "client_parse_count",
+                 "server_parse_count", "bind_count")
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def snapshot(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class ConnectionCounters:
+    """Open server connections per database and per user, for max_db_connections
+    and max_user_connections (which span pools)."""
+
+    def __init__(self):
+        self.per_db: dict[str, int] = {}
+        self.per_user: dict[str, int] = {}
+
+    def may_open(self, db: str, user: str, limits: PoolLimits) -> bool:
+        if limits.max_db_connections and self.per_db.get(db, 0) >= limits.max_db_connections:
+            return False
+        if limits.max_user_connections and self.per_user.get(user, 0) >= limits.max_user_connections:
+            return False
+        return True
+
+    def opened(self, db: str, user: str) -> None:
+        self.per_db[db] = self.per_db.get(db, 0) + 1
+        self.per_user[user] = self.per_user.get(user, 0) + 1
+
+    def closed(self, db: str, user: str) -> None:
+        self.per_db[db] = self.per_db.get(db, 1) - 1
+        self.per_user[user] = self.per_user.get(user, 1) - 1
