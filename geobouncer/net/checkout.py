@@ -117,8 +117,10 @@ def _usable(app, server) -> bool:
         return False
     check_query = settings.server_check_query
     if check_query and now - server.idle_since > settings.server_check_delay:
+        # PgBouncer's default "<empty>" sends an empty query: the cheapest round trip.
+        sql = "" if check_query == "<empty>" else check_query
         try:
-            server.query(check_query, timeout=settings.server_connect_timeout or None)
+            server.query(sql, timeout=settings.server_connect_timeout or None)
         except ServerError as exc:
             server.close(f"server check query failed: {exc.text}")
             return False
