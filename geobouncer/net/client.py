@@ -24,6 +24,7 @@ from ..proto.framing import (CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, SSL_REQUE
 from ..pool.states import CL_ACTIVE, CL_LOGIN, CL_WAITING
 from . import params as tracked_params
 from .checkout import ClientError, acquire_server
+from .fastio import receiver, sender
 from .server import ServerError
 
 log = logging.getLogger("geobouncer")
@@ -44,6 +45,7 @@ class ClientConnection:
     def __init__(self, app, sock, addr, unix: bool):
         self.app = app
         self.sock = sock
+        self.send = sender(sock)
         self.addr = addr if not unix else ("unix", 0)
         self.unix = unix
         self.id = app.next_id()
@@ -276,14 +278,14 @@ class ClientConnection:
 
     # --- forwarding ------------------------------------------------------------
     def _serve(self) -> None:
-        recv = self.sock.recv
+        recv = receiver(self.sock, RECV_SIZE)
         skip = 0
         partial = b""
         data = self.pending
         self.pending = b""
         while True:
             if not data:
-                data = recv(RECV_SIZE)
+                data = recv()
                 if not data:
                     raise ClientGone()
             self.request_time = monotonic()
@@ -346,7 +348,7 @@ class ClientConnection:
         if synced is not None:
             server.unsynced = not synced
         try:
-            server.sock.sendall(data)
+            server.send(data)
         except OSError:
             server.dirty = True
             raise ClientError("08006", "server conn crashed?") from None

@@ -29,6 +29,7 @@ from ..auth import AuthFailed, ServerAuthenticator
 from ..proto import messages as m
 from ..proto.framing import ProtocolError, message_at
 from ..pool.states import SV_LOGIN
+from .fastio import receiver, sender
 
 log = logging.getLogger("geobouncer")
 
@@ -118,6 +119,7 @@ class ServerConnection:
                 self.local_addr = ("unix", 0)
             self.sock.sendall(m.startup_message(startup))
             self._login(ServerAuthenticator(startup["user"], password, scram_keys), tracked)
+        self.send = sender(self.sock)
         self.reader = gevent.spawn(self._read_loop)
 
     def _login(self, auth, tracked) -> None:
@@ -183,13 +185,12 @@ class ServerConnection:
 
     # --- the reader greenlet ---------------------------------------------------
     def _read_loop(self) -> None:
-        sock = self.sock
-        recv = sock.recv
+        recv = receiver(self.sock, RECV_SIZE)
         skip = 0
         partial = b""
         try:
             while True:
-                data = recv(RECV_SIZE)
+                data = recv()
                 if not data:
                     self._lost("server closed the connection unexpectedly")
                     return
@@ -278,7 +279,7 @@ class ServerConnection:
             self._unexpected(data)
             return
         try:
-            client.sock.sendall(data)
+            client.send(data)
         except OSError:
             # The client went away mid-response: this server cannot be reused.
             self.dirty = True
