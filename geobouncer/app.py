@@ -85,9 +85,17 @@ class Bouncer:
     # --- config ------------------------------------------------------------------
     @staticmethod
     def _check_supported(settings) -> None:
+        """Refuse settings geobouncer cannot honour yet, rather than ignore them:
+        a config asking for TLS must never run unencrypted."""
         if settings.auth_type in ("hba", "pam", "ldap", "cert"):
             raise ConfigError(f"auth_type {settings.auth_type} is not supported by geobouncer yet",
                               key="auth_type")
+        if settings.client_tls_sslmode not in ("disable", "allow"):
+            raise ConfigError(f"client_tls_sslmode {settings.client_tls_sslmode}: TLS is not "
+                              "supported by geobouncer yet", key="client_tls_sslmode")
+        if settings.server_tls_sslmode in ("require", "verify-ca", "verify-full"):
+            raise ConfigError(f"server_tls_sslmode {settings.server_tls_sslmode}: TLS is not "
+                              "supported by geobouncer yet", key="server_tls_sslmode")
 
     def _load_auth_file(self, cfg) -> dict[str, str]:
         path = cfg.pgbouncer.auth_file

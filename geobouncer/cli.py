@@ -59,7 +59,8 @@ def main(config_file, config_opt, daemon, reboot, quiet, verbose, run_as, versio
             sys.exit(1)
         _daemonize()
         quiet = True
-    if run_as:
+    run_as = run_as or settings.user
+    if run_as and os.geteuid() == 0:
         _switch_user(run_as)
     logsetup.setup(logfile, quiet, verbose)
     from .app import Bouncer

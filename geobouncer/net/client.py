@@ -170,7 +170,8 @@ class ClientConnection:
             welcome = app.admin.welcome_params()
         else:
             self.pool = app.get_pool(db, user, result)
-            self.tparams = tracked_params.client_params(self.pool, params, app.tracked)
+            add_host = f"{self.addr[0]}:{self.addr[1]}" if app.settings.application_name_add_host else None
+            self.tparams = tracked_params.client_params(self.pool, params, app.tracked, add_host)
             welcome = self._welcome_params()
         self.cancel_key = app.register_client(self)
         out = [m.AUTH_OK]

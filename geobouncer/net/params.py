@@ -64,15 +64,20 @@ def _fold_options(params: dict[str, str], tracked: dict[str, str]) -> None:
         params[name.replace("-", "_")] = value
 
 
-def client_params(pool, startup: dict[str, str], tracked: dict[str, str]) -> dict[str, str]:
+def client_params(pool, startup: dict[str, str], tracked: dict[str, str],
+                  add_host: str | None = None) -> dict[str, str]:
     """The tracked values this client expects: the pool's defaults overridden by
-    what the client asked for at startup."""
+    what the client asked for at startup. ``add_host`` ("host:port") is appended
+    to application_name when application_name_add_host is on."""
     welcome = pool.welcome or {}
     wanted = {name: welcome[name] for name in pool.tracked if name in welcome}
     for key, value in startup.items():
         canonical = tracked.get(key.lower())
         if canonical is not None:
             wanted[canonical] = value
+    if add_host:
+        name = wanted.get("application_name", "")
+        wanted["application_name"] = f"{name} - {add_host}" if name else add_host
     return wanted
 
 
