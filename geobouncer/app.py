@@ -27,6 +27,7 @@ from .net.client import ClientConnection
 from .net.listener import Listeners
 from .net.server import ServerError, send_cancel
 from .pool.pool import ConnectionCounters, Pool, PoolLimits
+from .pool.prepared import Registry
 from .proto import messages as m
 
 log = logging.getLogger("geobouncer")
@@ -60,6 +61,7 @@ class Bouncer:
         self._ids = 0
         self._rr: dict[str, int] = {}
         self.max_packet_size = self.settings.max_packet_size
+        self.registry = Registry()
 
     # --- start / stop ----------------------------------------------------------
     def start(self) -> None:
@@ -129,7 +131,7 @@ class Bouncer:
             pool.limits = self._limits(entry, user)
             pool.tracked = frozenset(self.tracked.values())
             self._refresh_password(pool)
-            if _server_identity(entry) != _server_identity(old_entry):
+            if self._set_tracking(pool) or _server_identity(entry) != _server_identity(old_entry):
                 self.reconnect_pool(pool)
         log.info("RELOAD command issued")
         return True
@@ -201,6 +203,8 @@ class Bouncer:
         pool = self.pools.get(key)
         if pool is None:
             pool = Pool(db, server_user, self._limits(db, server_user), self.counters)
+            pool.registry = self.registry
+            self._set_tracking(pool)
             pool.tracked = frozenset(self.tracked.values())
             pool.on_server_closed = self._server_closed
             self._refresh_password(pool)
@@ -213,6 +217,14 @@ class Bouncer:
             if pool.server_password is None and password:
                 pool.server_password = password
         return pool
+
+    def _set_tracking(self, pool: Pool) -> bool:
+        """Whether the pool renames prepared statements; True if that changed."""
+        limit = self.settings.max_prepared_statements
+        tracking = pool.limits.pool_mode != "session" and limit > 0
+        changed = (tracking, limit) != (pool.tracking, pool.max_prepared)
+        pool.tracking, pool.max_prepared = tracking, limit
+        return changed
 
     def _refresh_password(self, pool: Pool) -> None:
         db = pool.db
@@ -284,6 +296,10 @@ class Bouncer:
             except ServerError as exc:
                 server.close(f"server_reset_query failed: {exc.text}")
                 return
+            # DISCARD ALL drops prepared statements and SETs: forget what we knew.
+            server.session_sets.clear()
+            if server.tracker is not None:
+                server.tracker.reset()
         if server.tx_status != b"I":
             server.close("server_reset_query left a transaction open")
             return
@@ -404,9 +420,7 @@ class Bouncer:
         self._check_shutdown()
 
     def _check_shutdown(self) -> None:
-        if self.shutting_down == "safe" and all(not p.active for p in self.pools.values()):
-            self.shutdown_now()
-        elif self.shutting_down == "wait_for_clients" and not self.clients:
+        if self.shutting_down == "safe" and all(not p.active for p in self.pools.values()) or self.shutting_down == "wait_for_clients" and not self.clients:
             self.shutdown_now()
 
     def shutdown_now(self) -> None:
@@ -425,7 +439,7 @@ class Bouncer:
             gevent.sleep(1.0)
             try:
                 self._janitor_pass(monotonic())
-            except Exception:  # noqa: BLE001 - the janitor must never die
+            except Exception:
                 log.exception("janitor pass failed")
 
     def _janitor_pass(self, now: float) -> None:

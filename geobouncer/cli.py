@@ -8,12 +8,12 @@ from gevent import monkey
 # that do network I/O yield instead of blocking every client.
 monkey.patch_all()
 
-import os  # noqa: E402
+import os
 import sys
 
-import click  # noqa: E402
+import click
 
-from . import __version__  # noqa: E402
+from . import __version__
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -19,7 +19,7 @@ from . import show
 log = logging.getLogger("geobouncer")
 
 _T, _I8, _I4 = 25, 20, 23
-_COMMAND = re.compile(r"^\s*(\w+)(?:\s+(.*?))?\s*;?\s*$", re.S)
+_COMMAND = re.compile(r"^\s*(\w+)(?:\s+(.*?))?\s*;?\s*$", re.DOTALL)
 
 
 class AdminError(Exception):
@@ -96,7 +96,7 @@ class AdminConsole:
         if builder is None:
             raise AdminError(f"invalid command 'SHOW {arg}', use SHOW HELP;", "42601")
         columns, rows = builder(self.app)
-        return table(columns, rows, f"SHOW")
+        return table(columns, rows, "SHOW")
 
     # --- commands ------------------------------------------------------------------
     def _cmd_pause(self, client, arg):

@@ -5,7 +5,6 @@ Columns follow PgBouncer 1.25's names and order.
 
 from __future__ import annotations
 
-
 import time
 from time import monotonic
 

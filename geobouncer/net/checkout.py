@@ -31,7 +31,7 @@ class Waiter:
     """A client waiting for a server. ``take`` is the atomic hand-off: once the
     waiter has given up (timed out) it refuses, so no server is lost."""
 
-    __slots__ = ("result", "done")
+    __slots__ = ("done", "result")
 
     def __init__(self):
         self.result = AsyncResult()

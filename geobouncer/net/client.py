@@ -16,12 +16,22 @@ import struct
 from time import monotonic
 
 import gevent
+from gevent.lock import Semaphore
 
 from ..auth import AuthFailed, authenticate_client
-from ..proto import messages as m
-from ..proto.framing import (CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, SSL_REQUEST_CODE,
-                             ProtocolError, message_at, parse_startup_params, startup_packet_at)
+from ..pool import session_state
+from ..pool.prepared import FAKE
 from ..pool.states import CL_ACTIVE, CL_LOGIN, CL_WAITING
+from ..proto import messages as m
+from ..proto.framing import (
+    CANCEL_REQUEST_CODE,
+    GSSENC_REQUEST_CODE,
+    SSL_REQUEST_CODE,
+    ProtocolError,
+    message_at,
+    parse_startup_params,
+    startup_packet_at,
+)
 from . import params as tracked_params
 from .checkout import ClientError, acquire_server
 from .fastio import receiver, sender
@@ -35,6 +45,10 @@ _Q, _S, _F, _X = (ord(c) for c in "QSFX")
 _EXTENDED = frozenset(ord(c) for c in "PBDECH")
 _COPY = frozenset(ord(c) for c in "dcf")
 _KNOWN = frozenset(ord(c) for c in "QSFXPBDECHdcfp")
+_RENAMED = frozenset(ord(c) for c in "PBDC")
+_INSPECT = frozenset(ord(c) for c in "dsr \t\n\r(")   # DEALLOCATE / DISCARD / SET / RESET
+_P, _B, _D = (ord(c) for c in "PBD")
+_FAKE = FAKE
 
 
 class ClientGone(Exception):
@@ -66,6 +80,9 @@ class ClientConnection:
         self.greenlet = None
         self.wait_started = 0.0
         self.pending_error: tuple[str, str] | None = None   # e.g. max_client_conn, sent after startup
+        self.statements: dict[bytes, tuple[int, bytes]] = {}  # own name -> (statement id, Parse tail)
+        self.session_sets: dict[str, str] = {}   # remembered SETs (pool/session_state.py)
+        self.wlock = Semaphore()   # client writes by the reader vs. locally answered replies
 
     def __repr__(self) -> str:
         return f"C-{self.id:#x}"
@@ -85,13 +102,21 @@ class ClientConnection:
             if self.admin:
                 self.app.admin.serve(self)
             else:
-                self._serve()
+                if self.pool.tracking:
+                    self._serve_tracked()
+                else:
+                    self._serve()
         except ClientError as exc:
             self._fail(exc.sqlstate, exc.text)
         except ProtocolError as exc:
             self._fail("08P01", str(exc))
         except (ClientGone, OSError):
             pass
+        except Exception:
+            log.exception("%s internal error", self.label())
+            self.send_error("XX000", "geobouncer internal error", fatal=True)
+            if self.server is not None:
+                self.server.dirty = True
         finally:
             self._cleanup()
 
@@ -336,6 +361,147 @@ class ClientConnection:
                 raise ClientGone()
             data = b""
 
+    def _serve_tracked(self) -> None:
+        """Transaction/statement pooling: whole messages, translated by the
+        server's prepared-statement tracker (pool/prepared.py)."""
+        recv = receiver(self.sock, RECV_SIZE)
+        buf = bytearray(self.pending)
+        self.pending = b""
+        scratch: list = []
+        while True:
+            msgs = self._complete_messages(buf)
+            if msgs is None:
+                data = recv()
+                if not data:
+                    raise ClientGone()
+                buf += data
+                continue
+            self.request_time = monotonic()
+            terminate = msgs and msgs[-1][0] == _X
+            if terminate:
+                msgs.pop()
+            if msgs:
+                self._forward_tracked(buf, msgs, scratch)
+            if terminate:
+                raise ClientGone()
+
+    def _complete_messages(self, buf: bytearray):
+        """(type, start, end) of the complete messages at the start of ``buf``;
+        None when there is none yet. Stops after a Terminate."""
+        limit = self.app.max_packet_size
+        msgs = []
+        pos = 0
+        n = len(buf)
+        while n - pos >= 5:
+            mtype = buf[pos]
+            length = _unpack_len(buf, pos + 1)[0]
+            if length < 4 or length > limit:
+                raise ProtocolError(f"invalid message length {length}")
+            end = pos + 1 + length
+            if end > n:
+                break
+            if mtype not in _KNOWN:
+                raise ProtocolError(f"unknown message type {chr(mtype)!r}")
+            msgs.append((mtype, pos, end))
+            pos = end
+            if mtype == _X:
+                break
+        return msgs or None
+
+    def _forward_tracked(self, buf: bytearray, msgs: list, scratch: list) -> None:
+        server = self.server
+        if server is None:
+            server = self._link()
+        tracker = server.tracker
+        if tracker is None:   # pool mode changed under a RELOAD: plain forwarding
+            last = msgs[-1][2]
+            requests = sum(1 for t, _, _ in msgs if t in (_Q, _S, _F))
+            self._send(bytes(buf[:last]), requests, None)
+            del buf[:last]
+            return
+        stmts = self.statements
+        client_message = tracker.client_message
+        out = None
+        run = 0
+        requests = 0
+        synced = None
+        sync_effect = None
+        for mtype, start, end in msgs:
+            effect = None
+            if mtype == _Q:
+                first = buf[start + 5] | 0x20
+                if first in _INSPECT:
+                    body = bytes(buf[start + 5:end])
+                    if tracker.deallocate_locally(body, stmts):
+                        out = [] if out is None else out
+                        out.append(buf[run:start])
+                        run = end
+                        continue
+                    effect = self._session_effect(server, tracker, body)
+                    replaced = client_message(mtype, body, stmts, scratch, effect)
+                else:
+                    replaced = client_message(mtype, None, stmts, scratch)
+                requests += 1
+            elif mtype in _RENAMED:
+                if mtype == _P or mtype == _B or mtype == _D:
+                    synced = False
+                body = bytes(buf[start + 5:end])
+                if mtype == _P:
+                    query_at = body.find(b"\x00") + 1
+                    if body[query_at:query_at + 1].lower() in (b"s", b"r"):
+                        text = body[query_at:body.find(b"\x00", query_at) + 1]
+                        sync_effect = self._session_effect(server, tracker, text) or sync_effect
+                replaced = client_message(mtype, body, stmts, scratch)
+            elif mtype == _S:
+                requests += 1
+                synced = True
+                replaced = client_message(mtype, None, stmts, scratch, sync_effect)
+                sync_effect = None
+            else:
+                if mtype == _F:
+                    requests += 1
+                elif mtype in _EXTENDED:
+                    synced = False
+                replaced = client_message(mtype, None, stmts, scratch)
+            if replaced:
+                out = [] if out is None else out
+                out.append(buf[run:start])
+                out.extend(scratch)
+                scratch.clear()
+                run = end
+        last = msgs[-1][2]
+        if out is None:
+            chunk = bytes(buf[:last])
+        else:
+            out.append(buf[run:last])
+            chunk = b"".join(out)
+        del buf[:last]
+        if chunk:
+            self._send(chunk, requests, synced)
+        elif synced is not None:
+            server.unsynced = not synced
+        if tracker.pending and tracker.pending[0][0] == _FAKE and not server.forwarding:
+            with self.wlock:
+                fakes = tracker.first_fakes()
+                if fakes:
+                    self.send(fakes)
+            if server.client is self:
+                server._maybe_release()
+
+    def _session_effect(self, server, tracker, body: bytes):
+        """A SET/RESET outside a transaction: remember it once it succeeded."""
+        if server.tx_status != b"I" or tracker.pending:
+            return None
+        change = session_state.parse(body[:-1].decode(errors="replace"))
+        if change is None or (len(change) > 1 and change[1] in self.app.tracked):
+            return None
+
+        def remember(status: bytes) -> None:
+            if status == b"I":
+                session_state.apply(self.session_sets, change)
+                session_state.apply(server.session_sets, change)
+        return remember
+
     def _send(self, data, requests: int, synced) -> None:
         server = self.server
         if server is None:
@@ -362,9 +528,9 @@ class ClientConnection:
                 raise
             self.send_error(exc.sqlstate, exc.text)
             raise
-        if server.tparams != self.tparams:
+        if server.tparams != self.tparams or server.session_sets != self.session_sets:
             try:
-                tracked_params.sync(server, self.tparams)
+                tracked_params.sync(server, self.tparams, self.session_sets)
             except ServerError as exc:
                 server.close(f"parameter sync failed: {exc.text}")
                 raise ClientError(exc.sqlstate, exc.text) from None

@@ -7,6 +7,7 @@ and application_name, plus track_extra_parameters (IntervalStyle by default).
 
 from __future__ import annotations
 
+from ..pool import session_state
 from ..proto.framing import ProtocolError
 
 ALWAYS_TRACKED = ("client_encoding", "DateStyle", "TimeZone",
@@ -50,10 +51,7 @@ def _fold_options(params: dict[str, str], tracked: dict[str, str]) -> None:
         if word == "-c" and i + 1 < len(words):
             setting = words[i + 1]
             i += 2
-        elif word.startswith("-c"):
-            setting = word[2:]
-            i += 1
-        elif word.startswith("--"):
+        elif word.startswith(("-c", "--")):
             setting = word[2:]
             i += 1
         else:
@@ -87,13 +85,18 @@ def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def sync(server, wanted: dict[str, str]) -> None:
-    """Bring the server's tracked parameters to ``wanted`` with one round trip."""
+def sync(server, wanted: dict[str, str], sets: dict[str, str] | None = None) -> None:
+    """Bring the server's tracked parameters to ``wanted``, and its remembered
+    SETs to ``sets``, with one round trip."""
     changes = {k: v for k, v in wanted.items() if server.tparams.get(k) != v}
-    if not changes:
+    parts = [f"SET {name}={quote_literal(value)}" for name, value in changes.items()]
+    if sets is not None and sets != server.session_sets:
+        parts.append(session_state.sync_sql(sets, server.session_sets))
+    if not parts:
         return
-    sql = ";".join(f"SET {name}={quote_literal(value)}" for name, value in changes.items())
-    server.query(sql)
+    server.query(";".join(p for p in parts if p))
+    if sets is not None:
+        server.session_sets = dict(sets)
     for name, value in changes.items():
         reported = server.params.get(name)
         final = reported if reported is not None and reported.lower() == value.lower() else value

@@ -26,9 +26,10 @@ from gevent import socket
 from gevent.event import AsyncResult
 
 from ..auth import AuthFailed, ServerAuthenticator
+from ..pool.prepared import FAKE, Tracker
+from ..pool.states import SV_LOGIN
 from ..proto import messages as m
 from ..proto.framing import ProtocolError, message_at
-from ..pool.states import SV_LOGIN
 from .fastio import receiver, sender
 
 log = logging.getLogger("geobouncer")
@@ -38,6 +39,8 @@ RECV_SIZE = 65536
 # Types the reader must decode in full; everything else streams through.
 _Z, _S, _E, _G, _H, _W, _D, _C = (ord(c) for c in "ZSEGHWDC")
 _WATCHED = frozenset((_Z, _S, _E, _G, _H, _W))
+# Replies that complete a request, or that the prepared-statement tracker must see.
+_TRACKED = _WATCHED | frozenset(ord(c) for c in "123TnCIs")
 
 
 class ServerError(Exception):
@@ -53,7 +56,7 @@ class ServerError(Exception):
 class InternalQuery:
     """The pooler's own query in flight: rows and the first error are collected."""
 
-    __slots__ = ("result", "rows", "error", "pending")
+    __slots__ = ("error", "pending", "result", "rows")
 
     def __init__(self, pending: int = 1):
         self.result = AsyncResult()
@@ -97,6 +100,10 @@ class ServerConnection:
         self.reader = None
         self.cancelling = False
         self.stale = False            # config changed: close instead of reusing
+        # Transaction/statement pooling renames prepared statements (pool/prepared.py).
+        self.tracker = Tracker(pool.registry, pool.max_prepared) if pool.tracking else None
+        self.session_sets: dict[str, str] = {}   # SETs replayed here (pool/session_state.py)
+        self.forwarding = False
 
     def __repr__(self) -> str:
         return f"S-{self.id:#x}"
@@ -120,7 +127,7 @@ class ServerConnection:
             self.sock.sendall(m.startup_message(startup))
             self._login(ServerAuthenticator(startup["user"], password, scram_keys), tracked)
         self.send = sender(self.sock)
-        self.reader = gevent.spawn(self._read_loop)
+        self.reader = gevent.spawn(self._read_loop if self.tracker is None else self._read_loop_tracked)
 
     def _login(self, auth, tracked) -> None:
         buf = bytearray()
@@ -240,6 +247,94 @@ class ServerConnection:
         except gevent.GreenletExit:
             pass
 
+    def _read_loop_tracked(self) -> None:
+        """As _read_loop, but every reply is matched to its request so replies to
+        injected messages are dropped and locally answered ones inserted."""
+        recv = receiver(self.sock, RECV_SIZE)
+        server_message = self.tracker.server_message
+        skip = 0
+        partial = b""
+        try:
+            while True:
+                data = recv()
+                if not data:
+                    self._lost("server closed the connection unexpectedly")
+                    return
+                if self.internal is not None:
+                    data = partial + data
+                    partial = self._internal_data(data)
+                    continue
+                n = len(data)
+                if skip >= n:
+                    skip -= n
+                    self._forward_tracked(data)
+                    continue
+                if partial:
+                    data = partial + data
+                    n = len(data)
+                    partial = b""
+                pos = skip
+                skip = 0
+                released = False
+                out = None
+                run = 0
+                while pos < n:
+                    if n - pos < 5:
+                        partial = data[pos:]
+                        break
+                    mtype = data[pos]
+                    end = pos + 1 + _unpack_len(data, pos + 1)[0]
+                    if mtype in _TRACKED:
+                        if end > n:
+                            partial = data[pos:]
+                            break
+                        if mtype in _WATCHED:
+                            released = self._watched(mtype, data, pos + 5, end) or released
+                        keep, fakes = server_message(mtype, data[pos + 5:pos + 6])
+                        if fakes or not keep:
+                            if out is None:
+                                out = []
+                            out.append(data[run:end if keep else pos])
+                            if fakes:
+                                out.append(fakes)
+                            run = end
+                    elif end > n:
+                        skip = end - n
+                        pos = n
+                        break
+                    pos = end
+                if len(partial) > self.pool_limit():
+                    raise ProtocolError("server message too large")
+                if out is not None:
+                    out.append(data[run:pos])
+                    chunk = b"".join(out)
+                else:
+                    chunk = data if pos == n else data[:pos]
+                if chunk:
+                    self._forward_tracked(chunk)
+                if released:
+                    self._maybe_release()
+        except (OSError, ProtocolError) as exc:
+            self._lost(f"server connection failed: {exc}")
+        except gevent.GreenletExit:
+            pass
+
+    def _forward_tracked(self, data) -> None:
+        client = self.client
+        if client is None:
+            self._unexpected(data)
+            return
+        with client.wlock:
+            try:
+                client.send(data)
+                if self.tracker.pending and self.tracker.pending[0][0] == FAKE:
+                    client.send(self.tracker.first_fakes())
+            except OSError:
+                self.dirty = True
+                client.on_client_write_failed()
+            else:
+                client.bytes_out += len(data)
+
     def pool_limit(self) -> int:
         return 1 << 26
 
@@ -290,7 +385,8 @@ class ServerConnection:
     def _maybe_release(self) -> None:
         client = self.client
         if client is not None and self.outstanding <= 0 and not self.unsynced and not self.in_copy:
-            client.on_server_idle(self)
+            if self.tracker is None or not self.tracker.pending:
+                client.on_server_idle(self)
 
     def _internal_data(self, data: bytes) -> bytes:
         """Consume the replies to the pooler's own query; return an unfinished tail."""

@@ -18,8 +18,14 @@ from .states import SV_ACTIVE, SV_IDLE, SV_USED
 class PoolLimits:
     """Sizing for one pool, resolved from [databases], [users] and [pgbouncer]."""
 
-    __slots__ = ("pool_size", "min_pool_size", "reserve_pool_size", "pool_mode",
-                 "max_db_connections", "max_user_connections")
+    __slots__ = (
+        "max_db_connections",
+        "max_user_connections",
+        "min_pool_size",
+        "pool_mode",
+        "pool_size",
+        "reserve_pool_size",
+    )
 
     def __init__(self, pool_size, min_pool_size, reserve_pool_size, pool_mode,
                  max_db_connections=0, max_user_connections=0):
@@ -52,6 +58,9 @@ class Pool:
         self.server_password = None             # password or secret for the server login
         self.scram_keys = None                  # (client_key, server_key) from a client's SCRAM
         self.on_server_closed = None            # callback(server, reason) set by the net layer
+        self.tracking = False                   # rename prepared statements (transaction/statement)
+        self.max_prepared = 0                   # per-server LRU bound (max_prepared_statements)
+        self.registry = None                    # pooler-wide statement ids (pool/prepared.Registry)
 
     @property
     def mode(self) -> str:
@@ -164,9 +173,18 @@ class Pool:
 class PoolStats:
     """Counters for SHOW STATS (totals since start; averages are computed per period)."""
 
-    __slots__ = ("xact_count", "query_count", "bytes_received", "bytes_sent",
-                 "xact_time", "query_time", "wait_time", "client_parse_count",
-                 "server_parse_count", "bind_count")
+    __slots__ = (
+        "bind_count",
+        "bytes_received",
+        "bytes_sent",
+        "client_parse_count",
+        "query_count",
+        "query_time",
+        "server_parse_count",
+        "wait_time",
+        "xact_count",
+        "xact_time",
+    )
 
     def __init__(self):
         for name in self.__slots__:
@@ -187,9 +205,7 @@ class ConnectionCounters:
     def may_open(self, db: str, user: str, limits: PoolLimits) -> bool:
         if limits.max_db_connections and self.per_db.get(db, 0) >= limits.max_db_connections:
             return False
-        if limits.max_user_connections and self.per_user.get(user, 0) >= limits.max_user_connections:
-            return False
-        return True
+        return not (limits.max_user_connections and self.per_user.get(user, 0) >= limits.max_user_connections)
 
     def opened(self, db: str, user: str) -> None:
         self.per_db[db] = self.per_db.get(db, 0) + 1

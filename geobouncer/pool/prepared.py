@@ -1,0 +1,309 @@
+"""Protocol-level prepared statements under transaction pooling, without I/O.
+
+Theory of operation. A client names its statements ("S1", "__asyncpg_stmt_3__");
+the server connection it lands on changes from one transaction to the next. So
+the pooler renames: every distinct (query text, parameter types) gets one
+pooler-wide id, and a server knows it as ``GB_<id>``. Each client keeps a map
+from its own names to those ids; each server connection keeps an LRU set of the
+ids it has prepared, bounded by max_prepared_statements (evicted ones are
+closed on the server).
+
+On the way to the server (``Tracker.client_messages``):
+  Parse(name)     -> if the server has the statement, answered locally
+                     (ParseComplete faked); else forwarded renamed.
+  Bind/Describe   -> renamed; if the server lacks the statement, a Parse is
+                     injected first and its ParseComplete swallowed.
+  Close(name)     -> forgotten by the client, answered locally (CloseComplete);
+                     the server keeps the statement for other clients.
+  unnamed         -> forwarded untouched.
+
+Every message that the server answers leaves an entry in a FIFO, so the replies
+coming back (``Tracker.server_message``) can be matched to their requests:
+replies to injected messages are swallowed, faked replies are inserted at
+their place in the stream, and after an error the entries up to the next Sync
+are dropped, as the server skips those messages.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import OrderedDict, deque
+
+from ..proto import messages as m
+
+_I32 = struct.Struct("!I")
+_H = struct.Struct("!H")
+
+# entry kinds
+PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FAKE = range(8)
+
+PARSE_COMPLETE = m.message(b"1")
+CLOSE_COMPLETE = m.message(b"3")
+_P, _B, _D, _C, _S, _Q, _E, _F, _H_ = (ord(c) for c in "PBDCSQEFH")
+# reply types
+_R_PARSE, _R_BIND, _R_CLOSE = ord("1"), ord("2"), ord("3")
+_R_ROWDESC, _R_NODATA = ord("T"), ord("n")
+_R_COMPLETE, _R_EMPTY, _R_SUSPENDED = ord("C"), ord("I"), ord("s")
+_R_READY, _R_ERROR = ord("Z"), ord("E")
+
+_DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all|\"(?:[^\"]|\"\")+\"|[^\s;]+)\s*;?\s*$",
+                         re.IGNORECASE | re.DOTALL)
+_DEALLOCATED = m.command_complete("DEALLOCATE")
+_DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.IGNORECASE | re.DOTALL)
+
+
+class Registry:
+    """Pooler-wide ids for distinct statements (query text + parameter types)."""
+
+    def __init__(self):
+        self.ids: dict[bytes, int] = {}
+
+    def id_for(self, key: bytes) -> int:
+        sid = self.ids.get(key)
+        if sid is None:
+            sid = self.ids[key] = len(self.ids) + 1
+        return sid
+
+
+class ServerStatements:
+    """The statements one server connection has prepared, least recently used first."""
+
+    __slots__ = ("limit", "lru")
+
+    def __init__(self, limit: int):
+        self.lru: OrderedDict[int, None] = OrderedDict()
+        self.limit = limit
+
+    def __contains__(self, sid: int) -> bool:
+        return sid in self.lru
+
+    def __len__(self) -> int:
+        return len(self.lru)
+
+    def touch(self, sid: int) -> None:
+        self.lru.move_to_end(sid)
+
+    def add(self, sid: int) -> int | None:
+        """Record ``sid``; returns an evicted id the caller must close, or None."""
+        self.lru[sid] = None
+        if self.limit and len(self.lru) > self.limit:
+            evicted, _ = self.lru.popitem(last=False)
+            return evicted
+        return None
+
+    def discard(self, sid: int) -> None:
+        self.lru.pop(sid, None)
+
+    def clear(self) -> None:
+        self.lru.clear()
+
+
+def server_name(sid: int) -> bytes:
+    return b"GB_%d\x00" % sid
+
+
+def _cstr_end(body, pos: int) -> int:
+    end = body.find(b"\x00", pos)
+    if end < 0:
+        raise ValueError("unterminated string")
+    return end
+
+
+class Tracker:
+    """The rename-and-match state of one server connection while clients use it.
+
+    ``client_messages`` and ``server_message`` are the only entry points; both
+    are pure over bytes (the caller does the I/O)."""
+
+    def __init__(self, registry: Registry, limit: int):
+        self.registry = registry
+        self.prepared = ServerStatements(limit)
+        self.pending: deque = deque()
+        self.parses = 0      # Parse messages really sent (SHOW STATS server parses)
+        self.status = b"I"   # the last ReadyForQuery status seen
+
+    def reset(self) -> None:
+        """The server lost its statements (DISCARD ALL, reset query)."""
+        self.prepared.clear()
+
+    # --- client -> server --------------------------------------------------------
+    def client_message(self, mtype: int, body, client_stmts: dict, out: list, effect=None) -> bool:
+        """Translate one complete client message. Returns False when the message
+        goes to the server unchanged (the caller forwards the original bytes),
+        True when its replacement (or nothing, if answered locally) was appended
+        to ``out``, a scratch list for this one message. ``effect`` runs when a
+        simple query succeeds."""
+        pending = self.pending
+        if mtype == _Q:
+            if effect is None and body is not None:
+                effect = self._query_effect(body, client_stmts)
+            pending.append((QUERY, False, effect))
+            return False
+        if mtype == _S:
+            pending.append((SYNC, False, effect))
+            return False
+        if mtype == _E:
+            pending.append((EXECUTE, False, None))
+            return False
+        if mtype == _B:
+            portal_end = _cstr_end(body, 0)
+            stmt_end = _cstr_end(body, portal_end + 1)
+            if stmt_end == portal_end + 1:
+                pending.append((BIND, False, None))
+                return False
+            sid = self._ensure(body[portal_end + 1:stmt_end], client_stmts, out)
+            pending.append((BIND, False, None))
+            if sid is None:   # never prepared by this client: the server will say so
+                return False
+            out.append(m.message(b"B", bytes(body[:portal_end + 1]) + server_name(sid)
+                                 + bytes(body[stmt_end + 1:])))
+            return True
+        if mtype == _P:
+            return self._parse(body, client_stmts, out)
+        if mtype == _D:
+            name = body[1:-1]
+            sid = None
+            if body[:1] == b"S" and name:
+                sid = self._ensure(name, client_stmts, out)
+            pending.append((DESCRIBE, False, None))
+            if sid is None:
+                return False
+            out.append(m.message(b"D", b"S" + server_name(sid)))
+            return True
+        if mtype == _C:
+            if body[:1] == b"S" and len(body) > 2:
+                client_stmts.pop(bytes(body[1:-1]), None)
+                pending.append((FAKE, False, CLOSE_COMPLETE))
+                return True
+            pending.append((CLOSE, False, None))
+            return False
+        if mtype == _F:
+            pending.append((QUERY, False, None))
+        return False
+
+    def _parse(self, body, client_stmts: dict, out: list) -> bool:
+        name_end = _cstr_end(body, 0)
+        if name_end == 0:   # unnamed: lives until the next Parse, pass it through
+            self.pending.append((PARSE, False, None))
+            self.parses += 1
+            return False
+        name = bytes(body[:name_end])
+        tail = bytes(body[name_end + 1:])
+        sid = self.registry.id_for(tail)
+        client_stmts[name] = (sid, tail)
+        if sid in self.prepared:
+            self.prepared.touch(sid)
+            self.pending.append((FAKE, False, PARSE_COMPLETE))
+            return True
+        self._send_parse(sid, tail, out, swallow=False)
+        return True
+
+    def _ensure(self, name: bytes, client_stmts: dict, out: list) -> int | None:
+        """The server id for a client's statement, preparing it on this server
+        first if needed. None for a name the client never prepared (forwarded
+        as is: the server answers 'does not exist', as on a direct connection)."""
+        known = client_stmts.get(bytes(name))
+        if known is None:
+            return None
+        sid, tail = known
+        if sid in self.prepared:
+            self.prepared.touch(sid)
+        else:
+            self._send_parse(sid, tail, out, swallow=True)
+        return sid
+
+    def _send_parse(self, sid: int, tail: bytes, out: list, swallow: bool) -> None:
+        evicted = self.prepared.add(sid)
+        if evicted is not None:
+            out.append(m.message(b"C", b"S" + server_name(evicted)))
+            self.pending.append((CLOSE, True, None))
+        out.append(m.message(b"P", server_name(sid) + tail))
+        self.pending.append((PARSE, swallow, sid))
+        self.parses += 1
+
+    def _query_effect(self, body, client_stmts: dict):
+        """DISCARD ALL / DEALLOCATE ALL drop every statement of the server too;
+        returns what to run once the query has succeeded, or None."""
+        if body[:1].lower() not in (b"d", b" ", b"\n", b"\t", b"\r"):
+            return None
+        text = bytes(body[:-1])
+        match = _DEALLOCATE.match(text)
+        if _DISCARD_ALL.match(text) or (match and match.group(1).lower() == b"all"):
+            client_stmts.clear()
+            return self._forget_all
+        return None
+
+    def _forget_all(self, status: bytes) -> None:
+        self.prepared.clear()
+
+    def deallocate_locally(self, body, client_stmts: dict) -> bool:
+        """``DEALLOCATE name`` (simple query) of a protocol-level statement this
+        client prepared: the server knows it under another name, so it is
+        answered here (CommandComplete + ReadyForQuery, queued in order)."""
+        if body[:1].lower() not in (b"d", b" "):
+            return False
+        match = _DEALLOCATE.match(bytes(body[:-1]))
+        if not match or match.group(1).lower() == b"all":
+            return False
+        target = match.group(1)
+        target = target[1:-1].replace(b'""', b'"') if target.startswith(b'"') else target.lower()
+        if target not in client_stmts:
+            return False
+        del client_stmts[target]
+        self.pending.append((FAKE, False, None))
+        return True
+
+    def first_fakes(self) -> bytes:
+        """Faked replies now at the head of the queue (nothing real before them)."""
+        pending = self.pending
+        out = b""
+        while pending and pending[0][0] == FAKE:
+            reply = pending.popleft()[2]
+            out += reply if reply is not None else _DEALLOCATED + m.ready_for_query(self.status)
+        return out
+
+    # --- server -> client ---------------------------------------------------------
+    def server_message(self, mtype: int, body) -> tuple[bool, bytes]:
+        """Match one reply to its request. Returns (forward it?, faked replies
+        that must follow it)."""
+        pending = self.pending
+        if not pending:
+            return True, b""
+        kind = pending[0][0]
+        if mtype == _R_READY:
+            # drop whatever the server skipped, up to and including the Sync/Query
+            while pending and pending[0][0] not in (SYNC, QUERY):
+                pending.popleft()
+            self.status = bytes(body[:1])
+            if pending:
+                effect = pending.popleft()[2]
+                if effect is not None:
+                    effect(self.status)
+            return True, self.first_fakes()
+        if mtype == _R_ERROR:
+            if kind == QUERY:
+                pending[0] = (QUERY, False, None)   # a failed query has no effect to apply
+                return True, b""
+            while pending and pending[0][0] not in (SYNC, QUERY):
+                entry = pending.popleft()
+                if entry[0] == PARSE and entry[2] is not None:
+                    self.prepared.discard(entry[2])
+            if pending:
+                pending[0] = (pending[0][0], False, None)   # the batch failed: no effect
+            return True, b""
+        done = False
+        if mtype == _R_PARSE:
+            done = kind == PARSE
+        elif mtype == _R_BIND:
+            done = kind == BIND
+        elif mtype == _R_CLOSE:
+            done = kind == CLOSE
+        elif mtype == _R_ROWDESC or mtype == _R_NODATA:
+            done = kind == DESCRIBE
+        elif mtype == _R_COMPLETE or mtype == _R_EMPTY or mtype == _R_SUSPENDED:
+            done = kind == EXECUTE
+        if not done:
+            return True, b""
+        entry = pending.popleft()
+        return not entry[1], self.first_fakes()

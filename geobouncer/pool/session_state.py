@@ -1,0 +1,59 @@
+"""Session SETs remembered across servers in transaction pooling.
+
+Beyond PgBouncer: a ``SET name = value`` (or ``RESET``) that a client runs
+outside a transaction is remembered for that client, and replayed on whichever
+server it lands on next; a server that carries another client's SET gets a
+``RESET`` first. Parameters the server reports itself (ParameterStatus:
+TimeZone, DateStyle, application_name ...) are tracked that way instead.
+``SET LOCAL`` and SETs inside a transaction are left alone.
+"""
+
+from __future__ import annotations
+
+import re
+
+_NAME = r'([A-Za-z_][A-Za-z0-9_$]*(?:\.[A-Za-z_][A-Za-z0-9_$]*)?)'
+_SET = re.compile(r"^\s*set\s+(?:session\s+)?" + _NAME + r"\s*(?:=|\s+to\s+)\s*(.+?)\s*;?\s*$",
+                  re.IGNORECASE | re.DOTALL)
+_RESET = re.compile(r"^\s*reset\s+(all|" + _NAME[1:-1] + r")\s*;?\s*$", re.IGNORECASE | re.DOTALL)
+_NOT_SESSION = {"local", "transaction", "session", "constraints"}
+
+
+def parse(text: str):
+    """('set', name, raw_value) | ('reset', name) | ('reset_all',) | None."""
+    match = _SET.match(text)
+    if match:
+        name = match.group(1).lower()
+        if name in _NOT_SESSION or ";" in _strip_quoted(match.group(2)):
+            return None
+        value = match.group(2)
+        if value.lower() == "default":
+            return ("reset", name)
+        return ("set", name, value)
+    match = _RESET.match(text)
+    if match:
+        name = match.group(1).lower()
+        return ("reset_all",) if name == "all" else ("reset", name)
+    return None
+
+
+def _strip_quoted(value: str) -> str:
+    """The value without its quoted parts (to spot a second statement)."""
+    return re.sub(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"", "", value)
+
+
+def apply(sets: dict[str, str], change) -> None:
+    """Apply a parsed change to a {name: raw SQL value} map."""
+    if change[0] == "set":
+        sets[change[1]] = change[2]
+    elif change[0] == "reset":
+        sets.pop(change[1], None)
+    else:
+        sets.clear()
+
+
+def sync_sql(wanted: dict[str, str], current: dict[str, str]) -> str:
+    """SQL that brings a server's remembered SETs (``current``) to ``wanted``."""
+    parts = [f"RESET {name}" for name in current if name not in wanted]
+    parts += [f"SET {name} = {value}" for name, value in wanted.items() if current.get(name) != value]
+    return ";".join(parts)
