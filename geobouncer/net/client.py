@@ -476,15 +476,18 @@ class ClientConnection:
             out.append(buf[run:last])
             chunk = b"".join(out)
         del buf[:last]
-        if chunk:
-            self._send(chunk, requests, synced)
-        elif synced is not None:
-            server.unsynced = not synced
-        if tracker.pending and tracker.pending[0][0] == _FAKE and not server.forwarding:
+        if tracker.pending and tracker.pending[0][0] == _FAKE:
+            # Replies answered here with nothing outstanding before them go out
+            # now, before the batch reaches the server and its replies can follow.
             with self.wlock:
                 fakes = tracker.first_fakes()
                 if fakes:
                     self.send(fakes)
+        if chunk:
+            self._send(chunk, requests, synced)
+        else:
+            if synced is not None:
+                server.unsynced = not synced
             if server.client is self:
                 server._maybe_release()
 

@@ -103,7 +103,6 @@ class ServerConnection:
         # Transaction/statement pooling renames prepared statements (pool/prepared.py).
         self.tracker = Tracker(pool.registry, pool.max_prepared) if pool.tracking else None
         self.session_sets: dict[str, str] = {}   # SETs replayed here (pool/session_state.py)
-        self.forwarding = False
 
     def __repr__(self) -> str:
         return f"S-{self.id:#x}"

@@ -1,0 +1,184 @@
+"""The prepared-statement tracker (pool/prepared.py) over canned protocol bytes."""
+
+import struct
+
+from geobouncer.pool.prepared import FAKE, Registry, Tracker
+from geobouncer.proto import messages as m
+from geobouncer.proto.framing import split_messages
+
+
+def parse(name: bytes, sql: bytes, types=()) -> bytes:
+    body = name + b"\x00" + sql + b"\x00" + struct.pack("!H", len(types))
+    body += b"".join(struct.pack("!I", t) for t in types)
+    return m.message(b"P", body)
+
+
+def bind(stmt: bytes, portal: bytes = b"") -> bytes:
+    return m.message(b"B", portal + b"\x00" + stmt + b"\x00" + b"\x00\x00\x00\x00\x00\x00")
+
+
+def describe(kind: bytes, name: bytes) -> bytes:
+    return m.message(b"D", kind + name + b"\x00")
+
+
+def close(kind: bytes, name: bytes) -> bytes:
+    return m.message(b"C", kind + name + b"\x00")
+
+
+EXECUTE = m.execute()
+
+
+def send(tracker, stmts, *msgs):
+    """Feed client messages; return the bytes that would go to the server."""
+    wire = b"".join(msgs)
+    out = []
+    for mtype, body in split_messages(wire)[0]:
+        scratch = []
+        if tracker.client_message(mtype, body, stmts, scratch):
+            out.extend(scratch)
+        else:
+            out.append(m.message(bytes((mtype,)), body))
+    return b"".join(out)
+
+
+def reply(tracker, *msgs):
+    """Feed server replies; return what the client would receive."""
+    out = []
+    for mtype, body in split_messages(b"".join(msgs))[0]:
+        keep, fakes = tracker.server_message(mtype, body)
+        if keep:
+            out.append(m.message(bytes((mtype,)), body))
+        out.append(fakes)
+    return b"".join(out)
+
+
+def types_of(wire: bytes) -> str:
+    return "".join(chr(t) for t, _ in split_messages(wire)[0])
+
+
+PC, BC, CC = m.message(b"1"), m.message(b"2"), m.message(b"3")
+DONE = m.command_complete("SELECT 1")
+Z = m.READY_IDLE
+
+
+def test_named_parse_is_renamed_and_reused_across_clients():
+    reg = Registry()
+    server = Tracker(reg, 10)
+    a, b = {}, {}
+    wire = send(server, a, parse(b"s1", b"select 1"), bind(b"s1"), EXECUTE, m.SYNC)
+    assert b"GB_1\x00" in wire and b"s1\x00" not in wire
+    assert types_of(reply(server, PC, BC, DONE, Z)) == "12CZ"
+    # client b prepares the same text under another name: answered locally
+    wire = send(server, b, parse(b"other", b"select 1"), bind(b"other"), EXECUTE, m.SYNC)
+    assert types_of(wire) == "BES"
+    assert server.pending[0][0] == FAKE
+    assert server.first_fakes() == PC
+    assert types_of(reply(server, BC, DONE, Z)) == "2CZ"
+
+
+def test_bind_on_server_without_statement_injects_parse_and_swallows_reply():
+    reg = Registry()
+    first, second = Tracker(reg, 10), Tracker(reg, 10)
+    stmts = {}
+    send(first, stmts, parse(b"s1", b"select $1", (23,)), m.SYNC)
+    reply(first, PC, Z)
+    wire = send(second, stmts, bind(b"s1"), EXECUTE, m.SYNC)
+    assert types_of(wire) == "PBES"
+    assert b"GB_1\x00select $1\x00\x00\x01\x00\x00\x00\x17" in wire   # types kept byte for byte
+    assert types_of(reply(second, PC, BC, DONE, Z)) == "2CZ"         # injected ParseComplete gone
+
+
+def test_close_statement_is_local_and_server_keeps_it():
+    server = Tracker(Registry(), 10)
+    stmts = {}
+    send(server, stmts, parse(b"s1", b"select 1"), m.SYNC)
+    reply(server, PC, Z)
+    wire = send(server, stmts, close(b"S", b"s1"), m.SYNC)
+    assert types_of(wire) == "S"
+    assert b"s1" not in stmts
+    assert server.first_fakes() == CC             # nothing before it: sent before the batch
+    assert types_of(reply(server, Z)) == "Z"
+    assert len(server.prepared) == 1
+
+
+def test_error_drops_entries_until_sync_and_forgets_failed_parse():
+    server = Tracker(Registry(), 10)
+    stmts = {}
+    send(server, stmts, parse(b"bad", b"selec oops"), bind(b"bad"), EXECUTE, m.SYNC)
+    err = m.error_response("42601", "syntax error")
+    assert types_of(reply(server, err, Z)) == "EZ"
+    assert not server.pending
+    assert len(server.prepared) == 0      # a later Bind will prepare it again
+
+
+def test_lru_eviction_closes_oldest_on_server():
+    server = Tracker(Registry(), 2)
+    stmts = {}
+    for i in range(3):
+        wire = send(server, stmts, parse(b"s%d" % i, b"select %d" % i), m.SYNC)
+        expected = "PS" if i < 2 else "CPS"
+        assert types_of(wire) == expected
+        got = reply(server, *([CC] if i == 2 else []), PC, Z)
+        assert types_of(got) == "1Z"      # the eviction's CloseComplete is swallowed
+    assert len(server.prepared) == 2
+
+
+def test_unnamed_and_unknown_names_pass_through():
+    server = Tracker(Registry(), 10)
+    stmts = {}
+    msgs = (parse(b"", b"select 1"), bind(b""), describe(b"P", b""), EXECUTE, m.SYNC)
+    assert send(server, stmts, *msgs) == b"".join(msgs)
+    reply(server, PC, BC, m.message(b"T", b"\x00\x00"), DONE, Z)
+    unknown = bind(b"never_prepared")
+    assert send(server, stmts, unknown, m.SYNC) == unknown + m.SYNC
+
+
+def test_deallocate_name_answered_locally_in_order():
+    server = Tracker(Registry(), 10)
+    stmts = {}
+    send(server, stmts, parse(b"s1", b"select 1"), m.SYNC)
+    reply(server, PC, Z)
+    assert server.deallocate_locally(b"DEALLOCATE s1\x00", stmts)
+    assert b"s1" not in stmts
+    fakes = server.first_fakes()
+    assert types_of(fakes) == "CZ" and b"DEALLOCATE" in fakes
+
+
+def test_discard_all_forgets_server_statements_only_on_success():
+    server = Tracker(Registry(), 10)
+    stmts = {}
+    send(server, stmts, parse(b"s1", b"select 1"), m.SYNC)
+    reply(server, PC, Z)
+    send(server, stmts, m.query("DISCARD ALL"))
+    assert stmts == {}
+    reply(server, m.error_response("25001", "cannot run inside a transaction block"), m.READY_FAILED)
+    assert len(server.prepared) == 1
+    send(server, stmts, m.query("discard all;"))
+    reply(server, m.command_complete("DISCARD ALL"), Z)
+    assert len(server.prepared) == 0
+
+
+def test_sync_effect_runs_only_without_error():
+    server = Tracker(Registry(), 10)
+    seen = []
+    stmts = {}
+    send(server, stmts, parse(b"", b"SET x = 1"), bind(b""), EXECUTE)
+    server.client_message(ord("S"), None, stmts, [], seen.append)
+    reply(server, PC, BC, m.command_complete("SET"), Z)
+    assert seen == [b"I"]
+    send(server, stmts, parse(b"", b"SET x = 1"), bind(b""), EXECUTE)
+    server.client_message(ord("S"), None, stmts, [], seen.append)
+    reply(server, m.error_response("42704", "unrecognized"), Z)
+    assert seen == [b"I"]
+
+
+def test_fake_between_real_replies_is_inserted_in_order():
+    server = Tracker(Registry(), 10)
+    stmts = {}
+    send(server, stmts, parse(b"s1", b"select 1"), m.SYNC)
+    reply(server, PC, Z)
+    # Execute something, then re-Parse s1 (known: faked), then Sync
+    wire = send(server, stmts, bind(b"s1"), EXECUTE, parse(b"s1", b"select 1"), m.SYNC)
+    assert types_of(wire) == "BES"
+    assert server.first_fakes() == b""            # a real reply comes first
+    assert types_of(reply(server, BC, DONE, Z)) == "2C1Z"
