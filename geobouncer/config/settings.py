@@ -360,6 +360,13 @@ SETTINGS: tuple[Setting, ...] = (
         _s("recreate_disconnected_pools", BOOL, True, "After a switchover, recreate the "
            "pools of the lost writer on the new one.", extension=True),
     ),
+    *_block(
+        GEOBOUNCER,
+        _s("hook_slow_call_ms", TIME, 10.0, "Milliseconds (not seconds; fractions "
+           "allowed): a routing_rules or rewrite_query call that takes longer is counted "
+           "as slow in SHOW ROUTING and logged, at most once per 10 seconds per hook. "
+           "0 disables.", extension=True),
+    ),
 )
 # fmt: on
 

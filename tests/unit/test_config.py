@@ -229,6 +229,7 @@ def test_extension_keys_are_marked():
         "polling_frequency",
         "server_failed_delay",
         "recreate_disconnected_pools",
+        "hook_slow_call_ms",
     }
 
 
