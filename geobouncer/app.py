@@ -29,6 +29,7 @@ from .net.server import ServerError, send_cancel
 from .pool.pool import ConnectionCounters, Pool, PoolLimits
 from .pool.prepared import Registry
 from .proto import messages as m
+from .routing import HookLoadError, Hooks
 
 log = logging.getLogger("geobouncer")
 
@@ -62,6 +63,10 @@ class Bouncer:
         self._rr: dict[str, int] = {}
         self.max_packet_size = self.settings.max_packet_size
         self.registry = Registry()
+        try:
+            self.hooks = Hooks.from_settings(self.settings, self.cfg.resolve_path)
+        except HookLoadError as exc:
+            raise ConfigError(str(exc), file=self.cfg.path) from None
 
     # --- start / stop ----------------------------------------------------------
     def start(self) -> None:
@@ -133,11 +138,17 @@ class Bouncer:
             self._refresh_password(pool)
             if self._set_tracking(pool) or _server_identity(entry) != _server_identity(old_entry):
                 self.reconnect_pool(pool)
+        for error in self.hooks.reload(self.settings, new.resolve_path):
+            log.debug("hook reload: %s", error)
         log.info("RELOAD command issued")
         return True
 
     def database_for(self, name: str):
         return self.cfg.database_for(name)
+
+    def is_database_key(self, key: str) -> bool:
+        """A [databases] entry a routing hook may name."""
+        return key in self.cfg.databases
 
     # --- authentication ----------------------------------------------------------
     def auth_method(self, client) -> str:
@@ -221,7 +232,8 @@ class Bouncer:
     def _set_tracking(self, pool: Pool) -> bool:
         """Whether the pool renames prepared statements; True if that changed."""
         limit = self.settings.max_prepared_statements
-        tracking = pool.limits.pool_mode != "session" and limit > 0
+        # With routing a client's statements must follow it across pools, in every mode.
+        tracking = (pool.limits.pool_mode != "session" or self.hooks.enabled) and limit > 0
         changed = (tracking, limit) != (pool.tracking, pool.max_prepared)
         pool.tracking, pool.max_prepared = tracking, limit
         return changed

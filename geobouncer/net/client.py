@@ -32,6 +32,7 @@ from ..proto.framing import (
     parse_startup_params,
     startup_packet_at,
 )
+from ..routing import RewriteFailed
 from . import params as tracked_params
 from .checkout import ClientError, acquire_server
 from .fastio import receiver, sender
@@ -83,6 +84,11 @@ class ClientConnection:
         self.statements: dict[bytes, tuple[int, bytes]] = {}  # own name -> (statement id, Parse tail)
         self.session_sets: dict[str, str] = {}   # remembered SETs (pool/session_state.py)
         self.wlock = Semaphore()   # client writes by the reader vs. locally answered replies
+        self.route_pool = None     # where routing_rules sent this client (None: its database)
+        self.held: dict = {}       # session pooling with routing: pool -> server kept for later
+        self.refused_routes: set[str] = set()
+        self.stmt_routes: dict[bytes, str] = {}   # named statement -> where its Parse was routed
+        self.auth_result = None
 
     def __repr__(self) -> str:
         return f"C-{self.id:#x}"
@@ -102,7 +108,7 @@ class ClientConnection:
             if self.admin:
                 self.app.admin.serve(self)
             else:
-                if self.pool.tracking:
+                if self.pool.tracking or self.app.hooks.enabled:
                     self._serve_tracked()
                 else:
                     self._serve()
@@ -132,15 +138,13 @@ class ClientConnection:
             pass
 
     def _cleanup(self) -> None:
+        for held in list(self.held.values()):
+            self._drop_server(held)
+        self.held.clear()
         server = self.server
         if server is not None:
             self.server = None
-            server.client = None
-            if (server.tx_status == b"I" and server.outstanding <= 0 and not server.unsynced
-                    and not server.in_copy and not server.dirty and not server.closed):
-                gevent.spawn(self.app.release_after_client, server, self.pool)
-            else:
-                server.close("client disconnect while server was not ready")
+            self._drop_server(server)
         self.app.forget_client(self)
         if self.state != CL_LOGIN and self.app.settings.log_disconnections:
             age = monotonic() - self.connect_time
@@ -149,6 +153,17 @@ class ClientConnection:
             self.sock.close()
         except OSError:
             pass
+
+    def _drop_server(self, server) -> None:
+        """The client is leaving: a clean server goes back (after the reset in
+        session mode), anything else is closed."""
+        server.client = None
+        if (server.tx_status == b"I" and server.outstanding <= 0 and not server.unsynced
+                and not server.in_copy and not server.dirty and not server.closed
+                and not (server.tracker and server.tracker.pending)):
+            gevent.spawn(self.app.release_after_client, server, server.pool)
+        else:
+            server.close("client disconnect while server was not ready")
 
     def shutdown(self, sqlstate: str | None = None, text: str | None = None) -> None:
         """Close this client from another greenlet (janitor, admin KILL, lost server)."""
@@ -191,6 +206,7 @@ class ClientConnection:
         self._check_client_limits(db)
         secret = app.lookup_secret(user, db)
         result = self._authenticate(secret)
+        self.auth_result = result
         if self.admin:
             welcome = app.admin.welcome_params()
         else:
@@ -409,6 +425,8 @@ class ClientConnection:
         return msgs or None
 
     def _forward_tracked(self, buf: bytearray, msgs: list, scratch: list) -> None:
+        if self.app.hooks.enabled:
+            msgs = self._apply_hooks(buf, msgs)
         server = self.server
         if server is None:
             server = self._link()
@@ -491,6 +509,96 @@ class ClientConnection:
             if server.client is self:
                 server._maybe_release()
 
+    # --- routing and rewrite hooks (routing/) -------------------------------------
+    def _apply_hooks(self, buf: bytearray, msgs: list) -> list:
+        """Run rewrite_query then routing_rules on every Query and Parse of the
+        batch. A route takes effect only at a transaction boundary: the first
+        routable message of a batch that starts outside a transaction."""
+        hooks = self.app.hooks
+        server = self.server
+        in_tx = server is not None and (server.tx_status != b"I" or server.outstanding > 0
+                                        or bool(server.tracker and server.tracker.pending))
+        target = None
+        decided = in_tx
+        parts = None
+        new_msgs = []
+        for mtype, start, end in msgs:
+            if mtype == _B and not decided and self.stmt_routes:
+                # A Bind of a statement prepared earlier goes where its Parse was routed.
+                portal_end = buf.index(0, start + 5)
+                name = bytes(buf[portal_end + 1:buf.index(0, portal_end + 1)])
+                target = self.stmt_routes.get(name)
+                decided = in_tx = True
+            if mtype != _Q and mtype != _P:
+                new_msgs.append((mtype, start, end))
+                continue
+            body = bytes(buf[start + 5:end])
+            if mtype == _Q:
+                q_start, q_end = 0, len(body) - 1
+            else:
+                q_start = body.index(b"\x00") + 1
+                q_end = body.index(b"\x00", q_start)
+            text = body[q_start:q_end].decode("utf-8", "surrogateescape")
+            if hooks.has_rewrite:
+                try:
+                    new_text = hooks.rewrite(self.user, text, in_tx)
+                except RewriteFailed as exc:
+                    raise ClientError("XX000", f"query rewrite failed: {exc}") from None
+                if new_text is not None and new_text != text:
+                    text = new_text
+                    body = body[:q_start] + text.encode("utf-8", "surrogateescape") + body[q_end:]
+                    if parts is None:
+                        parts = [(t, bytes(buf[s0:e0])) for t, s0, e0 in new_msgs]
+            if hooks.has_routing:
+                key = hooks.route(self.user, text, in_tx, self.app.is_database_key)
+                if key is not None and not decided:
+                    target = key
+                elif key is not None and key != (target or self._route_key()):
+                    self._log_refused_route(key)
+                if mtype == _P and q_start > 1:   # a named statement: remember its route
+                    self.stmt_routes[body[:q_start - 1]] = target or self._route_key()
+            decided = in_tx = True
+            if parts is not None:
+                parts.append((mtype, m.message(bytes((mtype,)), body)))
+            new_msgs.append((mtype, start, end))
+        if target is not None:
+            self._route_to(target)
+        if parts is None:
+            return msgs
+        # Rebuild the batch with the rewritten messages, and their new offsets.
+        for mtype, start, end in new_msgs[len(parts):]:
+            parts.append((mtype, bytes(buf[start:end])))
+        last = msgs[-1][2]
+        buf[:last] = b"".join(raw for _, raw in parts)
+        rebuilt, pos = [], 0
+        for mtype, raw in parts:
+            rebuilt.append((mtype, pos, pos + len(raw)))
+            pos += len(raw)
+        return rebuilt
+
+    def _route_key(self) -> str:
+        pool = self.server.pool if self.server is not None else (self.route_pool or self.pool)
+        return pool.db.name
+
+    def _route_to(self, key: str) -> None:
+        """Send this client's next work to the [databases] entry ``key``."""
+        if key == self._route_key():
+            return
+        entry = self.app.database_for(key)
+        pool = self.app.get_pool(entry, self.user, self.auth_result)
+        self.route_pool = pool
+        server = self.server
+        if server is not None:
+            # Session pooling: keep one server per pool the client was routed to.
+            self.held[server.pool] = server
+            self.server = self.held.pop(pool, None)
+
+    def _log_refused_route(self, key: str) -> None:
+        if key not in self.refused_routes:
+            self.refused_routes.add(key)
+            log.warning("%s routing_rules chose %s in the middle of a transaction on %s: ignored",
+                        self.label(), key, self._route_key())
+
     def _session_effect(self, server, tracker, body: bytes):
         """A SET/RESET outside a transaction: remember it once it succeeded."""
         if server.tx_status != b"I" or tracker.pending:
@@ -525,7 +633,7 @@ class ClientConnection:
 
     def _link(self):
         try:
-            server = acquire_server(self.app, self.pool, self)
+            server = acquire_server(self.app, self.route_pool or self.pool, self)
         except ClientError as exc:
             if exc.close:
                 raise
