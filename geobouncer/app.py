@@ -208,7 +208,8 @@ class Bouncer:
                                   and user_entry.max_user_connections is not None else s.max_user_connections),
         )
 
-    def get_pool(self, db, user: str, auth_result, forced_user: str | None = None) -> Pool:
+    def get_pool(self, db, user: str, auth_result, forced_user: str | None = None,
+                 secret: str | None = None) -> Pool:
         server_user = forced_user or db.user or user
         key = (db.name, server_user)
         pool = self.pools.get(key)
@@ -227,6 +228,9 @@ class Bouncer:
             password = getattr(auth_result, "password", None)
             if pool.server_password is None and password:
                 pool.server_password = password
+        if secret and server_user == user and not db.user and user not in self.auth_file:
+            # Found by auth_query: PgBouncer logs in to the server with that secret.
+            pool.server_password = secret
         return pool
 
     def _set_tracking(self, pool: Pool) -> bool:
@@ -273,7 +277,6 @@ class Bouncer:
     def release_active(self, server, linked_at: float) -> None:
         """Transaction/statement mode: the reader saw the client's work end."""
         pool = server.pool
-        pool.stats.xact_time += int((monotonic() - server.linked_at) * 1e6)
         if server.closed:
             return
         if server.dirty or server.stale or self._too_old(server):

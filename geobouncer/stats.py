@@ -38,6 +38,7 @@ class Stats:
             xacts = delta["xact_count"]
             queries = delta["query_count"]
             avg = {
+                "server_assignment_count": delta["server_assignment_count"] / period,
                 "xact_count": xacts / period,
                 "query_count": queries / period,
                 "client_parse_count": delta["client_parse_count"] / period,

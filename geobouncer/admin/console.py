@@ -92,6 +92,9 @@ class AdminConsole:
     # --- SHOW ----------------------------------------------------------------------
     def _show(self, client, arg: str) -> bytes:
         what = arg.split()[0].lower() if arg else ""
+        if what == "help":
+            # PgBouncer answers SHOW HELP with a NOTICE, not a result set.
+            return m.notice_response(show.HELP_TEXT) + m.command_complete("SHOW")
         builder = show.BUILDERS.get(what)
         if builder is None:
             raise AdminError(f"invalid command 'SHOW {arg}', use SHOW HELP;", "42601")

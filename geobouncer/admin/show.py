@@ -62,7 +62,9 @@ def show_clients(app):
             continue
         wait = now - c.wait_started if c.state == "waiting" else 0.0
         local = _sockname(c.sock)
-        rows.append(["C", c.user, c.dbname, "none", c.state, c.addr[0], c.addr[1], local[0], local[1],
+        # PgBouncer prints an active client with no server linked as idle.
+        state = "idle" if c.state == "active" and c.server is None else c.state
+        rows.append(["C", c.user, c.dbname, "none", state, c.addr[0], c.addr[1], local[0], local[1],
                      _wall(app, c.connect_time), _wall(app, c.request_time), int(wait),
                      int((wait % 1) * 1e6), 0, repr(c), repr(c.server) if c.server else None, 0, None,
                      c.tparams.get("application_name", ""), 0, c.id])
@@ -120,8 +122,8 @@ def show_stats(app):
     rows = []
     for db, tot in app.stats.totals_by_db().items():
         avg = app.stats.averages.get(db, {})
-        rows.append([db, tot["xact_count"]] + [tot[k] for k in _STAT_KEYS]
-                    + [int(avg.get("xact_count", 0))] + [int(avg.get(k, 0)) for k in _STAT_KEYS])
+        rows.append([db, tot["server_assignment_count"]] + [tot[k] for k in _STAT_KEYS]
+                    + [int(avg.get("server_assignment_count", 0))] + [int(avg.get(k, 0)) for k in _STAT_KEYS])
     return cols, rows
 
 
@@ -167,8 +169,9 @@ def show_lists(app):
     cols = _cols("list:t items:i")
     pools = app.pools.values()
     servers = sum(p.server_count() for p in pools)
-    rows = [["databases", len(app.cfg.databases)], ["users", len({p.user for p in pools})],
-            ["peers", 0], ["pools", len(app.pools)], ["peer_pools", 0],
+    # the admin console's own database and pool count, as in PgBouncer
+    rows = [["databases", len(app.cfg.databases) + 1], ["users", len({p.user for p in pools})],
+            ["peers", 0], ["pools", len(app.pools) + 1], ["peer_pools", 0],
             ["free_clients", 0], ["used_clients", len(app.clients)], ["login_clients",
              sum(1 for c in app.clients if c.state == "login")],
             ["free_servers", 0], ["used_servers", servers], ["dns_names", 0], ["dns_zones", 0],
@@ -185,11 +188,29 @@ def show_state(app):
                                     ["paused", "yes" if app.paused else "no"], ["suspended", "no"]]
 
 
-def show_help(app):
-    commands = ("SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION|STATE|STATS|LISTS "
-                "PAUSE [<db>] RESUME [<db>] DISABLE <db> ENABLE <db> RECONNECT [<db>] KILL <db> "
-                "KILL_CLIENT <id> WAIT_CLOSE [<db>] RELOAD SHUTDOWN [WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS]")
-    return _cols("help:t"), [[line] for line in commands.split("  ")]
+HELP_TEXT = """Console usage
+	SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION|STATE|ROUTING
+	SHOW STATS|LISTS|FDS
+	SET key = arg (not yet supported: edit the config and RELOAD)
+	RELOAD
+	PAUSE [<db>]
+	RESUME [<db>]
+	DISABLE <db>
+	ENABLE <db>
+	RECONNECT [<db>]
+	KILL <db>
+	KILL_CLIENT <client_id>
+	WAIT_CLOSE [<db>]
+	SHUTDOWN
+	SHUTDOWN WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS"""
+
+
+def show_routing(app):
+    """geobouncer's own: routing/rewrite hook calls, errors, slow calls, routes per target."""
+    from ..routing import STATS_COLUMNS
+
+    cols = [(name, T if name in ("kind", "name", "last_error") else I8) for name in STATS_COLUMNS]
+    return cols, [list(row) for row in app.hooks.stats()]
 
 
 def show_fds(app):
@@ -208,6 +229,6 @@ BUILDERS = {
     "pools": show_pools, "clients": show_clients, "servers": show_servers,
     "databases": show_databases, "stats": show_stats, "users": show_users,
     "config": show_config, "lists": show_lists, "version": show_version, "state": show_state,
-    "help": show_help, "fds": show_fds,
+    "routing": show_routing, "fds": show_fds,
 }
 

@@ -54,7 +54,11 @@ def acquire_server(app, pool, client) -> ServerConnection:
     reserve_after = start + settings.reserve_pool_timeout
     while True:
         if app.paused or pool.paused:
-            app.wait_resumed(pool, _remaining(deadline))
+            client.set_waiting(True)
+            try:
+                app.wait_resumed(pool, _remaining(deadline))
+            finally:
+                client.set_waiting(False)
             if deadline is not None and monotonic() >= deadline:
                 raise ClientError("08P01", "query_wait_timeout")
         server = pool.take_idle()

@@ -205,12 +205,13 @@ class ClientConnection:
             raise ClientError("08P01", f'database "{db.name}" does not allow connections')
         self._check_client_limits(db)
         secret = app.lookup_secret(user, db)
+        self._check_trust_rules(db, secret)
         result = self._authenticate(secret)
         self.auth_result = result
         if self.admin:
             welcome = app.admin.welcome_params()
         else:
-            self.pool = app.get_pool(db, user, result)
+            self.pool = app.get_pool(db, user, result, secret=secret)
             add_host = f"{self.addr[0]}:{self.addr[1]}" if app.settings.application_name_add_host else None
             self.tparams = tracked_params.client_params(self.pool, params, app.tracked, add_host)
             welcome = self._welcome_params()
@@ -222,6 +223,15 @@ class ClientConnection:
         self.sock.sendall(b"".join(out))
         self.state = CL_ACTIVE
         return True
+
+    def _check_trust_rules(self, db, secret) -> None:
+        """PgBouncer's rules: trust still needs the user in auth_file (or found by
+        auth_query); any ignores the user name, so every database must force one."""
+        method = self.app.auth_method(self)
+        if method == "trust" and secret is None:
+            raise ClientError("28000", '"trust" authentication failed')
+        if method == "any" and db is not None and not db.user:
+            raise ClientError("08P01", "bouncer config error")
 
     def _check_client_limits(self, db) -> None:
         app = self.app
@@ -439,6 +449,8 @@ class ClientConnection:
             return
         stmts = self.statements
         client_message = tracker.client_message
+        parses_before = tracker.parses
+        client_parses = binds = 0
         out = None
         run = 0
         requests = 0
@@ -463,6 +475,10 @@ class ClientConnection:
             elif mtype in _RENAMED:
                 if mtype == _P or mtype == _B or mtype == _D:
                     synced = False
+                    if mtype == _P:
+                        client_parses += 1
+                    elif mtype == _B:
+                        binds += 1
                 body = bytes(buf[start + 5:end])
                 if mtype == _P:
                     query_at = body.find(b"\x00") + 1
@@ -487,6 +503,11 @@ class ClientConnection:
                 out.extend(scratch)
                 scratch.clear()
                 run = end
+        if client_parses or binds:
+            stats = server.pool.stats
+            stats.client_parse_count += client_parses
+            stats.bind_count += binds
+            stats.server_parse_count += tracker.parses - parses_before
         last = msgs[-1][2]
         if out is None:
             chunk = bytes(buf[:last])
@@ -621,10 +642,13 @@ class ClientConnection:
             if server.outstanding <= 0:
                 server.outstanding = requests
                 server.request_started = self.request_time
+                if server.tx_status == b"I":
+                    server.xact_started = self.request_time
             else:
                 server.outstanding += requests
         if synced is not None:
             server.unsynced = not synced
+        server.pool.stats.bytes_received += len(data)
         try:
             server.send(data)
         except OSError:
@@ -647,16 +671,22 @@ class ClientConnection:
                 raise ClientError(exc.sqlstate, exc.text) from None
         server.client = self
         server.linked_at = self.request_time
+        server.pool.stats.server_assignment_count += 1
         self.server = server
         return server
 
     # --- callbacks from the server's reader greenlet ------------------------------
     def on_ready(self, server, status: bytes) -> None:
-        stats = self.pool.stats
+        stats = server.pool.stats
+        now = monotonic()
         stats.query_count += 1
+        stats.query_time += int((now - server.request_started) * 1e6)
+        server.request_started = now      # the next pipelined request starts here
         if status == b"I":
             stats.xact_count += 1
-        server.last_activity = monotonic()
+            stats.xact_time += int((now - server.xact_started) * 1e6)
+            server.xact_started = now
+        server.last_activity = now
 
     def on_server_idle(self, server) -> None:
         """The server answered everything; return it unless the mode keeps it."""

@@ -35,14 +35,14 @@ def validate_startup(params: dict[str, str], settings) -> None:
             del params[key]
             continue
         if low == "options":
-            _fold_options(params, tracked)
+            _fold_options(params, tracked, ignored)
             continue
         if low == "replication":
             raise ProtocolError("replication connections are not supported")
         raise ProtocolError(f"unsupported startup parameter: {key}")
 
 
-def _fold_options(params: dict[str, str], tracked: dict[str, str]) -> None:
+def _fold_options(params: dict[str, str], tracked: dict[str, str], ignored: set[str]) -> None:
     """PgBouncer accepts ``options=-c name=value`` for tracked parameters only."""
     words = params.pop("options").split()
     i = 0
@@ -57,6 +57,8 @@ def _fold_options(params: dict[str, str], tracked: dict[str, str]) -> None:
         else:
             raise ProtocolError(f"unsupported options startup parameter: {word}")
         name, sep, value = setting.partition("=")
+        if sep and name.lower().replace("-", "_") in ignored:
+            continue
         if not sep or name.lower().replace("-", "_") not in tracked:
             raise ProtocolError(f"unsupported options startup parameter: parameter {name} is not tracked")
         params[name.replace("-", "_")] = value

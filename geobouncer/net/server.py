@@ -91,6 +91,7 @@ class ServerConnection:
         self.idle_since = self.created_at
         self.linked_at = 0.0
         self.request_started = 0.0    # when outstanding went from 0 to 1
+        self.xact_started = 0.0       # when the current transaction's first request went out
         self.last_activity = self.created_at
         self.internal: InternalQuery | None = None
         self.closed = False
@@ -146,7 +147,7 @@ class ServerConnection:
                 try:
                     reply = auth.respond(code, data)
                 except AuthFailed as exc:
-                    raise ServerError("28000", f"server login failed: {exc.message}", fatal=True) from exc
+                    raise ServerError("28000", exc.message, fatal=True) from exc
                 if reply:
                     self.sock.sendall(reply)
             elif mtype == _E:
@@ -332,7 +333,7 @@ class ServerConnection:
                 self.dirty = True
                 client.on_client_write_failed()
             else:
-                client.bytes_out += len(data)
+                self.pool.stats.bytes_sent += len(data)
 
     def pool_limit(self) -> int:
         return 1 << 26
@@ -379,7 +380,7 @@ class ServerConnection:
             self.dirty = True
             client.on_client_write_failed()
         else:
-            client.bytes_out += len(data)
+            self.pool.stats.bytes_sent += len(data)
 
     def _maybe_release(self) -> None:
         client = self.client

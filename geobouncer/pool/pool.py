@@ -180,6 +180,7 @@ class PoolStats:
         "client_parse_count",
         "query_count",
         "query_time",
+        "server_assignment_count",
         "server_parse_count",
         "wait_time",
         "xact_count",
