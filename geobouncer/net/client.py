@@ -48,7 +48,7 @@ _COPY = frozenset(ord(c) for c in "dcf")
 _KNOWN = frozenset(ord(c) for c in "QSFXPBDECHdcfp")
 _RENAMED = frozenset(ord(c) for c in "PBDC")
 _INSPECT = frozenset(ord(c) for c in "dsr \t\n\r(")   # DEALLOCATE / DISCARD / SET / RESET
-_P, _B, _D = (ord(c) for c in "PBD")
+_P, _B, _D, _E = (ord(c) for c in "PBDE")
 _FAKE = FAKE
 
 
@@ -83,6 +83,10 @@ class ClientConnection:
         self.pending_error: tuple[str, str] | None = None   # e.g. max_client_conn, sent after startup
         self.statements: dict[bytes, tuple[int, bytes]] = {}  # own name -> (statement id, Parse tail)
         self.session_sets: dict[str, str] = {}   # remembered SETs (pool/session_state.py)
+        self.baseline: dict[str, str] = {}       # tracked values as of login (RESET ALL / DISCARD ALL)
+        self.stmt_sets: dict[bytes, tuple] = {}  # named statement -> the SET/RESET it runs
+        self.unnamed_change = None   # the same for the unnamed statement
+        self.portal_change = None    # and for the portal last bound
         self.wlock = Semaphore()   # client writes by the reader vs. locally answered replies
         self.route_pool = None     # where routing_rules sent this client (None: its database)
         self.held: dict = {}       # session pooling with routing: pool -> server kept for later
@@ -212,9 +216,13 @@ class ClientConnection:
             welcome = app.admin.welcome_params()
         else:
             self.pool = app.get_pool(db, user, result, secret=secret)
+            self._learn_server_defaults()
             add_host = f"{self.addr[0]}:{self.addr[1]}" if app.settings.application_name_add_host else None
-            self.tparams = tracked_params.client_params(self.pool, params, app.tracked, add_host)
-            welcome = self._welcome_params()
+            self.tparams, self.session_sets = tracked_params.client_params(
+                self.pool, params, app.tracked, add_host)
+            self.baseline = dict(self.tparams)
+            welcome = dict(self.pool.welcome or {})
+            welcome.update(self.tparams)
         self.cancel_key = app.register_client(self)
         out = [m.AUTH_OK]
         out.extend(m.parameter_status(k, v) for k, v in welcome.items())
@@ -318,15 +326,13 @@ class ClientConnection:
                 log.warning("%s %s", self.label(), exc.message)
             raise ClientError(exc.sqlstate, exc.message) from None
 
-    def _welcome_params(self) -> dict[str, str]:
+    def _learn_server_defaults(self) -> None:
+        """The pool's ParameterStatus defaults, from a first server login (PgBouncer
+        does the same); every client's tracked values start from them."""
         pool = self.pool
         if pool.welcome is None:
-            # Learn the server's parameters (PgBouncer does the same before its first login).
             server = acquire_server(self.app, pool, self)
             self.app.release_idle(server)
-        welcome = dict(pool.welcome or {})
-        welcome.update(self.tparams)
-        return welcome
 
     # --- forwarding ------------------------------------------------------------
     def _serve(self) -> None:
@@ -456,6 +462,9 @@ class ClientConnection:
         requests = 0
         synced = None
         sync_effect = None
+        # SETs count only when run outside a transaction: as of this batch's start,
+        # and before any other request of the batch.
+        outside = server.tx_status == b"I" and not tracker.pending
         for mtype, start, end in msgs:
             effect = None
             if mtype == _Q:
@@ -467,11 +476,12 @@ class ClientConnection:
                         out.append(buf[run:start])
                         run = end
                         continue
-                    effect = self._session_effect(server, tracker, body)
+                    effect = self._session_effect(server, self._session_change(body[:-1]), outside)
                     replaced = client_message(mtype, body, stmts, scratch, effect)
                 else:
                     replaced = client_message(mtype, None, stmts, scratch)
                 requests += 1
+                outside = False
             elif mtype in _RENAMED:
                 if mtype == _P or mtype == _B or mtype == _D:
                     synced = False
@@ -481,16 +491,31 @@ class ClientConnection:
                         binds += 1
                 body = bytes(buf[start + 5:end])
                 if mtype == _P:
-                    query_at = body.find(b"\x00") + 1
-                    if body[query_at:query_at + 1].lower() in (b"s", b"r"):
-                        text = body[query_at:body.find(b"\x00", query_at) + 1]
-                        sync_effect = self._session_effect(server, tracker, text) or sync_effect
+                    name_end = body.find(b"\x00")
+                    query_at = name_end + 1
+                    change = None
+                    if body[query_at:query_at + 1].lower() in (b"s", b"r", b"d"):
+                        change = self._session_change(body[query_at:body.find(b"\x00", query_at)])
+                    if name_end == 0:
+                        self.unnamed_change = change
+                    elif body[:name_end] not in stmts:
+                        self.stmt_sets[body[:name_end]] = change
+                elif mtype == _B:
+                    # What the bound statement will do when executed (a SET, maybe).
+                    portal_end = body.find(b"\x00")
+                    name = body[portal_end + 1:body.find(b"\x00", portal_end + 1)]
+                    self.portal_change = self.stmt_sets.get(name) if name else self.unnamed_change
                 replaced = client_message(mtype, body, stmts, scratch)
             elif mtype == _S:
                 requests += 1
                 synced = True
                 replaced = client_message(mtype, None, stmts, scratch, sync_effect)
                 sync_effect = None
+                outside = False
+            elif mtype == _E and self.portal_change is not None:
+                synced = False
+                sync_effect = self._session_effect(server, self.portal_change, outside) or sync_effect
+                replaced = client_message(mtype, None, stmts, scratch)
             else:
                 if mtype == _F:
                     requests += 1
@@ -541,9 +566,8 @@ class ClientConnection:
                                         or bool(server.tracker and server.tracker.pending))
         target = None
         decided = in_tx
-        parts = None
-        new_msgs = []
-        for mtype, start, end in msgs:
+        rewritten: dict[int, bytes] = {}   # message index -> its new bytes
+        for index, (mtype, start, end) in enumerate(msgs):
             if mtype == _B and not decided and self.stmt_routes:
                 # A Bind of a statement prepared earlier goes where its Parse was routed.
                 portal_end = buf.index(0, start + 5)
@@ -551,7 +575,6 @@ class ClientConnection:
                 target = self.stmt_routes.get(name)
                 decided = in_tx = True
             if mtype != _Q and mtype != _P:
-                new_msgs.append((mtype, start, end))
                 continue
             body = bytes(buf[start + 5:end])
             if mtype == _Q:
@@ -568,8 +591,7 @@ class ClientConnection:
                 if new_text is not None and new_text != text:
                     text = new_text
                     body = body[:q_start] + text.encode("utf-8", "surrogateescape") + body[q_end:]
-                    if parts is None:
-                        parts = [(t, bytes(buf[s0:e0])) for t, s0, e0 in new_msgs]
+                    rewritten[index] = m.message(bytes((mtype,)), body)
             if hooks.has_routing:
                 key = hooks.route(self.user, text, in_tx, self.app.is_database_key)
                 if key is not None and not decided:
@@ -579,20 +601,15 @@ class ClientConnection:
                 if mtype == _P and q_start > 1:   # a named statement: remember its route
                     self.stmt_routes[body[:q_start - 1]] = target or self._route_key()
             decided = in_tx = True
-            if parts is not None:
-                parts.append((mtype, m.message(bytes((mtype,)), body)))
-            new_msgs.append((mtype, start, end))
         if target is not None:
             self._route_to(target)
-        if parts is None:
+        if not rewritten:
             return msgs
         # Rebuild the batch with the rewritten messages, and their new offsets.
-        for mtype, start, end in new_msgs[len(parts):]:
-            parts.append((mtype, bytes(buf[start:end])))
-        last = msgs[-1][2]
-        buf[:last] = b"".join(raw for _, raw in parts)
+        parts = [rewritten.get(i) or bytes(buf[start:end]) for i, (_, start, end) in enumerate(msgs)]
+        buf[:msgs[-1][2]] = b"".join(parts)
         rebuilt, pos = [], 0
-        for mtype, raw in parts:
+        for (mtype, _, _), raw in zip(msgs, parts):
             rebuilt.append((mtype, pos, pos + len(raw)))
             pos += len(raw)
         return rebuilt
@@ -620,16 +637,31 @@ class ClientConnection:
             log.warning("%s routing_rules chose %s in the middle of a transaction on %s: ignored",
                         self.label(), key, self._route_key())
 
-    def _session_effect(self, server, tracker, body: bytes):
-        """A SET/RESET outside a transaction: remember it once it succeeded."""
-        if server.tx_status != b"I" or tracker.pending:
+    @staticmethod
+    def _session_change(text: bytes):
+        return session_state.parse(text.decode("utf-8", "replace"))
+
+    def _session_effect(self, server, change, outside: bool):
+        """A SET / RESET / DISCARD ALL outside a transaction: once it succeeded,
+        remember it (SETs the server does not report) or restore the values
+        this client logged in with (what a direct connection resets to)."""
+        if change is None or not outside:
             return None
-        change = session_state.parse(body[:-1].decode(errors="replace"))
-        if change is None or (len(change) > 1 and change[1] in self.app.tracked):
-            return None
+        canonical = self.app.tracked.get(change[1]) if len(change) > 1 else None
+        reported = canonical is not None and canonical in server.params
+        if reported and change[0] == "set":
+            return None   # ParameterStatus keeps this one
 
         def remember(status: bytes) -> None:
-            if status == b"I":
+            if status != b"I":
+                return
+            if change[0] == "reset_all":
+                self.session_sets.clear()
+                server.session_sets.clear()
+                self.tparams.update(self.baseline)
+            elif reported:
+                self.tparams[canonical] = self.baseline.get(canonical, server.params.get(canonical, ""))
+            else:
                 session_state.apply(self.session_sets, change)
                 session_state.apply(server.session_sets, change)
         return remember

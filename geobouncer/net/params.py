@@ -65,20 +65,29 @@ def _fold_options(params: dict[str, str], tracked: dict[str, str], ignored: set[
 
 
 def client_params(pool, startup: dict[str, str], tracked: dict[str, str],
-                  add_host: str | None = None) -> dict[str, str]:
+                  add_host: str | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """The tracked values this client expects: the pool's defaults overridden by
     what the client asked for at startup. ``add_host`` ("host:port") is appended
-    to application_name when application_name_add_host is on."""
+    to application_name when application_name_add_host is on.
+
+    Returns (reported, sets): parameters the server reports with ParameterStatus
+    are compared by value; tracked ones it does not report (search_path before
+    PostgreSQL 18) go to the remembered-SET map, replayed like a client's SET."""
     welcome = pool.welcome or {}
     wanted = {name: welcome[name] for name in pool.tracked if name in welcome}
+    sets: dict[str, str] = {}
     for key, value in startup.items():
         canonical = tracked.get(key.lower())
-        if canonical is not None:
+        if canonical is None:
+            continue
+        if canonical in welcome:
             wanted[canonical] = value
+        else:
+            sets[canonical.lower()] = session_state.raw_value(value)
     if add_host:
         name = wanted.get("application_name", "")
         wanted["application_name"] = f"{name} - {add_host}" if name else add_host
-    return wanted
+    return wanted, sets
 
 
 def quote_literal(value: str) -> str:

@@ -290,7 +290,7 @@ class ServerConnection:
                             break
                         if mtype in _WATCHED:
                             released = self._watched(mtype, data, pos + 5, end) or released
-                        keep, fakes = server_message(mtype, data[pos + 5:pos + 6])
+                        keep, fakes = server_message(mtype, data[pos + 5:end])
                         if fakes or not keep:
                             if out is None:
                                 out = []
@@ -310,6 +310,8 @@ class ServerConnection:
                     chunk = b"".join(out)
                 else:
                     chunk = data if pos == n else data[:pos]
+                if self.tracker.dropped_all:
+                    self._statements_dropped()
                 if chunk:
                     self._forward_tracked(chunk)
                 if released:
@@ -318,6 +320,15 @@ class ServerConnection:
             self._lost(f"server connection failed: {exc}")
         except gevent.GreenletExit:
             pass
+
+    def _statements_dropped(self) -> None:
+        """DEALLOCATE ALL / DISCARD ALL ran: the client's statement names are gone."""
+        self.tracker.dropped_all = False
+        client = self.client
+        if client is not None:
+            client.statements.clear()
+            client.stmt_sets.clear()
+            client.stmt_routes.clear()
 
     def _forward_tracked(self, data) -> None:
         client = self.client

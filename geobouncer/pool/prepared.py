@@ -50,6 +50,7 @@ _R_READY, _R_ERROR = ord("Z"), ord("E")
 _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all|\"(?:[^\"]|\"\")+\"|[^\s;]+)\s*;?\s*$",
                          re.IGNORECASE | re.DOTALL)
 _DEALLOCATED = m.command_complete("DEALLOCATE")
+_DROP_ALL_TAGS = (b"DEALLOCATE ALL", b"DISCARD ALL")
 _DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.IGNORECASE | re.DOTALL)
 
 
@@ -122,6 +123,7 @@ class Tracker:
         self.pending: deque = deque()
         self.parses = 0      # Parse messages really sent (SHOW STATS server parses)
         self.status = b"I"   # the last ReadyForQuery status seen
+        self.dropped_all = False   # a DEALLOCATE ALL / DISCARD ALL completed: the client's names go too
 
     def reset(self) -> None:
         """The server lost its statements (DISCARD ALL, reset query)."""
@@ -136,8 +138,6 @@ class Tracker:
         simple query succeeds."""
         pending = self.pending
         if mtype == _Q:
-            if effect is None and body is not None:
-                effect = self._query_effect(body, client_stmts)
             pending.append((QUERY, False, effect))
             return False
         if mtype == _S:
@@ -190,6 +190,16 @@ class Tracker:
             return False
         name = bytes(body[:name_end])
         tail = bytes(body[name_end + 1:])
+        existing = client_stmts.get(name)
+        if existing is not None:
+            # The name is taken: have the server refuse it (42P05 "already exists")
+            # and skip to the next Sync, as a direct connection would.
+            old_sid, old_tail = existing
+            if old_sid not in self.prepared:
+                self._send_parse(old_sid, old_tail, out, swallow=True)
+            out.append(m.message(b"P", server_name(old_sid) + old_tail))
+            self.pending.append((PARSE, False, None))
+            return True
         sid = self.registry.id_for(tail)
         client_stmts[name] = (sid, tail)
         if sid in self.prepared:
@@ -221,21 +231,6 @@ class Tracker:
         out.append(m.message(b"P", server_name(sid) + tail))
         self.pending.append((PARSE, swallow, sid))
         self.parses += 1
-
-    def _query_effect(self, body, client_stmts: dict):
-        """DISCARD ALL / DEALLOCATE ALL drop every statement of the server too;
-        returns what to run once the query has succeeded, or None."""
-        if body[:1].lower() not in (b"d", b" ", b"\n", b"\t", b"\r"):
-            return None
-        text = bytes(body[:-1])
-        match = _DEALLOCATE.match(text)
-        if _DISCARD_ALL.match(text) or (match and match.group(1).lower() == b"all"):
-            client_stmts.clear()
-            return self._forget_all
-        return None
-
-    def _forget_all(self, status: bytes) -> None:
-        self.prepared.clear()
 
     def deallocate_locally(self, body, client_stmts: dict) -> bool:
         """``DEALLOCATE name`` (simple query) of a protocol-level statement this
@@ -293,6 +288,10 @@ class Tracker:
                 pending[0] = (pending[0][0], False, None)   # the batch failed: no effect
             return True, b""
         done = False
+        if mtype == _R_COMPLETE and body[:4] in (b"DEAL", b"DISC") and bytes(body[:-1]) in _DROP_ALL_TAGS:
+            # Whichever protocol carried it, the server has no statements left.
+            self.prepared.clear()
+            self.dropped_all = True
         if mtype == _R_PARSE:
             done = kind == PARSE
         elif mtype == _R_BIND:

@@ -19,8 +19,14 @@ _RESET = re.compile(r"^\s*reset\s+(all|" + _NAME[1:-1] + r")\s*;?\s*$", re.IGNOR
 _NOT_SESSION = {"local", "transaction", "session", "constraints"}
 
 
+_DISCARD = re.compile(r"^\s*discard\s+all\s*;?\s*$", re.I)
+
+
 def parse(text: str):
-    """('set', name, raw_value) | ('reset', name) | ('reset_all',) | None."""
+    """('set', name, raw_value) | ('reset', name) | ('reset_all',) | None.
+    DISCARD ALL counts as RESET ALL here (it also drops the remembered SETs)."""
+    if _DISCARD.match(text):
+        return ("reset_all",)
     match = _SET.match(text)
     if match:
         name = match.group(1).lower()
@@ -52,8 +58,24 @@ def apply(sets: dict[str, str], change) -> None:
         sets.clear()
 
 
+_RAW = "\x00"   # marks a value given as a plain string (startup parameter), not SQL
+
+
+def raw_value(text: str) -> str:
+    """A value as a startup parameter gives it: applied with set_config, which
+    reads it as the server reads startup options (lists split on commas)."""
+    return _RAW + text
+
+
+def _assign(name: str, value: str) -> str:
+    if value.startswith(_RAW):
+        literal = "'" + value[1:].replace("'", "''") + "'"
+        return f"SELECT pg_catalog.set_config('{name}', {literal}, false)"
+    return f"SET {name} = {value}"
+
+
 def sync_sql(wanted: dict[str, str], current: dict[str, str]) -> str:
     """SQL that brings a server's remembered SETs (``current``) to ``wanted``."""
     parts = [f"RESET {name}" for name in current if name not in wanted]
-    parts += [f"SET {name} = {value}" for name, value in wanted.items() if current.get(name) != value]
+    parts += [_assign(name, value) for name, value in wanted.items() if current.get(name) != value]
     return ";".join(parts)

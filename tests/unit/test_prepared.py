@@ -150,12 +150,34 @@ def test_discard_all_forgets_server_statements_only_on_success():
     send(server, stmts, parse(b"s1", b"select 1"), m.SYNC)
     reply(server, PC, Z)
     send(server, stmts, m.query("DISCARD ALL"))
-    assert stmts == {}
     reply(server, m.error_response("25001", "cannot run inside a transaction block"), m.READY_FAILED)
-    assert len(server.prepared) == 1
+    assert len(server.prepared) == 1 and not server.dropped_all
     send(server, stmts, m.query("discard all;"))
     reply(server, m.command_complete("DISCARD ALL"), Z)
-    assert len(server.prepared) == 0
+    assert len(server.prepared) == 0 and server.dropped_all   # the caller clears the client's names
+
+
+def test_deallocate_all_by_extended_protocol_is_seen_in_the_reply():
+    server = Tracker(Registry(), 10)
+    stmts = {}
+    send(server, stmts, parse(b"s1", b"select 1"), m.SYNC)
+    reply(server, PC, Z)
+    send(server, stmts, parse(b"", b"DEALLOCATE ALL"), bind(b""), EXECUTE, m.SYNC)
+    reply(server, PC, BC, m.command_complete("DEALLOCATE ALL"), Z)
+    assert len(server.prepared) == 0 and server.dropped_all
+
+
+def test_reparse_of_taken_name_is_refused_by_the_server():
+    server = Tracker(Registry(), 10)
+    stmts = {}
+    send(server, stmts, parse(b"s1", b"select 42"), m.SYNC)
+    reply(server, PC, Z)
+    wire = send(server, stmts, parse(b"s1", b"select 43"), bind(b"s1"), EXECUTE, m.SYNC)
+    assert types_of(wire) == "PBES" and b"select 42" in wire and b"select 43" not in wire
+    err = m.error_response("42P05", 'prepared statement "GB_1" already exists')
+    assert types_of(reply(server, err, Z)) == "EZ"
+    assert stmts[b"s1"][1].startswith(b"select 42")   # the old statement stays
+    assert len(server.prepared) == 1
 
 
 def test_sync_effect_runs_only_without_error():
@@ -177,8 +199,8 @@ def test_fake_between_real_replies_is_inserted_in_order():
     stmts = {}
     send(server, stmts, parse(b"s1", b"select 1"), m.SYNC)
     reply(server, PC, Z)
-    # Execute something, then re-Parse s1 (known: faked), then Sync
-    wire = send(server, stmts, bind(b"s1"), EXECUTE, parse(b"s1", b"select 1"), m.SYNC)
+    # Execute something, then Parse the same text under a new name (faked), then Sync
+    wire = send(server, stmts, bind(b"s1"), EXECUTE, parse(b"s2", b"select 1"), m.SYNC)
     assert types_of(wire) == "BES"
     assert server.first_fakes() == b""            # a real reply comes first
     assert types_of(reply(server, BC, DONE, Z)) == "2C1Z"
