@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 from .settings import POOL_MODES
-from .values import ENUM, INT, STR, TIME, parse_value
+from .values import BOOL, ENUM, INT, STR, TIME, parse_value
 
 LOAD_BALANCE_HOSTS = ("round-robin", "disable")
+LOAD_BALANCE = ("round_robin", "random", "least_active")
 TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby")
 UNSET_TIME = "unset time"  # a time where -1 means "not set": None
 
@@ -36,6 +37,9 @@ DATABASE_KEYS: dict[str, tuple] = {
     "load_balance_hosts": (ENUM, LOAD_BALANCE_HOSTS, None),
     "target_session_attrs": (ENUM, TARGET_SESSION_ATTRS, None),
     "query_wait_timeout": _MAYBE_TIME, "topology_query": _TEXT,
+    # geobouncer: replicas of this database and how reads are spread over them
+    "replicas": _TEXT, "load_balance": (ENUM, LOAD_BALANCE, None),
+    "read_write_split": (BOOL, (), None), "replica_max_lag": _COUNT,
 }
 DATABASE_ALIASES = {"reserve_pool": "reserve_pool_size"}
 
@@ -82,6 +86,10 @@ class DatabaseEntry:
     target_session_attrs: str = "any"
     query_wait_timeout: float | None = None
     topology_query: str | None = None  # geobouncer: cluster discovery query
+    replicas: str | None = None  # geobouncer: "host[:port],..." serving reads
+    load_balance: str = "round_robin"  # geobouncer: round_robin | random | least_active
+    read_write_split: bool = False  # geobouncer: reads to replicas automatically
+    replica_max_lag: int | None = None  # geobouncer: bytes of WAL a replica may lag
     hosts: tuple[str, ...] = ()  # ``host`` split; () means the Unix socket
     ports: tuple[int, ...] = ()  # one port per host, or (port,) without hosts
 

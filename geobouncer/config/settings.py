@@ -366,6 +366,18 @@ SETTINGS: tuple[Setting, ...] = (
            "allowed): a routing_rules or rewrite_query call that takes longer is counted "
            "as slow in SHOW ROUTING and logged, at most once per 10 seconds per hook. "
            "0 disables.", extension=True),
+        _s("switchover_timeout", TIME, 0.0, "Longest a client waits for a new writer "
+           "during a switchover before it gets an error; 0 uses query_wait_timeout.",
+           extension=True),
+        _s("health_check_period", TIME, 5.0, "Seconds between health checks of each "
+           "host of a database that lists replicas.", extension=True),
+        _s("health_check_timeout", TIME, 2.0, "Seconds a health check may take before "
+           "the host counts as down.", extension=True),
+        _s("replica_ban_time", TIME, 30.0, "Seconds a replica that failed stays out of "
+           "rotation before it is checked again.", extension=True),
+        _s("write_functions", LIST, (), "Functions (besides the built-in list: nextval, "
+           "setval, advisory locks ...) whose call makes a SELECT a write for the "
+           "read/write split.", extension=True),
     ),
 )
 # fmt: on

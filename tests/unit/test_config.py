@@ -230,6 +230,11 @@ def test_extension_keys_are_marked():
         "server_failed_delay",
         "recreate_disconnected_pools",
         "hook_slow_call_ms",
+        "switchover_timeout",
+        "health_check_period",
+        "health_check_timeout",
+        "replica_ban_time",
+        "write_functions",
     }
 
 
