@@ -29,7 +29,11 @@ from .net.server import ServerError, send_cancel
 from .pool.pool import ConnectionCounters, Pool, PoolLimits
 from .pool.prepared import Registry
 from .proto import messages as m
+from .failover import probe
+from .failover.replicas import ReplicaSet
+from .failover.switchover import WRITER_LOST_CODES, Cluster
 from .routing import HookLoadError, Hooks
+from .routing.classify import Classifier
 
 log = logging.getLogger("geobouncer")
 
@@ -63,6 +67,10 @@ class Bouncer:
         self._rr: dict[str, int] = {}
         self.max_packet_size = self.settings.max_packet_size
         self.registry = Registry()
+        self.clusters: dict[str, Cluster] = {}          # databases with a topology_query
+        self.replica_sets: dict[str, ReplicaSet] = {}   # databases that list replicas
+        self.extra_entries: dict = {}                   # node and replica keys -> entries
+        self.classifier = Classifier(self.settings.write_functions)
         try:
             self.hooks = Hooks.from_settings(self.settings, self.cfg.resolve_path)
         except HookLoadError as exc:
@@ -71,6 +79,7 @@ class Bouncer:
     # --- start / stop ----------------------------------------------------------
     def start(self) -> None:
         self.listeners.start()
+        self._setup_failover()
         gevent.spawn(self._janitor)
         gevent.spawn(self.stats.report_loop)
         for sig, handler in ((signal.SIGHUP, self.reload), (signal.SIGTERM, self.shutdown_wait_clients),
@@ -140,15 +149,127 @@ class Bouncer:
                 self.reconnect_pool(pool)
         for error in self.hooks.reload(self.settings, new.resolve_path):
             log.debug("hook reload: %s", error)
+        self.classifier = Classifier(self.settings.write_functions)
+        self._reload_failover(new)
         log.info("RELOAD command issued")
         return True
 
     def database_for(self, name: str):
+        if name not in self.cfg.databases and name in self.extra_entries:
+            return self.extra_entries[name]
         return self.cfg.database_for(name)
 
     def is_database_key(self, key: str) -> bool:
-        """A [databases] entry a routing hook may name."""
-        return key in self.cfg.databases
+        """A [databases] entry (or a cluster node / replica key) a routing hook may name."""
+        return key in self.cfg.databases or key in self.extra_entries
+
+    # --- clusters and replicas (failover/) -----------------------------------------
+    def _setup_failover(self) -> None:
+        for name, entry in self.cfg.databases.items():
+            if entry.topology_query and name not in self.clusters:
+                cluster = self.clusters[name] = Cluster(self, entry)
+                cluster.start()
+            if entry.replicas and name not in self.replica_sets:
+                replicas = self.replica_sets[name] = ReplicaSet(self, entry)
+                for replica in replicas.replicas:
+                    self.extra_entries[replica.key] = replica.entry
+                replicas.start()
+        for pool in self.pools.values():
+            pool.cluster = self.clusters.get(pool.db.name)
+
+    def _reload_failover(self, new) -> None:
+        """RELOAD: clusters and replica sets whose entry changed start afresh;
+        unchanged clusters run their topology query again."""
+        for registry in (self.clusters, self.replica_sets):
+            for name, item in list(registry.items()):
+                entry = new.databases.get(name)
+                if entry is None or entry != item.entry:
+                    item.stop()
+                    del registry[name]
+                elif registry is self.clusters:
+                    gevent.spawn(item.discover_quietly)
+        self.extra_entries = {k: v for k, v in self.extra_entries.items()
+                              if any(k in (n.key for n in c.nodes.values()) for c in self.clusters.values())
+                              or any(k == r.key for rs in self.replica_sets.values() for r in rs.replicas)}
+        self._setup_failover()
+
+    def probe_credentials(self, entry):
+        """(user, password, scram_keys) the pooler's own checks log in with: the
+        entry's forced user, else a user whose pool for this database exists."""
+        if entry.user:
+            return entry.user, entry.password or self.auth_file.get(entry.user), None
+        for pool in self.pools.values():
+            if pool.db.name == entry.name or pool.db.dbname == (entry.dbname or entry.name):
+                if pool.server_password or pool.scram_keys:
+                    return pool.user, pool.server_password, pool.scram_keys
+        auth_user = entry.auth_user or self.settings.auth_user
+        if auth_user and auth_user in self.auth_file:
+            return auth_user, self.auth_file[auth_user], None
+        return None
+
+    def register_cluster_nodes(self, cluster) -> None:
+        """Each node of a cluster is a database key of its own, with pools kept
+        open ahead of need for the users the cluster's database already has."""
+        users = {p.user for p in self.pools.values() if p.db.name == cluster.name}
+        for node in cluster.nodes.values():
+            entry = probe.node_entry(cluster.entry, node.key, node.host, node.port)
+            self.extra_entries[node.key] = entry
+            for user in users:
+                pool = self.get_pool(entry, user, None)
+                if pool.server_count() == 0 and node.role != "down":
+                    gevent.spawn(self._fill_pool, pool, 1)
+
+    def cluster_of(self, pool):
+        return self.clusters.get(pool.db.name)
+
+    def writer_lost(self, cluster, node) -> None:
+        """Close what we hold on the failed writer; active links die on their own."""
+        for pool in list(self.pools.values()):
+            for server in list(pool.idle):
+                if (server.host, server.port) == (node.host, node.port):
+                    server.close("writer lost: switchover")
+            for server in pool.active:
+                if (server.host, server.port) == (node.host, node.port):
+                    server.stale = True
+
+    def writer_changed(self, cluster, old, new) -> None:
+        for pool in self.pools.values():
+            if pool.db.name == cluster.name:
+                pool.last_login_error = None
+                for server in list(pool.idle):
+                    if (server.host, server.port) != (new.host, new.port):
+                        server.close("not the writer any more")
+                for server in pool.active:
+                    if (server.host, server.port) != (new.host, new.port):
+                        server.stale = True
+
+    def server_trouble(self, server, reason: str, sqlstate: str | None) -> None:
+        """A server connection failed or reported an error that may mean its
+        host is gone or demoted: tell the cluster or the replica set."""
+        if sqlstate is not None and sqlstate not in WRITER_LOST_CODES:
+            return
+        name = server.pool.db.name
+        cluster = self.clusters.get(name)
+        if cluster is None:
+            cluster = next((c for c in self.clusters.values()
+                            if any(n.key == name for n in c.nodes.values())), None)
+        if cluster is not None:
+            cluster.writer_failed(server.host, server.port, reason)
+            return
+        for replicas in self.replica_sets.values():
+            if any(r.key == name for r in replicas.replicas):
+                replicas.ban(name, reason)
+
+    def active_servers_for(self, replica) -> int:
+        return sum(len(p.active) for p in self.pools.values() if p.db.name == replica.key)
+
+    def pick_replica(self, dbname: str) -> str | None:
+        """The database key of a replica for a read on ``dbname``, or None."""
+        replicas = self.replica_sets.get(dbname)
+        if replicas is None:
+            return None
+        replica = replicas.pick()
+        return replica.key if replica is not None else None
 
     # --- authentication ----------------------------------------------------------
     def auth_method(self, client) -> str:
@@ -216,6 +337,8 @@ class Bouncer:
         if pool is None:
             pool = Pool(db, server_user, self._limits(db, server_user), self.counters)
             pool.registry = self.registry
+            pool.on_failure = self.server_trouble
+            pool.cluster = self.clusters.get(db.name)
             self._set_tracking(pool)
             pool.tracked = frozenset(self.tracked.values())
             pool.on_server_closed = self._server_closed
@@ -252,6 +375,11 @@ class Bouncer:
     def hosts_for(self, pool: Pool):
         """Hosts to try for a new server connection, in order."""
         db = pool.db
+        cluster = self.clusters.get(db.name)
+        if cluster is not None:
+            writer = cluster.writer_address()
+            if writer is not None:
+                return [writer]
         hosts = list(db.hosts) if db.hosts else [self.settings.unix_socket_dir or "/tmp"]
         ports = list(db.ports) if db.ports else [db.port]
         pairs = [(h, ports[i] if i < len(ports) else ports[-1]) for i, h in enumerate(hosts)]
@@ -471,10 +599,13 @@ class Bouncer:
                     gevent.spawn(self._fill_pool, pool)
         for client in list(self.clients):
             self._check_client_timeouts(client, now, s)
+        for cluster in self.clusters.values():
+            cluster.maintain()
 
-    def _fill_pool(self, pool: Pool) -> None:
+    def _fill_pool(self, pool: Pool, want: int | None = None) -> None:
         from .net.checkout import open_server
-        if pool.server_count() >= min(pool.limits.min_pool_size, pool.limits.pool_size) or not pool.may_open(False):
+        want = min(pool.limits.min_pool_size, pool.limits.pool_size) if want is None else want
+        if pool.server_count() >= want or not pool.may_open(False):
             return
         try:
             server = open_server(self, pool)

@@ -190,7 +190,7 @@ def show_state(app):
 
 HELP_TEXT = """Console usage
 	SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION|STATE|ROUTING
-	SHOW STATS|LISTS|FDS
+	SHOW STATS|LISTS|FDS|TOPOLOGY|REPLICAS
 	SET key = arg (not yet supported: edit the config and RELOAD)
 	RELOAD
 	PAUSE [<db>]
@@ -225,7 +225,21 @@ def _sockname(sock):
         return (None, 0)
 
 
+def show_topology(app):
+    """geobouncer's own: the nodes of each clustered database (topology_query)."""
+    cols = _cols("database:t node:t host:t port:i role:t switching:i switchovers:i")
+    return cols, [row for cluster in app.clusters.values() for row in cluster.rows()]
+
+
+def show_replicas(app):
+    """geobouncer's own: replicas, bans, lag (bytes) and the balancing policy."""
+    cols = _cols("database:t replica:t host:t port:i banned:i in_rotation:i lag_bytes:i "
+                 "failures:i load_balance:t")
+    return cols, [row for replicas in app.replica_sets.values() for row in replicas.rows()]
+
+
 BUILDERS = {
+    "topology": show_topology, "replicas": show_replicas,
     "pools": show_pools, "clients": show_clients, "servers": show_servers,
     "databases": show_databases, "stats": show_stats, "users": show_users,
     "config": show_config, "lists": show_lists, "version": show_version, "state": show_state,

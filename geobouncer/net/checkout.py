@@ -52,7 +52,10 @@ def acquire_server(app, pool, client) -> ServerConnection:
     wait_limit = settings.query_wait_timeout
     deadline = start + wait_limit if wait_limit > 0 else None
     reserve_after = start + settings.reserve_pool_timeout
+    cluster = pool.cluster
     while True:
+        if cluster is not None and cluster.switching:
+            _wait_for_writer(app, cluster, client, start)
         if app.paused or pool.paused:
             client.set_waiting(True)
             try:
@@ -69,13 +72,33 @@ def acquire_server(app, pool, client) -> ServerConnection:
         now = monotonic()
         use_reserve = pool.limits.reserve_pool_size > 0 and now >= reserve_after
         if pool.may_open(use_reserve):
-            _check_login_retry(app, pool)
+            if cluster is None:
+                _check_login_retry(app, pool)
             if use_reserve and pool.server_count() >= pool.limits.pool_size:
                 log.warning("taking connection from reserve_pool for %s/%s", pool.db.name, pool.user)
-            return open_server(app, pool)
+            try:
+                return open_server(app, pool)
+            except ClientError:
+                if cluster is not None and cluster.switching:
+                    continue      # the writer just failed: wait for the new one
+                raise
         server = _wait(app, pool, client, deadline, reserve_after)
         if server is not None:
             return server
+
+
+def _wait_for_writer(app, cluster, client, start: float) -> None:
+    """Hold the client while the cluster finds its new writer (bounded)."""
+    limit = app.settings.switchover_timeout or app.settings.query_wait_timeout
+    remaining = None if not limit else max(0.0, start + limit - monotonic())
+    client.set_waiting(True)
+    try:
+        found = cluster.wait_for_writer(remaining)
+    finally:
+        client.set_waiting(False)
+    if not found:
+        raise ClientError("08006", f"no writer available for database {cluster.name}: "
+                          f"switchover did not finish within {limit:g}s")
 
 
 def _remaining(deadline):
@@ -156,12 +179,15 @@ def open_server(app, pool) -> ServerConnection:
         except ServerError as exc:
             errors.append((exc.sqlstate, exc.text))
             _close_quietly(attempt)
+            if exc.sqlstate in ("08006", "57P03", "57P01"):
+                _report(pool, attempt, exc.text, None)
             if exc.fatal:
                 break
             continue
         except OSError as exc:
             errors.append(("08006", f"could not connect to server: {exc.strerror or exc}"))
             _close_quietly(attempt)
+            _report(pool, attempt, errors[-1][1], None)
             continue
         server = attempt
         break
@@ -187,6 +213,11 @@ def open_server(app, pool) -> ServerConnection:
             server.close(f"connect_query failed: {exc.text}")
             raise ClientError("08P01", f"connect_query failed: {exc.text}") from None
     return server
+
+
+def _report(pool, server, reason: str, sqlstate) -> None:
+    if pool.on_failure is not None:
+        pool.on_failure(server, reason, sqlstate)
 
 
 def _close_quietly(server) -> None:

@@ -20,7 +20,8 @@ from gevent.lock import Semaphore
 
 from ..auth import AuthFailed, authenticate_client
 from ..pool import session_state
-from ..pool.prepared import FAKE
+from ..pool.prepared import FAKE, QUERY, SYNC
+from ..routing.classify import BEGIN_READ_ONLY, READ
 from ..pool.states import CL_ACTIVE, CL_LOGIN, CL_WAITING
 from ..proto import messages as m
 from ..proto.framing import (
@@ -49,7 +50,10 @@ _KNOWN = frozenset(ord(c) for c in "QSFXPBDECHdcfp")
 _RENAMED = frozenset(ord(c) for c in "PBDC")
 _INSPECT = frozenset(ord(c) for c in "dsr \t\n\r(")   # DEALLOCATE / DISCARD / SET / RESET
 _P, _B, _D, _E = (ord(c) for c in "PBDE")
-_FAKE = FAKE
+_FAKE, _SYNC, _QUERY = FAKE, SYNC, QUERY
+_READ, _BEGIN_READ_ONLY = READ, BEGIN_READ_ONLY
+_LOST = m.error_response("08006", "server connection lost (switchover in progress): the transaction "
+                         "was rolled back; retry it")
 
 
 class ClientGone(Exception):
@@ -92,6 +96,9 @@ class ClientConnection:
         self.held: dict = {}       # session pooling with routing: pool -> server kept for later
         self.refused_routes: set[str] = set()
         self.stmt_routes: dict[bytes, str] = {}   # named statement -> where its Parse was routed
+        self.stmt_class: dict[bytes, str] = {}    # named statement -> read/write class (split)
+        self.rw_split = False      # automatic read/write split for this client's database
+        self.lost_tx = False       # a switchover took our transaction: say so at the next request
         self.auth_result = None
 
     def __repr__(self) -> str:
@@ -112,7 +119,8 @@ class ClientConnection:
             if self.admin:
                 self.app.admin.serve(self)
             else:
-                if self.pool.tracking or self.app.hooks.enabled:
+                self.rw_split = bool(self.pool.db.read_write_split) and self.pool.mode != "session"
+                if self.pool.tracking or self.app.hooks.enabled or self.rw_split or self.pool.cluster:
                     self._serve_tracked()
                 else:
                     self._serve()
@@ -441,8 +449,11 @@ class ClientConnection:
         return msgs or None
 
     def _forward_tracked(self, buf: bytearray, msgs: list, scratch: list) -> None:
-        if self.app.hooks.enabled:
-            msgs = self._apply_hooks(buf, msgs)
+        if self.lost_tx:
+            self._answer_lost(buf, msgs)
+            return
+        if self.app.hooks.enabled or self.rw_split:
+            msgs = self._route_batch(buf, msgs)
         server = self.server
         if server is None:
             server = self._link()
@@ -556,11 +567,13 @@ class ClientConnection:
                 server._maybe_release()
 
     # --- routing and rewrite hooks (routing/) -------------------------------------
-    def _apply_hooks(self, buf: bytearray, msgs: list) -> list:
-        """Run rewrite_query then routing_rules on every Query and Parse of the
-        batch. A route takes effect only at a transaction boundary: the first
-        routable message of a batch that starts outside a transaction."""
+    def _route_batch(self, buf: bytearray, msgs: list) -> list:
+        """Run rewrite_query, the read/write split, then routing_rules on every
+        Query and Parse of the batch. A route takes effect only at a transaction
+        boundary: the first routable message of a batch that starts outside a
+        transaction. The routing hook has the last word."""
         hooks = self.app.hooks
+        split = self.rw_split
         server = self.server
         in_tx = server is not None and (server.tx_status != b"I" or server.outstanding > 0
                                         or bool(server.tracker and server.tracker.pending))
@@ -568,11 +581,15 @@ class ClientConnection:
         decided = in_tx
         rewritten: dict[int, bytes] = {}   # message index -> its new bytes
         for index, (mtype, start, end) in enumerate(msgs):
-            if mtype == _B and not decided and self.stmt_routes:
-                # A Bind of a statement prepared earlier goes where its Parse was routed.
+            if mtype == _B and not decided and (self.stmt_routes or split):
+                # A Bind of a statement prepared earlier goes where its Parse was
+                # routed, or (read/write split) where its class of statement goes.
                 portal_end = buf.index(0, start + 5)
                 name = bytes(buf[portal_end + 1:buf.index(0, portal_end + 1)])
-                target = self.stmt_routes.get(name)
+                if split and name in self.stmt_class:
+                    target = self._split_target(self.stmt_class[name])
+                else:
+                    target = self.stmt_routes.get(name)
                 decided = in_tx = True
             if mtype != _Q and mtype != _P:
                 continue
@@ -592,10 +609,16 @@ class ClientConnection:
                     text = new_text
                     body = body[:q_start] + text.encode("utf-8", "surrogateescape") + body[q_end:]
                     rewritten[index] = m.message(bytes((mtype,)), body)
+            if split:
+                kind = self.app.classifier.classify(text)
+                if mtype == _P and q_start > 1:
+                    self.stmt_class[body[:q_start - 1]] = kind
+                if not decided:
+                    target = self._split_target(kind)
             if hooks.has_routing:
                 key = hooks.route(self.user, text, in_tx, self.app.is_database_key)
                 if key is not None and not decided:
-                    target = key
+                    target = key   # the user's hook has the last word
                 elif key is not None and key != (target or self._route_key()):
                     self._log_refused_route(key)
                 if mtype == _P and q_start > 1:   # a named statement: remember its route
@@ -613,6 +636,13 @@ class ClientConnection:
             rebuilt.append((mtype, pos, pos + len(raw)))
             pos += len(raw)
         return rebuilt
+
+    def _split_target(self, kind: str) -> str:
+        """Reads (and BEGIN READ ONLY) to a healthy replica, the rest to the primary."""
+        primary = self.pool.db.name
+        if kind == _READ or kind == _BEGIN_READ_ONLY:
+            return self.app.pick_replica(primary) or primary
+        return primary
 
     def _route_key(self) -> str:
         pool = self.server.pool if self.server is not None else (self.route_pool or self.pool)
@@ -688,13 +718,15 @@ class ClientConnection:
             raise ClientError("08006", "server conn crashed?") from None
 
     def _link(self):
+        pool = self.route_pool or self.pool
         try:
-            server = acquire_server(self.app, self.route_pool or self.pool, self)
-        except ClientError as exc:
-            if exc.close:
+            server = acquire_server(self.app, pool, self)
+        except ClientError:
+            if not (self.rw_split and pool is not self.pool):
                 raise
-            self.send_error(exc.sqlstate, exc.text)
-            raise
+            # The replica failed (now banned): this read goes to the primary.
+            self.route_pool = None
+            server = acquire_server(self.app, self.pool, self)
         if server.tparams != self.tparams or server.session_sets != self.session_sets:
             try:
                 tracked_params.sync(server, self.tparams, self.session_sets)
@@ -739,7 +771,36 @@ class ClientConnection:
     def on_server_lost(self, server, reason: str) -> None:
         if self.server is server:
             self.server = None
+        else:
+            self.held = {p: s for p, s in self.held.items() if s is not server}
+        if server.pool.cluster is not None or server.pool.db.name in self.app.extra_entries:
+            self._transaction_lost(server)
+            return
         self.shutdown("08006", "server conn crashed?")
+
+    def _transaction_lost(self, server) -> None:
+        """A switchover (or a lost replica) took the client's server: its
+        transaction is gone, but the client stays and may retry. Answer what it
+        is waiting for now, or the next thing it sends."""
+        owed = server.outstanding if server.outstanding > 0 else 0
+        if server.tracker is not None:
+            owed = sum(1 for entry in server.tracker.pending if entry[0] in (_SYNC, _QUERY))
+        if owed:
+            with self.wlock:
+                try:
+                    self.send(_LOST + m.READY_IDLE * owed)
+                except OSError:
+                    self.shutdown()
+        elif server.tx_status != b"I" or server.unsynced:
+            self.lost_tx = True
+
+    def _answer_lost(self, buf: bytearray, msgs: list) -> None:
+        """The first batch after a lost transaction gets the error, not a server."""
+        owed = sum(1 for mtype, _, _ in msgs if mtype == _Q or mtype == _S)
+        del buf[:msgs[-1][2]]
+        if owed:
+            self.lost_tx = False
+            self.send(_LOST + m.READY_IDLE * owed)
 
     def on_client_write_failed(self) -> None:
         self.shutdown()

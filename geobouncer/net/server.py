@@ -41,6 +41,8 @@ _Z, _S, _E, _G, _H, _W, _D, _C = (ord(c) for c in "ZSEGHWDC")
 _WATCHED = frozenset((_Z, _S, _E, _G, _H, _W))
 # Replies that complete a request, or that the prepared-statement tracker must see.
 _TRACKED = _WATCHED | frozenset(ord(c) for c in "123TnCIs")
+# admin/crash shutdown, cannot connect now, read-only transaction (a demoted writer)
+_HOST_TROUBLE = frozenset({"57P01", "57P02", "57P03", "25006"})
 
 
 class ServerError(Exception):
@@ -329,6 +331,7 @@ class ServerConnection:
             client.statements.clear()
             client.stmt_sets.clear()
             client.stmt_routes.clear()
+            client.stmt_class.clear()
 
     def _forward_tracked(self, data) -> None:
         client = self.client
@@ -377,7 +380,14 @@ class ServerConnection:
             if fields.get("S") in ("FATAL", "PANIC"):
                 self.dirty = True
                 self.close_reason = f"server error: {fields.get('M', '')}"
+            self._trouble(fields.get("M", ""), fields.get("C"))
         return False
+
+    def _trouble(self, reason: str, sqlstate: str | None) -> None:
+        """Report what may mean the host is down or demoted (failover/)."""
+        report = self.pool.on_failure
+        if report is not None and (sqlstate is None or sqlstate in _HOST_TROUBLE):
+            report(self, reason, sqlstate)
 
     def _forward(self, data) -> None:
         client = self.client
@@ -446,6 +456,7 @@ class ServerConnection:
             elif mtype == _E:
                 fields = m.parse_error_fields(data[start:end])
                 self.close(f"server error while idle: {fields.get('M', '')}")
+                self._trouble(fields.get("M", ""), fields.get("C"))
                 return
             elif mtype not in (ord("N"), ord("A")):
                 self.close("unexpected data from idle server")
@@ -457,6 +468,7 @@ class ServerConnection:
             return
         client = self.client
         self.close(reason, from_reader=True)
+        self._trouble(reason, None)
         if client is not None:
             client.on_server_lost(self, reason)
         elif self.internal is not None:

@@ -61,6 +61,8 @@ class Pool:
         self.tracking = False                   # rename prepared statements (transaction/statement)
         self.max_prepared = 0                   # per-server LRU bound (max_prepared_statements)
         self.registry = None                    # pooler-wide statement ids (pool/prepared.Registry)
+        self.on_failure = None                  # callback(server, reason, sqlstate): host trouble
+        self.cluster = None                     # the switchover cluster this database belongs to
 
     @property
     def mode(self) -> str:
