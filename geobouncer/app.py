@@ -417,6 +417,31 @@ class Bouncer:
         if waiter is None and self.shutting_down:
             self._check_shutdown()
 
+    def evict_idle_for(self, pool: Pool) -> bool:
+        """max_db_connections / max_user_connections are full but ``pool`` has
+        room of its own: close the oldest idle server of another pool of the same
+        database (or user), as PgBouncer does. True if one was closed."""
+        limits = pool.limits
+        db_full = limits.max_db_connections and \
+            self.counters.per_db.get(pool.db.name, 0) >= limits.max_db_connections
+        user_full = limits.max_user_connections and \
+            self.counters.per_user.get(pool.user, 0) >= limits.max_user_connections
+        if not db_full and not user_full:
+            return False
+        victim = None
+        for other in self.pools.values():
+            if other is pool or not other.idle:
+                continue
+            if (db_full and other.db.name == pool.db.name) or (user_full and other.user == pool.user):
+                candidate = other.idle[0]          # least recently used of that pool
+                if victim is None or candidate.idle_since < victim.idle_since:
+                    victim = candidate
+        if victim is None:
+            return False
+        victim.close("evicted to make room for another pool (max_db_connections)" if db_full
+                     else "evicted to make room for another pool (max_user_connections)")
+        return True
+
     def release_idle(self, server) -> None:
         if not server.closed:
             server.pool.release(server)
@@ -594,7 +619,9 @@ class Bouncer:
             if pool.waiters and pool.may_open(True):
                 pool.wake_one_waiter()
             want = min(pool.limits.min_pool_size, pool.limits.pool_size)
-            if want and pool.server_count() < want and not pool.paused and not self.paused:
+            # As PgBouncer: only while a client uses the pool, or the entry forces a user.
+            wanted = pool.clients or pool.db.user
+            if want and wanted and pool.server_count() < want and not pool.paused and not self.paused:
                 if pool.last_login_error is None or now - pool.last_login_error[0] > s.server_login_retry:
                     gevent.spawn(self._fill_pool, pool)
         for client in list(self.clients):
@@ -626,7 +653,7 @@ class Bouncer:
                 client.server = None
                 server.client = None
                 server.close("query timeout")
-                client.shutdown("57014", "query_timeout")
+                client.shutdown("08P01", "query timeout")
         elif server.tx_status != b"I":
             if s.idle_transaction_timeout > 0 and now - server.last_activity > s.idle_transaction_timeout:
                 client.server = None

@@ -82,6 +82,9 @@ def acquire_server(app, pool, client) -> ServerConnection:
                 if cluster is not None and cluster.switching:
                     continue      # the writer just failed: wait for the new one
                 raise
+        own_limit = pool.limits.pool_size + (pool.limits.reserve_pool_size if use_reserve else 0)
+        if pool.server_count() < own_limit and app.evict_idle_for(pool):
+            continue              # a server of another pool made room (PgBouncer's eviction)
         server = _wait(app, pool, client, deadline, reserve_after)
         if server is not None:
             return server

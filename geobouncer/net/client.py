@@ -50,6 +50,8 @@ _KNOWN = frozenset(ord(c) for c in "QSFXPBDECHdcfp")
 _RENAMED = frozenset(ord(c) for c in "PBDC")
 _INSPECT = frozenset(ord(c) for c in "dsr \t\n\r(")   # DEALLOCATE / DISCARD / SET / RESET
 _P, _B, _D, _E = (ord(c) for c in "PBDE")
+_STREAM_ABOVE = 1 << 20      # messages above 1 MiB stream through unless they must be read
+_HOLD_LIMIT = 0x3FFFFFFF     # PostgreSQL refuses messages over 1 GB: never hold more
 _FAKE, _SYNC, _QUERY = FAKE, SYNC, QUERY
 _READ, _BEGIN_READ_ONLY = READ, BEGIN_READ_ONLY
 _LOST = m.error_response("08006", "server connection lost (switchover in progress): the transaction "
@@ -411,6 +413,9 @@ class ClientConnection:
         while True:
             msgs = self._complete_messages(buf)
             if msgs is None:
+                if len(buf) >= 5 and self._large_message(buf):
+                    self._stream_large(buf, recv, scratch)
+                    continue
                 data = recv()
                 if not data:
                     raise ClientGone()
@@ -424,6 +429,44 @@ class ClientConnection:
                 self._forward_tracked(buf, msgs, scratch)
             if terminate:
                 raise ClientGone()
+
+    def _large_message(self, buf: bytearray) -> bool:
+        """Is the partial message at the start of ``buf`` one to stream through
+        rather than hold? Messages the pooler must read whole (Parse, Bind,
+        Describe, Close; queries a hook or the split must see) are held, up to
+        PostgreSQL's own 1 GB message limit."""
+        length = _unpack_len(buf, 1)[0]
+        if length <= _STREAM_ABOVE:
+            return False
+        mtype = buf[0]
+        if mtype in _RENAMED or (mtype == _Q and (self.app.hooks.enabled or self.rw_split)):
+            if length > _HOLD_LIMIT:
+                raise ProtocolError(f"message of {length} bytes is too large")
+            return False
+        return True
+
+    def _stream_large(self, buf: bytearray, recv, scratch: list) -> None:
+        """Forward one large message (a huge query, big CopyData) as it arrives."""
+        mtype = buf[0]
+        total = 1 + _unpack_len(buf, 1)[0]
+        server = self.server or self._link()
+        if server.tracker is not None:
+            server.tracker.client_message(mtype, None, self.statements, scratch)
+            scratch.clear()
+        self.request_time = monotonic()
+        first = bytes(buf[:total])
+        del buf[:len(first)]
+        remaining = total - len(first)
+        self._send(first, 1 if mtype in (_Q, _F) else 0, None)
+        while remaining > 0:
+            data = recv()
+            if not data:
+                raise ClientGone()
+            if len(data) > remaining:
+                buf += data[remaining:]
+                data = data[:remaining]
+            remaining -= len(data)
+            self._send(data, 0, None)
 
     def _complete_messages(self, buf: bytearray):
         """(type, start, end) of the complete messages at the start of ``buf``;

@@ -14,7 +14,8 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psycopg2
 from fixtures.ports import wait_until
@@ -54,7 +55,7 @@ class BackendSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="backend-sampler")
 
-    def __enter__(self) -> "BackendSampler":
+    def __enter__(self) -> BackendSampler:
         self._conn = self.pg.connect("postgres", "postgres")
         self._thread.start()
         return self
@@ -198,7 +199,7 @@ class RawClient:
         except OSError:
             pass
 
-    def __enter__(self) -> "RawClient":
+    def __enter__(self) -> RawClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,9 +12,19 @@ import time
 
 import psycopg2
 import pytest
-
-from _util_pool import (BackendSampler, RawClient, close_quietly, errors_in, pool_row, query_message,
-                        query_one, run_in_thread, server_rows, terminate_backends, wait_no_backends)
+from _util_pool import (
+    BackendSampler,
+    RawClient,
+    close_quietly,
+    errors_in,
+    pool_row,
+    query_message,
+    query_one,
+    run_in_thread,
+    server_rows,
+    terminate_backends,
+    wait_no_backends,
+)
 from fixtures.ports import wait_until
 
 
@@ -137,7 +147,7 @@ def test_reserve_pool_used_after_timeout(pg, bouncer):
 def test_max_db_connections(pg, bouncer):
     b = start(bouncer, pg, default_pool_size=5, max_db_connections=2, query_wait_timeout=30)
     a, pid_a = hold_transaction(b, "app")
-    m, pid_m = hold_transaction(b, "md5_user")
+    m, _ = hold_transaction(b, "md5_user")
     c = b.connect("app", "app")
     try:
         with BackendSampler(pg, "app") as sampler:
@@ -158,33 +168,53 @@ def test_max_db_connections(pg, bouncer):
 
 
 @pytest.mark.timeout(60)
-def test_max_db_connections_evicts_idle_server_of_other_pool(pg, bouncer):
+@pytest.mark.parametrize("path", ["query", "login"])
+def test_max_db_connections_evicts_idle_server_of_other_pool(pg, bouncer, path):
     """PgBouncer closes an idle server of another pool of the same database when a
-    client waits for max_db_connections (evict_connection)."""
-    b = start(bouncer, pg, default_pool_size=5, max_db_connections=2, query_wait_timeout=30)
-    a1, _ = hold_transaction(b, "app")
-    a2, _ = hold_transaction(b, "app")
-    a1.commit()
-    a2.commit()   # the app pool now holds 2 idle servers: the database is at its limit
-    m = None
+    client needs a server and max_db_connections is reached (evict_connection)."""
+    b = start(bouncer, pg, default_pool_size=5, max_db_connections=2, query_wait_timeout=15)
+    conns = []
     try:
+        if path == "query":
+            # md5_user's pool exists and has learned the server's defaults: its server is idle.
+            m = b.connect("app", "md5_user")
+            conns.append(m)
+            assert query_one(m, "SELECT current_user") == ("md5_user",)
+            m.commit()
+            a1, _ = hold_transaction(b, "app")   # the database is now at its limit (1 active + 1 idle)
+            conns.append(a1)
+            needy = b.connect("app", "app")
+            conns.append(needy)
+            user = "app"
+        else:
+            a1, _ = hold_transaction(b, "app")
+            a2, _ = hold_transaction(b, "app")
+            conns += [a1, a2]
+            a2.commit()   # the app pool: 1 active + 1 idle, the database at its limit
+            user = "md5_user"
         with BackendSampler(pg, "app") as sampler:
             assert pg.backends("app") == 2
+            if path == "login":
+                try:
+                    needy = b.connect("app", user)   # the first login of a pool needs a server too
+                except psycopg2.OperationalError as exc:
+                    pytest.fail(f"{user} could not log in while another pool of the database held an idle "
+                                f"server at max_db_connections=2 (no idle server evicted): {exc}")
+                conns.append(needy)
+            out = run_in_thread(query_one, needy, "SELECT current_user")
             try:
-                m = b.connect("app", "md5_user")   # the first login of a pool needs a server too
-            except psycopg2.OperationalError as exc:
-                pytest.fail(f"md5_user could not log in while the app pool held 2 idle servers at "
-                            f"max_db_connections=2 (no idle server evicted): {exc}")
-            out = run_in_thread(query_one, m, "SELECT current_user")
-            assert out.get(20) == ("md5_user",)
-            m.commit()
+                result = out.get(10)
+            except TimeoutError:
+                pytest.fail(f"{user}'s query still waits while another pool of the database holds an idle "
+                            f"server at max_db_connections=2 (no idle server evicted)")
+            assert result == (user,)
+            needy.commit()
         assert not sampler.errors
         assert sampler.max <= 2, sampler.max
-        assert pg.backends("app", "md5_user") == 1
-        assert query_one(a1, "SELECT 1") == (1,)
+        assert query_one(a1, "SELECT 1") == (1,)   # the client in a transaction was not disturbed
         a1.commit()
     finally:
-        close_quietly(a1, a2, *([m] if m else []))
+        close_quietly(*conns)
 
 
 @pytest.mark.timeout(60)
@@ -192,7 +222,7 @@ def test_max_user_connections(pg, bouncer):
     b = start(bouncer, pg, default_pool_size=5, max_user_connections=2, query_wait_timeout=30)
     wait_no_backends(pg, "postgres", "app")
     a, pid_a = hold_transaction(b, "app", "app")
-    p, pid_p = hold_transaction(b, "app", "postgres")
+    p, _ = hold_transaction(b, "app", "postgres")
     c = b.connect("app", "app")
     try:
         with BackendSampler(pg, None, "app") as sampler:

@@ -13,19 +13,26 @@ import os
 import re
 import select
 import subprocess
-import threading
 import time
 
 import asyncpg
 import psycopg
 import psycopg2
 import pytest
+from _util_pool import (
+    BackendSampler,
+    RawClient,
+    close_quietly,
+    errors_in,
+    query_message,
+    query_one,
+    run_in_thread,
+    server_rows,
+    wait_no_backends,
+)
+from fixtures.ports import wait_until
 from psycopg import errors as pgerrors
 from psycopg import pq
-
-from _util_pool import (BackendSampler, RawClient, close_quietly, errors_in, query_message, query_one,
-                        run_in_thread, server_rows, wait_no_backends)
-from fixtures.ports import wait_until
 
 APP_PW = "app_pw"
 BENCH_DB = "bench_proto"
@@ -82,8 +89,8 @@ def test_pgbench_transaction_pooling(pg, bouncer, bench_db, script, per_client, 
         servers_during = len(server_rows(b, BENCH_DB))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert re.search(r"^number of failed transactions: 0 \(", out, re.M), out
-    done = re.search(r"^number of transactions actually processed: (\d+)/(\d+)$", out, re.M)
+    assert re.search(r"^number of failed transactions: 0 \(", out, re.MULTILINE), out
+    done = re.search(r"^number of transactions actually processed: (\d+)/(\d+)$", out, re.MULTILINE)
     assert done, out
     assert int(done.group(1)) == int(done.group(2)) == clients * per_client, out
     assert not sampler.errors, sampler.errors

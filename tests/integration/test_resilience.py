@@ -17,9 +17,19 @@ import threading
 import psycopg2
 import psycopg2.errors
 import pytest
-
-from _util_pool import (SSL_REQUEST, RawClient, check_pooler_alive, close_quietly, errors_in, message,
-                        pool_row, query_message, query_one, run_in_thread, startup_packet, terminate_backends)
+from _util_pool import (
+    SSL_REQUEST,
+    RawClient,
+    check_pooler_alive,
+    close_quietly,
+    errors_in,
+    message,
+    pool_row,
+    query_one,
+    run_in_thread,
+    startup_packet,
+    terminate_backends,
+)
 from fixtures.ports import wait_until
 
 
@@ -190,7 +200,7 @@ def _expect_error_or_close(raw: RawClient, codes=("08P01",)) -> list:
     """Read until the pooler closes; every ErrorResponse must carry one of ``codes``."""
     try:
         replies = raw.read_until_close()
-    except socket.timeout:
+    except TimeoutError:
         raise AssertionError("the pooler neither answered with an error nor closed within the timeout")
     errs = errors_in(replies)
     for err in errs:
