@@ -100,8 +100,9 @@ def _wait_for_writer(app, cluster, client, start: float) -> None:
     finally:
         client.set_waiting(False)
     if not found:
+        # An ERROR, not FATAL: the client stays connected and may retry.
         raise ClientError("08006", f"no writer available for database {cluster.name}: "
-                          f"switchover did not finish within {limit:g}s")
+                          f"switchover did not finish within {limit:g}s", close=False)
 
 
 def _remaining(deadline):

@@ -499,7 +499,13 @@ class ClientConnection:
             msgs = self._route_batch(buf, msgs)
         server = self.server
         if server is None:
-            server = self._link()
+            try:
+                server = self._link()
+            except ClientError as exc:
+                if exc.close:
+                    raise
+                self._refuse_batch(buf, msgs, m.error_response(exc.sqlstate, exc.text))
+                return
         tracker = server.tracker
         if tracker is None:   # pool mode changed under a RELOAD: plain forwarding
             last = msgs[-1][2]
@@ -839,11 +845,18 @@ class ClientConnection:
 
     def _answer_lost(self, buf: bytearray, msgs: list) -> None:
         """The first batch after a lost transaction gets the error, not a server."""
+        if self._refuse_batch(buf, msgs, _LOST):
+            self.lost_tx = False
+
+    def _refuse_batch(self, buf: bytearray, msgs: list, error: bytes) -> bool:
+        """Answer a batch here with ``error`` and a ReadyForQuery per request it
+        holds, without a server; the client stays connected. True if it was
+        answered (it held a Query or a Sync)."""
         owed = sum(1 for mtype, _, _ in msgs if mtype == _Q or mtype == _S)
         del buf[:msgs[-1][2]]
         if owed:
-            self.lost_tx = False
-            self.send(_LOST + m.READY_IDLE * owed)
+            self.send(error + m.READY_IDLE * owed)
+        return bool(owed)
 
     def on_client_write_failed(self) -> None:
         self.shutdown()
