@@ -256,6 +256,8 @@ class Bouncer:
         if cluster is not None:
             cluster.writer_failed(server.host, server.port, reason)
             return
+        if sqlstate == "25006":
+            return      # read-only transaction: the client's own error on a replica
         for replicas in self.replica_sets.values():
             if any(r.key == name for r in replicas.replicas):
                 replicas.ban(name, reason)

@@ -98,9 +98,14 @@ class ReplicaSet:
                 self.check_all()
             except Exception:  # noqa: BLE001 - health checks must go on
                 log.exception("health check of %s failed", self.name)
-            gevent.sleep(self.app.settings.health_check_period or 5.0)
+            if not any(r.checked for r in self.replicas) and self.app.probe_credentials(self.entry) is None:
+                gevent.sleep(0.2)    # check as soon as the first client gives credentials
+            else:
+                gevent.sleep(self.app.settings.health_check_period or 5.0)
 
     def check_all(self) -> None:
+        if self.app.probe_credentials(self.entry) is None:
+            return      # no client has logged in yet: nothing to log in with, no ban
         timeout = self.app.settings.health_check_timeout or 2.0
         host = self.entry.hosts[0] if self.entry.hosts else "127.0.0.1"
         try:
@@ -136,7 +141,8 @@ class ReplicaSet:
     def rows(self) -> list[list]:
         """For SHOW REPLICAS."""
         now = monotonic()
-        return [[self.name, r.key, r.host, r.port, int(r.banned_until > now), int(r.checked),
+        rotation = set(map(id, self.available(now)))
+        return [[self.name, r.key, r.host, r.port, int(r.banned_until > now), int(id(r) in rotation),
                  r.lag, r.failures, self.entry.load_balance] for r in self.replicas]
 
 

@@ -61,7 +61,9 @@ class Cluster:
         self.writer: Node | None = first          # trusted until proven otherwise
         first.role = WRITER
         self.switching = False
+        self.verifying = False      # a failure was reported: checking the writer first
         self.switch_started = 0.0
+        self.next_reader_check = 0.0
         self.ready = Event()
         self.ready.set()
         self.discovered = False
@@ -148,14 +150,37 @@ class Cluster:
         return node is not None and node.host == host and node.port == port
 
     def writer_failed(self, host: str, port: int, reason: str) -> None:
-        """Something went wrong with host:port; if it is the writer, switch over."""
-        if self.switching or not self.is_writer(host, port) or self._stopped:
+        """Something went wrong with host:port; if it is the writer, check it
+        (a client's own error, a terminated backend are no reason to switch)
+        and switch over if it is unreachable or in recovery. New transactions
+        wait meanwhile."""
+        if self.switching or self.verifying or not self.is_writer(host, port) or self._stopped:
             return
-        node = self.writer
+        self.verifying = True
+        self.switch_started = monotonic()
+        self.ready.clear()
+        gevent.spawn(self._verify, self.writer, reason)
+
+    def _verify(self, node: Node, reason: str) -> None:
+        try:
+            in_recovery = self._in_recovery(node)
+        finally:
+            self.verifying = False
+        if in_recovery is False and self.writer is node:
+            log.info("%s: writer %s is fine after: %s", self.name, node.key, reason)
+            self.ready.set()
+            return
+        self._start_switchover(node, reason if in_recovery is None else "writer is in recovery")
+
+    def _start_switchover(self, node: Node, reason: str) -> None:
+        if self.switching:
+            return
+        if self.writer is not node:       # someone promoted meanwhile
+            self.ready.set()
+            return
         node.role = DOWN
         node.retry_at = monotonic() + self.app.settings.server_failed_delay
         self.switching = True
-        self.switch_started = monotonic()
         self.ready.clear()
         log.warning("%s: writer %s failed (%s): switchover started", self.name, node.key, reason)
         self.app.writer_lost(self, node)
@@ -163,11 +188,17 @@ class Cluster:
             self._poller = gevent.spawn(self._poll_for_writer)
 
     def _poll_for_writer(self) -> None:
+        # A down node (the old writer, say) is still polled, but at most once a
+        # second, so a quick restart is noticed without storming a dead host.
+        last_try: dict[Node, float] = {}
         while self.switching and not self._stopped:
             now = monotonic()
             for node in list(self.nodes.values()):
-                if node.probing or (node.role == DOWN and now < node.retry_at):
+                if node.probing:
                     continue
+                if node.role == DOWN and now < node.retry_at and now - last_try.get(node, 0.0) < 1.0:
+                    continue
+                last_try[node] = now
                 gevent.spawn(self._poll_node, node)
             gevent.sleep(self.app.settings.polling_frequency or 0.1)
 
@@ -181,6 +212,7 @@ class Cluster:
             self._promote(node)
         elif in_recovery is True and node.role != READER:
             node.role = READER
+            node.retry_at = 0.0
 
     def _promote(self, node: Node) -> None:
         old = self.writer
@@ -215,12 +247,17 @@ class Cluster:
     # --- periodic ------------------------------------------------------------
     def maintain(self) -> None:
         """From the janitor: retry down nodes whose failure delay passed, so an
-        old writer rejoins as a reader."""
-        if self.switching or self._stopped:
+        old writer rejoins as a reader; check readers every health_check_period."""
+        if self.switching or self.verifying or self._stopped:
             return
         now = monotonic()
+        check_readers = now >= self.next_reader_check
+        if check_readers:
+            self.next_reader_check = now + (self.app.settings.health_check_period or 5.0)
         for node in list(self.nodes.values()):
-            if node.role == DOWN and now >= node.retry_at and not node.probing:
+            if node.probing:
+                continue
+            if (node.role == DOWN and now >= node.retry_at) or (check_readers and node.role == READER):
                 gevent.spawn(self._recheck, node)
 
     def _recheck(self, node: Node) -> None:
@@ -229,9 +266,15 @@ class Cluster:
             in_recovery = self._in_recovery(node)
         finally:
             node.probing = False
+        if in_recovery is None:
+            if node.role == READER:
+                node.role = DOWN
+                node.retry_at = monotonic() + self.app.settings.server_failed_delay
+            return
         if in_recovery is True:
+            if node.role != READER:
+                log.info("%s: %s is back, as a reader", self.name, node.key)
             node.role = READER
-            log.info("%s: %s is back, as a reader", self.name, node.key)
         elif in_recovery is False and node is not self.writer:
             log.warning("%s: %s is up and not in recovery while %s is the writer (split brain?)",
                         self.name, node.key, self.writer.key if self.writer else "none")

@@ -54,7 +54,7 @@ def acquire_server(app, pool, client) -> ServerConnection:
     reserve_after = start + settings.reserve_pool_timeout
     cluster = pool.cluster
     while True:
-        if cluster is not None and cluster.switching:
+        if cluster is not None and (cluster.switching or cluster.verifying):
             _wait_for_writer(app, cluster, client, start)
         if app.paused or pool.paused:
             client.set_waiting(True)
@@ -79,7 +79,7 @@ def acquire_server(app, pool, client) -> ServerConnection:
             try:
                 return open_server(app, pool)
             except ClientError:
-                if cluster is not None and cluster.switching:
+                if cluster is not None and (cluster.switching or cluster.verifying):
                     continue      # the writer just failed: wait for the new one
                 raise
         own_limit = pool.limits.pool_size + (pool.limits.reserve_pool_size if use_reserve else 0)
