@@ -48,7 +48,15 @@ _EXTENDED = frozenset(ord(c) for c in "PBDECH")
 _COPY = frozenset(ord(c) for c in "dcf")
 _KNOWN = frozenset(ord(c) for c in "QSFXPBDECHdcfp")
 _RENAMED = frozenset(ord(c) for c in "PBDC")
-_INSPECT = frozenset(ord(c) for c in "dsr \t\n\r(")   # DEALLOCATE / DISCARD / SET / RESET
+# Query texts worth parsing for session effects: SET, RESET, DEALLOCATE, DISCARD
+# (and anything starting with whitespace or a comment, to be safe).
+_INSPECT_HEADS = (b"set", b"res", b"dea", b"dis")
+_INSPECT_FIRST = frozenset(b" \t\n\r(-/")
+_QUERY_ENTRY = (QUERY, False, None)
+
+
+def _needs_inspection(head: bytes) -> bool:
+    return head[:1] and (head[0] in _INSPECT_FIRST or head[:3].lower() in _INSPECT_HEADS)
 _P, _B, _D, _E = (ord(c) for c in "PBDE")
 _STREAM_ABOVE = 1 << 20      # messages above 1 MiB stream through unless they must be read
 _HOLD_LIMIT = 0x3FFFFFFF     # PostgreSQL refuses messages over 1 GB: never hold more
@@ -410,7 +418,18 @@ class ClientConnection:
         buf = bytearray(self.pending)
         self.pending = b""
         scratch: list = []
+        plain = not (self.app.hooks.enabled or self.rw_split)
         while True:
+            if not buf and plain and not self.lost_tx:
+                data = recv()
+                if not data:
+                    raise ClientGone()
+                # Fast path: exactly one complete simple Query that needs no reading.
+                if (data[0] == _Q and len(data) == 1 + _unpack_len(data, 1)[0] and len(data) > 5
+                        and not _needs_inspection(data[5:8])):
+                    self._forward_query(data)
+                    continue
+                buf += data
             msgs = self._complete_messages(buf)
             if msgs is None:
                 if len(buf) >= 5 and self._large_message(buf):
@@ -429,6 +448,22 @@ class ClientConnection:
                 self._forward_tracked(buf, msgs, scratch)
             if terminate:
                 raise ClientGone()
+
+    def _forward_query(self, data: bytes) -> None:
+        """One plain simple Query (the common case of transaction pooling)."""
+        self.request_time = monotonic()
+        server = self.server
+        if server is None:
+            try:
+                server = self._link()
+            except ClientError as exc:
+                if exc.close:
+                    raise
+                self.send(m.error_response(exc.sqlstate, exc.text) + m.READY_IDLE)
+                return
+        if server.tracker is not None:
+            server.tracker.pending.append(_QUERY_ENTRY)
+        self._send(data, 1, None)
 
     def _large_message(self, buf: bytearray) -> bool:
         """Is the partial message at the start of ``buf`` one to stream through
@@ -528,8 +563,7 @@ class ClientConnection:
         for mtype, start, end in msgs:
             effect = None
             if mtype == _Q:
-                first = buf[start + 5] | 0x20
-                if first in _INSPECT:
+                if _needs_inspection(bytes(buf[start + 5:start + 8])):
                     body = bytes(buf[start + 5:end])
                     if tracker.deallocate_locally(body, stmts):
                         out = [] if out is None else out
