@@ -93,13 +93,19 @@ def acquire_server(app, pool, client) -> ServerConnection:
 def _wait_for_writer(app, cluster, client, start: float) -> None:
     """Hold the client while the cluster finds its new writer (bounded)."""
     limit = app.settings.switchover_timeout or app.settings.query_wait_timeout
-    remaining = None if not limit else max(0.0, start + limit - monotonic())
+    deadline = start + limit if limit else None
     client.set_waiting(True)
     try:
-        found = cluster.wait_for_writer(remaining)
+        # Loop: the event may be set and cleared again (a false alarm, then a
+        # real failure) before this greenlet runs; only the deadline ends the wait.
+        while cluster.switching or cluster.verifying:
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            cluster.wait_for_writer(remaining)
     finally:
         client.set_waiting(False)
-    if not found:
+    if cluster.switching or cluster.verifying:
         # An ERROR, not FATAL: the client stays connected and may retry.
         raise ClientError("08006", f"no writer available for database {cluster.name}: "
                           f"switchover did not finish within {limit:g}s", close=False)

@@ -1,0 +1,388 @@
+"""The client's forwarding loops: streaming (session pooling) and whole
+messages through the prepared-statement tracker (transaction and statement
+pooling), with session SETs remembered. A mixin of ClientConnection
+(net/client.py)."""
+
+from __future__ import annotations
+
+import struct
+from time import monotonic
+
+from ..pool import session_state
+from ..pool.prepared import FAKE, QUERY
+from ..proto import messages as m
+from ..proto.framing import ProtocolError
+from .checkout import ClientError
+from .fastio import receiver
+from .login import ClientGone
+
+_unpack_len = struct.Struct("!I").unpack_from
+RECV_SIZE = 65536
+_Q, _S, _F, _X = (ord(c) for c in "QSFX")
+_P, _B, _D, _E = (ord(c) for c in "PBDE")
+_EXTENDED = frozenset(ord(c) for c in "PBDECH")
+_KNOWN = frozenset(ord(c) for c in "QSFXPBDECHdcfp")
+_RENAMED = frozenset(ord(c) for c in "PBDC")
+# Query texts worth parsing for session effects: SET, RESET, DEALLOCATE, DISCARD
+# (and anything starting with whitespace or a comment, to be safe).
+_INSPECT_HEADS = (b"set", b"res", b"dea", b"dis")
+_INSPECT_FIRST = frozenset(b" \t\n\r(-/")
+_QUERY_ENTRY = (QUERY, False, None)
+_FAKE = FAKE
+_STREAM_ABOVE = 1 << 20      # messages above 1 MiB stream through unless they must be read
+_HOLD_LIMIT = 0x3FFFFFFF     # PostgreSQL refuses messages over 1 GB: never hold more
+
+
+def _needs_inspection(head: bytes) -> bool:
+    return bool(head[:1]) and (head[0] in _INSPECT_FIRST or head[:3].lower() in _INSPECT_HEADS)
+
+
+class ClientForwarding:
+    def _serve(self) -> None:
+        recv = receiver(self.sock, RECV_SIZE)
+        skip = 0
+        partial = b""
+        data = self.pending
+        self.pending = b""
+        while True:
+            if not data:
+                data = recv()
+                if not data:
+                    raise ClientGone()
+            self.request_time = monotonic()
+            if partial:
+                data = partial + data
+                partial = b""
+            n = len(data)
+            if skip >= n:
+                skip -= n
+                self._send(data, 0, None)
+                data = b""
+                continue
+            pos = skip
+            skip = 0
+            requests = 0
+            synced = None
+            terminate = False
+            while pos < n:
+                if n - pos < 5:
+                    partial = data[pos:]
+                    break
+                mtype = data[pos]
+                length = _unpack_len(data, pos + 1)[0]
+                if length < 4 or length > self.app.max_packet_size:
+                    raise ProtocolError(f"invalid message length {length}")
+                end = pos + 1 + length
+                if mtype == _Q or mtype == _F:
+                    requests += 1
+                elif mtype == _S:
+                    requests += 1
+                    synced = True
+                elif mtype in _EXTENDED:
+                    synced = False
+                elif mtype == _X:
+                    terminate = True
+                    break
+                elif mtype not in _KNOWN:
+                    raise ProtocolError(f"unknown message type {chr(mtype)!r}")
+                if end > n:
+                    skip = end - n
+                    pos = n
+                    break
+                pos = end
+            if pos:
+                self._send(data[:pos] if pos < n else data, requests, synced)
+            if terminate:
+                raise ClientGone()
+            data = b""
+
+    def _serve_tracked(self) -> None:
+        """Transaction/statement pooling: whole messages, translated by the
+        server's prepared-statement tracker (pool/prepared.py)."""
+        recv = receiver(self.sock, RECV_SIZE)
+        buf = bytearray(self.pending)
+        self.pending = b""
+        scratch: list = []
+        plain = not (self.app.hooks.enabled or self.rw_split)
+        while True:
+            if not buf and plain:
+                data = recv()
+                if not data:
+                    raise ClientGone()
+                # Fast path: exactly one complete simple Query that needs no reading.
+                # (lost_tx is checked after the read: a server can be lost meanwhile.)
+                if (data[0] == _Q and not self.lost_tx and len(data) == 1 + _unpack_len(data, 1)[0]
+                        and len(data) > 5 and not _needs_inspection(data[5:8])):
+                    self._forward_query(data)
+                    continue
+                buf += data
+            msgs = self._complete_messages(buf)
+            if msgs is None:
+                if len(buf) >= 5 and self._large_message(buf):
+                    self._stream_large(buf, recv, scratch)
+                    continue
+                data = recv()
+                if not data:
+                    raise ClientGone()
+                buf += data
+                continue
+            self.request_time = monotonic()
+            terminate = msgs and msgs[-1][0] == _X
+            if terminate:
+                msgs.pop()
+            if msgs:
+                self._forward_tracked(buf, msgs, scratch)
+            if terminate:
+                raise ClientGone()
+
+    def _forward_query(self, data: bytes) -> None:
+        """One plain simple Query (the common case of transaction pooling)."""
+        self.request_time = monotonic()
+        server = self.server
+        if server is None:
+            try:
+                server = self._link()
+            except ClientError as exc:
+                if exc.close:
+                    raise
+                self.send(m.error_response(exc.sqlstate, exc.text) + m.READY_IDLE)
+                return
+        if server.tracker is not None:
+            server.tracker.pending.append(_QUERY_ENTRY)
+        self._send(data, 1, None)
+
+    def _large_message(self, buf: bytearray) -> bool:
+        """Is the partial message at the start of ``buf`` one to stream through
+        rather than hold? Messages the pooler must read whole (Parse, Bind,
+        Describe, Close; queries a hook or the split must see) are held, up to
+        PostgreSQL's own 1 GB message limit."""
+        length = _unpack_len(buf, 1)[0]
+        if length <= _STREAM_ABOVE:
+            return False
+        mtype = buf[0]
+        if mtype in _RENAMED or (mtype == _Q and (self.app.hooks.enabled or self.rw_split)):
+            if length > _HOLD_LIMIT:
+                raise ProtocolError(f"message of {length} bytes is too large")
+            return False
+        return True
+
+    def _stream_large(self, buf: bytearray, recv, scratch: list) -> None:
+        """Forward one large message (a huge query, big CopyData) as it arrives."""
+        mtype = buf[0]
+        total = 1 + _unpack_len(buf, 1)[0]
+        server = self.server or self._link()
+        if server.tracker is not None:
+            server.tracker.client_message(mtype, None, self.statements, scratch)
+            scratch.clear()
+        self.request_time = monotonic()
+        first = bytes(buf[:total])
+        del buf[:len(first)]
+        remaining = total - len(first)
+        self._send(first, 1 if mtype in (_Q, _F) else 0, None)
+        while remaining > 0:
+            data = recv()
+            if not data:
+                raise ClientGone()
+            if len(data) > remaining:
+                buf += data[remaining:]
+                data = data[:remaining]
+            remaining -= len(data)
+            self._send(data, 0, None)
+
+    def _complete_messages(self, buf: bytearray):
+        """(type, start, end) of the complete messages at the start of ``buf``;
+        None when there is none yet. Stops after a Terminate."""
+        limit = self.app.max_packet_size
+        msgs = []
+        pos = 0
+        n = len(buf)
+        while n - pos >= 5:
+            mtype = buf[pos]
+            length = _unpack_len(buf, pos + 1)[0]
+            if length < 4 or length > limit:
+                raise ProtocolError(f"invalid message length {length}")
+            end = pos + 1 + length
+            if end > n:
+                break
+            if mtype not in _KNOWN:
+                raise ProtocolError(f"unknown message type {chr(mtype)!r}")
+            msgs.append((mtype, pos, end))
+            pos = end
+            if mtype == _X:
+                break
+        return msgs or None
+
+    def _forward_tracked(self, buf: bytearray, msgs: list, scratch: list) -> None:
+        if self.lost_tx:
+            self._answer_lost(buf, msgs)
+            return
+        if self.app.hooks.enabled or self.rw_split:
+            msgs = self._route_batch(buf, msgs)
+        server = self.server
+        if server is None:
+            try:
+                server = self._link()
+            except ClientError as exc:
+                if exc.close:
+                    raise
+                self._refuse_batch(buf, msgs, m.error_response(exc.sqlstate, exc.text))
+                return
+        tracker = server.tracker
+        if tracker is None:   # pool mode changed under a RELOAD: plain forwarding
+            last = msgs[-1][2]
+            requests = sum(1 for t, _, _ in msgs if t in (_Q, _S, _F))
+            self._send(bytes(buf[:last]), requests, None)
+            del buf[:last]
+            return
+        stmts = self.statements
+        client_message = tracker.client_message
+        parses_before = tracker.parses
+        client_parses = binds = 0
+        out = None
+        run = 0
+        requests = 0
+        synced = None
+        sync_effect = None
+        # SETs count only when run outside a transaction: as of this batch's start,
+        # and before any other request of the batch.
+        outside = server.tx_status == b"I" and not tracker.pending
+        for mtype, start, end in msgs:
+            effect = None
+            if mtype == _Q:
+                if _needs_inspection(bytes(buf[start + 5:start + 8])):
+                    body = bytes(buf[start + 5:end])
+                    if tracker.deallocate_locally(body, stmts):
+                        out = [] if out is None else out
+                        out.append(buf[run:start])
+                        run = end
+                        continue
+                    effect = self._session_effect(server, self._session_change(body[:-1]), outside)
+                    replaced = client_message(mtype, body, stmts, scratch, effect)
+                else:
+                    replaced = client_message(mtype, None, stmts, scratch)
+                requests += 1
+                outside = False
+            elif mtype in _RENAMED:
+                if mtype == _P or mtype == _B or mtype == _D:
+                    synced = False
+                    if mtype == _P:
+                        client_parses += 1
+                    elif mtype == _B:
+                        binds += 1
+                body = bytes(buf[start + 5:end])
+                if mtype == _P:
+                    name_end = body.find(b"\x00")
+                    query_at = name_end + 1
+                    change = None
+                    if body[query_at:query_at + 1].lower() in (b"s", b"r", b"d"):
+                        change = self._session_change(body[query_at:body.find(b"\x00", query_at)])
+                    if name_end == 0:
+                        self.unnamed_change = change
+                    elif body[:name_end] not in stmts:
+                        self.stmt_sets[body[:name_end]] = change
+                elif mtype == _B:
+                    # What the bound statement will do when executed (a SET, maybe).
+                    portal_end = body.find(b"\x00")
+                    name = body[portal_end + 1:body.find(b"\x00", portal_end + 1)]
+                    self.portal_change = self.stmt_sets.get(name) if name else self.unnamed_change
+                replaced = client_message(mtype, body, stmts, scratch)
+            elif mtype == _S:
+                requests += 1
+                synced = True
+                replaced = client_message(mtype, None, stmts, scratch, sync_effect)
+                sync_effect = None
+                outside = False
+            elif mtype == _E and self.portal_change is not None:
+                synced = False
+                sync_effect = self._session_effect(server, self.portal_change, outside) or sync_effect
+                replaced = client_message(mtype, None, stmts, scratch)
+            else:
+                if mtype == _F:
+                    requests += 1
+                elif mtype in _EXTENDED:
+                    synced = False
+                replaced = client_message(mtype, None, stmts, scratch)
+            if replaced:
+                out = [] if out is None else out
+                out.append(buf[run:start])
+                out.extend(scratch)
+                scratch.clear()
+                run = end
+        if client_parses or binds:
+            stats = server.pool.stats
+            stats.client_parse_count += client_parses
+            stats.bind_count += binds
+            stats.server_parse_count += tracker.parses - parses_before
+        last = msgs[-1][2]
+        if out is None:
+            chunk = bytes(buf[:last])
+        else:
+            out.append(buf[run:last])
+            chunk = b"".join(out)
+        del buf[:last]
+        if tracker.pending and tracker.pending[0][0] == _FAKE:
+            # Replies answered here with nothing outstanding before them go out
+            # now, before the batch reaches the server and its replies can follow.
+            with self.wlock:
+                fakes = tracker.first_fakes()
+                if fakes:
+                    self.send(fakes)
+        if chunk:
+            self._send(chunk, requests, synced)
+        else:
+            if synced is not None:
+                server.unsynced = not synced
+            if server.client is self:
+                server._maybe_release()
+
+    # --- routing and rewrite hooks (routing/) -------------------------------------
+
+    @staticmethod
+    def _session_change(text: bytes):
+        return session_state.parse(text.decode("utf-8", "replace"))
+
+    def _session_effect(self, server, change, outside: bool):
+        """A SET / RESET / DISCARD ALL outside a transaction: once it succeeded,
+        remember it (SETs the server does not report) or restore the values
+        this client logged in with (what a direct connection resets to)."""
+        if change is None or not outside:
+            return None
+        canonical = self.app.tracked.get(change[1]) if len(change) > 1 else None
+        reported = canonical is not None and canonical in server.params
+        if reported and change[0] == "set":
+            return None   # ParameterStatus keeps this one
+
+        def remember(status: bytes) -> None:
+            if status != b"I":
+                return
+            if change[0] == "reset_all":
+                self.session_sets.clear()
+                server.session_sets.clear()
+                self.tparams.update(self.baseline)
+            elif reported:
+                self.tparams[canonical] = self.baseline.get(canonical, server.params.get(canonical, ""))
+            else:
+                session_state.apply(self.session_sets, change)
+                session_state.apply(server.session_sets, change)
+        return remember
+
+    def _send(self, data, requests: int, synced) -> None:
+        server = self.server
+        if server is None:
+            server = self._link()
+        if requests:
+            if server.outstanding <= 0:
+                server.outstanding = requests
+                server.request_started = self.request_time
+                if server.tx_status == b"I":
+                    server.xact_started = self.request_time
+            else:
+                server.outstanding += requests
+        if synced is not None:
+            server.unsynced = not synced
+        server.pool.stats.bytes_received += len(data)
+        try:
+            server.send(data)
+        except OSError:
+            server.dirty = True
+            raise ClientError("08006", "server conn crashed?") from None
