@@ -21,17 +21,19 @@ from . import stats
 from .admin.console import AdminConsole
 from .auth import AuthFileError, load_auth_file
 from .config import ConfigError, diff_configs, load_config
+from .failover.replicas import ReplicaSet
+from .failover.switchover import Cluster
+from .failover.wiring import FailoverWiring
+from .janitor import Janitor
 from .net import params as tracked_params
 from .net.checkout import ClientError, acquire_server
 from .net.client import ClientConnection
 from .net.listener import Listeners
+from .net.release import ServerReleasing
 from .net.server import ServerError, send_cancel
 from .pool.pool import ConnectionCounters, Pool, PoolLimits
 from .pool.prepared import Registry
 from .proto import messages as m
-from .failover import probe
-from .failover.replicas import ReplicaSet
-from .failover.switchover import WRITER_LOST_CODES, Cluster
 from .routing import HookLoadError, Hooks
 from .routing.classify import Classifier
 
@@ -41,7 +43,7 @@ DEFAULT_AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL
                       "FROM pg_authid WHERE rolname=$1 AND rolcanlogin")
 
 
-class Bouncer:
+class Bouncer(FailoverWiring, ServerReleasing, Janitor):
     def __init__(self, config_path: str):
         self.config_path = config_path
         self.cfg = load_config(config_path)
@@ -162,116 +164,6 @@ class Bouncer:
     def is_database_key(self, key: str) -> bool:
         """A [databases] entry (or a cluster node / replica key) a routing hook may name."""
         return key in self.cfg.databases or key in self.extra_entries
-
-    # --- clusters and replicas (failover/) -----------------------------------------
-    def _setup_failover(self) -> None:
-        for name, entry in self.cfg.databases.items():
-            if entry.topology_query and name not in self.clusters:
-                cluster = self.clusters[name] = Cluster(self, entry)
-                cluster.start()
-            if entry.replicas and name not in self.replica_sets:
-                replicas = self.replica_sets[name] = ReplicaSet(self, entry)
-                for replica in replicas.replicas:
-                    self.extra_entries[replica.key] = replica.entry
-                replicas.start()
-        for pool in self.pools.values():
-            pool.cluster = self.clusters.get(pool.db.name)
-
-    def _reload_failover(self, new) -> None:
-        """RELOAD: clusters and replica sets whose entry changed start afresh;
-        unchanged clusters run their topology query again."""
-        for registry in (self.clusters, self.replica_sets):
-            for name, item in list(registry.items()):
-                entry = new.databases.get(name)
-                if entry is None or entry != item.entry:
-                    item.stop()
-                    del registry[name]
-                elif registry is self.clusters:
-                    gevent.spawn(item.discover_quietly)
-        self.extra_entries = {k: v for k, v in self.extra_entries.items()
-                              if any(k in (n.key for n in c.nodes.values()) for c in self.clusters.values())
-                              or any(k == r.key for rs in self.replica_sets.values() for r in rs.replicas)}
-        self._setup_failover()
-
-    def probe_credentials(self, entry):
-        """(user, password, scram_keys) the pooler's own checks log in with: the
-        entry's forced user, else a user whose pool for this database exists."""
-        if entry.user:
-            return entry.user, entry.password or self.auth_file.get(entry.user), None
-        for pool in self.pools.values():
-            if pool.db.name == entry.name or pool.db.dbname == (entry.dbname or entry.name):
-                if pool.server_password or pool.scram_keys:
-                    return pool.user, pool.server_password, pool.scram_keys
-        auth_user = entry.auth_user or self.settings.auth_user
-        if auth_user and auth_user in self.auth_file:
-            return auth_user, self.auth_file[auth_user], None
-        return None
-
-    def register_cluster_nodes(self, cluster) -> None:
-        """Each node of a cluster is a database key of its own, with pools kept
-        open ahead of need for the users the cluster's database already has."""
-        users = {p.user for p in self.pools.values() if p.db.name == cluster.name}
-        for node in cluster.nodes.values():
-            entry = probe.node_entry(cluster.entry, node.key, node.host, node.port)
-            self.extra_entries[node.key] = entry
-            for user in users:
-                pool = self.get_pool(entry, user, None)
-                if pool.server_count() == 0 and node.role != "down":
-                    gevent.spawn(self._fill_pool, pool, 1)
-
-    def cluster_of(self, pool):
-        return self.clusters.get(pool.db.name)
-
-    def writer_lost(self, cluster, node) -> None:
-        """Close what we hold on the failed writer; active links die on their own."""
-        for pool in list(self.pools.values()):
-            for server in list(pool.idle):
-                if (server.host, server.port) == (node.host, node.port):
-                    server.close("writer lost: switchover")
-            for server in pool.active:
-                if (server.host, server.port) == (node.host, node.port):
-                    server.stale = True
-
-    def writer_changed(self, cluster, old, new) -> None:
-        for pool in self.pools.values():
-            if pool.db.name == cluster.name:
-                pool.last_login_error = None
-                for server in list(pool.idle):
-                    if (server.host, server.port) != (new.host, new.port):
-                        server.close("not the writer any more")
-                for server in pool.active:
-                    if (server.host, server.port) != (new.host, new.port):
-                        server.stale = True
-
-    def server_trouble(self, server, reason: str, sqlstate: str | None) -> None:
-        """A server connection failed or reported an error that may mean its
-        host is gone or demoted: tell the cluster or the replica set."""
-        if sqlstate is not None and sqlstate not in WRITER_LOST_CODES:
-            return
-        name = server.pool.db.name
-        cluster = self.clusters.get(name)
-        if cluster is None:
-            cluster = next((c for c in self.clusters.values()
-                            if any(n.key == name for n in c.nodes.values())), None)
-        if cluster is not None:
-            cluster.writer_failed(server.host, server.port, reason)
-            return
-        if sqlstate == "25006":
-            return      # read-only transaction: the client's own error on a replica
-        for replicas in self.replica_sets.values():
-            if any(r.key == name for r in replicas.replicas):
-                replicas.ban(name, reason)
-
-    def active_servers_for(self, replica) -> int:
-        return sum(len(p.active) for p in self.pools.values() if p.db.name == replica.key)
-
-    def pick_replica(self, dbname: str) -> str | None:
-        """The database key of a replica for a read on ``dbname``, or None."""
-        replicas = self.replica_sets.get(dbname)
-        if replicas is None:
-            return None
-        replica = replicas.pick()
-        return replica.key if replica is not None else None
 
     # --- authentication ----------------------------------------------------------
     def auth_method(self, client) -> str:
@@ -403,92 +295,6 @@ class Bouncer:
             age = monotonic() - server.created_at
             log.info("%r: %s closing because: %s (age=%ds)", server, server.describe(), reason, age)
 
-    # --- releasing servers -------------------------------------------------------------
-    def release_active(self, server, linked_at: float) -> None:
-        """Transaction/statement mode: the reader saw the client's work end."""
-        pool = server.pool
-        if server.closed:
-            return
-        if server.dirty or server.stale or self._too_old(server):
-            server.close(server.close_reason or ("server lifetime over" if not server.dirty else "dirty"))
-            return
-        if self.settings.server_reset_query_always and self.settings.server_reset_query:
-            gevent.spawn(self._reset_and_release, server)
-            return
-        waiter = pool.release(server)
-        if waiter is None and self.shutting_down:
-            self._check_shutdown()
-
-    def evict_idle_for(self, pool: Pool) -> bool:
-        """max_db_connections / max_user_connections are full but ``pool`` has
-        room of its own: close the oldest idle server of another pool of the same
-        database (or user), as PgBouncer does. True if one was closed."""
-        limits = pool.limits
-        db_full = limits.max_db_connections and \
-            self.counters.per_db.get(pool.db.name, 0) >= limits.max_db_connections
-        user_full = limits.max_user_connections and \
-            self.counters.per_user.get(pool.user, 0) >= limits.max_user_connections
-        if not db_full and not user_full:
-            return False
-        victim = None
-        for other in self.pools.values():
-            if other is pool or not other.idle:
-                continue
-            if (db_full and other.db.name == pool.db.name) or (user_full and other.user == pool.user):
-                candidate = other.idle[0]          # least recently used of that pool
-                if victim is None or candidate.idle_since < victim.idle_since:
-                    victim = candidate
-        if victim is None:
-            return False
-        victim.close("evicted to make room for another pool (max_db_connections)" if db_full
-                     else "evicted to make room for another pool (max_user_connections)")
-        return True
-
-    def release_idle(self, server) -> None:
-        if not server.closed:
-            server.pool.release(server)
-
-    def release_after_client(self, server, pool) -> None:
-        """A client left with a clean server (session mode): reset, then pool it."""
-        if server.stale or self._too_old(server):
-            server.close("server lifetime over" if not server.stale else "database configuration changed")
-            return
-        if pool.mode == "session" or self.settings.server_reset_query_always:
-            self._reset_and_release(server)
-        else:
-            pool.release(server)
-
-    def _reset_and_release(self, server) -> None:
-        query = self.settings.server_reset_query
-        if query:
-            try:
-                server.query(query, timeout=self.settings.server_connect_timeout or None)
-            except ServerError as exc:
-                server.close(f"server_reset_query failed: {exc.text}")
-                return
-            # DISCARD ALL drops prepared statements and SETs: forget what we knew.
-            server.session_sets.clear()
-            if server.tracker is not None:
-                server.tracker.reset()
-        if server.tx_status != b"I":
-            server.close("server_reset_query left a transaction open")
-            return
-        if not server.closed:
-            server.pool.release(server)
-        if self.shutting_down:
-            self._check_shutdown()
-
-    def _too_old(self, server) -> bool:
-        lifetime = server.lifetime_limit(self.settings.server_lifetime)
-        return lifetime > 0 and monotonic() - server.created_at > lifetime
-
-    def reconnect_pool(self, pool: Pool) -> None:
-        """Close idle servers now and active ones when released (RECONNECT, reload)."""
-        for server in list(pool.idle):
-            server.close("database configuration changed")
-        for server in pool.active:
-            server.stale = True
-
     # --- clients --------------------------------------------------------------------
     def accept(self, sock, addr, unix: bool) -> None:
         client = ClientConnection(self, sock, addr, unix)
@@ -602,68 +408,6 @@ class Bouncer:
             for server in list(pool.idle) + list(pool.active):
                 server.close("shutdown")
         self.stopped.set()
-
-    # --- janitor --------------------------------------------------------------------
-    def _janitor(self) -> None:
-        while not self.stopped.is_set():
-            gevent.sleep(1.0)
-            try:
-                self._janitor_pass(monotonic())
-            except Exception:
-                log.exception("janitor pass failed")
-
-    def _janitor_pass(self, now: float) -> None:
-        s = self.settings
-        for pool in list(self.pools.values()):
-            for server in pool.idle_servers_to_close(now, s.server_idle_timeout, s.server_lifetime):
-                idle_too_long = s.server_idle_timeout > 0 and now - server.idle_since > s.server_idle_timeout
-                server.close("server idle timeout" if idle_too_long else "server lifetime over")
-            if pool.waiters and pool.may_open(True):
-                pool.wake_one_waiter()
-            want = min(pool.limits.min_pool_size, pool.limits.pool_size)
-            # As PgBouncer: only while a client uses the pool, or the entry forces a user.
-            wanted = pool.clients or pool.db.user
-            if want and wanted and pool.server_count() < want and not pool.paused and not self.paused:
-                if pool.last_login_error is None or now - pool.last_login_error[0] > s.server_login_retry:
-                    gevent.spawn(self._fill_pool, pool)
-        for client in list(self.clients):
-            self._check_client_timeouts(client, now, s)
-        for cluster in self.clusters.values():
-            cluster.maintain()
-
-    def _fill_pool(self, pool: Pool, want: int | None = None) -> None:
-        from .net.checkout import open_server
-        want = min(pool.limits.min_pool_size, pool.limits.pool_size) if want is None else want
-        if pool.server_count() >= want or not pool.may_open(False):
-            return
-        try:
-            server = open_server(self, pool)
-        except ClientError:
-            return
-        self.release_idle(server)
-
-    def _check_client_timeouts(self, client, now: float, s) -> None:
-        if client.closing or client.state == "login":
-            return
-        server = client.server
-        if server is None:
-            if s.client_idle_timeout > 0 and now - client.request_time > s.client_idle_timeout and client.state == "active":
-                client.shutdown("08P01", "client_idle_timeout")
-            return
-        if server.outstanding > 0:
-            if s.query_timeout > 0 and now - server.request_started > s.query_timeout:
-                client.server = None
-                server.client = None
-                server.close("query timeout")
-                client.shutdown("08P01", "query timeout")
-        elif server.tx_status != b"I":
-            if s.idle_transaction_timeout > 0 and now - server.last_activity > s.idle_transaction_timeout:
-                client.server = None
-                server.client = None
-                server.close("idle transaction timeout")
-                client.shutdown("25P03", "idle transaction timeout")
-        elif s.client_idle_timeout > 0 and now - client.request_time > s.client_idle_timeout:
-            client.shutdown("08P01", "client_idle_timeout")
 
     # --- pidfile ---------------------------------------------------------------------
     def _write_pidfile(self) -> None:

@@ -8,6 +8,7 @@ import logging
 import struct
 
 from ..auth import AuthFailed, authenticate_client
+from ..pool.states import CL_ACTIVE
 from ..proto import messages as m
 from ..proto.framing import (
     CANCEL_REQUEST_CODE,
@@ -18,7 +19,6 @@ from ..proto.framing import (
     parse_startup_params,
     startup_packet_at,
 )
-from ..pool.states import CL_ACTIVE
 from . import params as tracked_params
 from .checkout import ClientError, acquire_server
 

@@ -1,0 +1,78 @@
+"""The janitor: once a second, PgBouncer's timeouts and pool upkeep
+(server_idle_timeout, server_lifetime, min_pool_size, waiters, client timeouts,
+cluster node rechecks). A mixin of Bouncer (app.py)."""
+
+from __future__ import annotations
+
+import logging
+from time import monotonic
+
+import gevent
+
+from .net.checkout import ClientError
+from .pool.pool import Pool
+
+log = logging.getLogger("geobouncer")
+
+
+class Janitor:
+    def _janitor(self) -> None:
+        while not self.stopped.is_set():
+            gevent.sleep(1.0)
+            try:
+                self._janitor_pass(monotonic())
+            except Exception:
+                log.exception("janitor pass failed")
+
+    def _janitor_pass(self, now: float) -> None:
+        s = self.settings
+        for pool in list(self.pools.values()):
+            for server in pool.idle_servers_to_close(now, s.server_idle_timeout, s.server_lifetime):
+                idle_too_long = s.server_idle_timeout > 0 and now - server.idle_since > s.server_idle_timeout
+                server.close("server idle timeout" if idle_too_long else "server lifetime over")
+            if pool.waiters and pool.may_open(True):
+                pool.wake_one_waiter()
+            want = min(pool.limits.min_pool_size, pool.limits.pool_size)
+            # As PgBouncer: only while a client uses the pool, or the entry forces a user.
+            wanted = pool.clients or pool.db.user
+            if want and wanted and pool.server_count() < want and not pool.paused and not self.paused:
+                if pool.last_login_error is None or now - pool.last_login_error[0] > s.server_login_retry:
+                    gevent.spawn(self._fill_pool, pool)
+        for client in list(self.clients):
+            self._check_client_timeouts(client, now, s)
+        for cluster in self.clusters.values():
+            cluster.maintain()
+
+    def _fill_pool(self, pool: Pool, want: int | None = None) -> None:
+        from .net.checkout import open_server
+        want = min(pool.limits.min_pool_size, pool.limits.pool_size) if want is None else want
+        if pool.server_count() >= want or not pool.may_open(False):
+            return
+        try:
+            server = open_server(self, pool)
+        except ClientError:
+            return
+        self.release_idle(server)
+
+    def _check_client_timeouts(self, client, now: float, s) -> None:
+        if client.closing or client.state == "login":
+            return
+        server = client.server
+        if server is None:
+            if s.client_idle_timeout > 0 and now - client.request_time > s.client_idle_timeout and client.state == "active":
+                client.shutdown("08P01", "client_idle_timeout")
+            return
+        if server.outstanding > 0:
+            if s.query_timeout > 0 and now - server.request_started > s.query_timeout:
+                client.server = None
+                server.client = None
+                server.close("query timeout")
+                client.shutdown("08P01", "query timeout")
+        elif server.tx_status != b"I":
+            if s.idle_transaction_timeout > 0 and now - server.last_activity > s.idle_transaction_timeout:
+                client.server = None
+                server.client = None
+                server.close("idle transaction timeout")
+                client.shutdown("25P03", "idle transaction timeout")
+        elif s.client_idle_timeout > 0 and now - client.request_time > s.client_idle_timeout:
+            client.shutdown("08P01", "client_idle_timeout")
