@@ -9,7 +9,7 @@ import struct
 from time import monotonic
 
 from ..pool import session_state
-from ..pool.prepared import FAKE, QUERY
+from ..pool.prepared import BIND, DESCRIBE, EXECUTE, FAKE, PARSE, QUERY, SYNC
 from ..proto import messages as m
 from ..proto.framing import ProtocolError
 from .checkout import ClientError
@@ -28,6 +28,9 @@ _RENAMED = frozenset(ord(c) for c in "PBDC")
 _INSPECT_HEADS = (b"set", b"res", b"dea", b"dis")
 _INSPECT_FIRST = frozenset(b" \t\n\r(-/")
 _QUERY_ENTRY = (QUERY, False, None)
+_UNNAMED_ENTRIES = {ord("P"): (PARSE, False, None), ord("B"): (BIND, False, None),
+                    ord("D"): (DESCRIBE, False, None), ord("E"): (EXECUTE, False, None),
+                    ord("S"): (SYNC, False, None)}
 _FAKE = FAKE
 _STREAM_ABOVE = 1 << 20      # messages above 1 MiB stream through unless they must be read
 _HOLD_LIMIT = 0x3FFFFFFF     # PostgreSQL refuses messages over 1 GB: never hold more
@@ -130,10 +133,63 @@ class ClientForwarding:
             terminate = msgs and msgs[-1][0] == _X
             if terminate:
                 msgs.pop()
-            if msgs:
+            if msgs and not (plain and self._forward_unnamed(buf, msgs)):
                 self._forward_tracked(buf, msgs, scratch)
             if terminate:
                 raise ClientGone()
+
+    def _forward_unnamed(self, buf: bytearray, msgs: list) -> bool:
+        """Fast path for an extended-protocol batch that names nothing (pgbench
+        -M extended, a driver's first executions): forwarded as is. False when
+        the batch needs the general path."""
+        if self.lost_tx or self.unnamed_change is not None:
+            return False
+        entries = []
+        parses = binds = 0
+        for mtype, start, end in msgs:
+            entry = _UNNAMED_ENTRIES.get(mtype)
+            if entry is None:
+                return False
+            if mtype == _P:
+                # unnamed, and not a SET/RESET/DISCARD to remember
+                if buf[start + 5] != 0 or _needs_inspection(bytes(buf[start + 6:start + 9])):
+                    return False
+                parses += 1
+            elif mtype == _B:
+                if buf[start + 5] != 0 or buf[start + 6] != 0:
+                    return False
+                binds += 1
+            elif mtype == _D and buf[start + 6] != 0:
+                return False
+            entries.append(entry)
+        if msgs[-1][0] != _S:
+            return False
+        self.request_time = monotonic()
+        server = self.server
+        if server is None:
+            try:
+                server = self._link()
+            except ClientError as exc:
+                if exc.close:
+                    raise
+                self._refuse_batch(buf, msgs, m.error_response(exc.sqlstate, exc.text))
+                return True
+        tracker = server.tracker
+        if tracker is None:
+            return False
+        tracker.pending.extend(entries)
+        tracker.parses += parses
+        self.portal_change = None
+        if parses or binds:
+            stats = server.pool.stats
+            stats.client_parse_count += parses
+            stats.server_parse_count += parses
+            stats.bind_count += binds
+        last = msgs[-1][2]
+        chunk = bytes(buf[:last])
+        del buf[:last]
+        self._send(chunk, sum(1 for e in entries if e[0] == SYNC), True)
+        return True
 
     def _forward_query(self, data: bytes) -> None:
         """One plain simple Query (the common case of transaction pooling)."""
