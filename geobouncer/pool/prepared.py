@@ -198,7 +198,7 @@ class Tracker:
             if old_sid not in self.prepared:
                 self._send_parse(old_sid, old_tail, out, swallow=True)
             out.append(m.message(b"P", server_name(old_sid) + old_tail))
-            self.pending.append((PARSE, False, None))
+            self.pending.append((PARSE, False, name))   # the name, to say it in the error
             return True
         sid = self.registry.id_for(tail)
         client_stmts[name] = (sid, tail)
@@ -280,13 +280,18 @@ class Tracker:
             if kind == QUERY:
                 pending[0] = (QUERY, False, None)   # a failed query has no effect to apply
                 return True, b""
+            replacement = b""
+            if kind == PARSE and isinstance(pending[0][2], bytes):
+                # A taken name: the server named its own statement; say the client's.
+                name = pending[0][2].decode(errors="replace")
+                replacement = m.error_response("42P05", f'prepared statement "{name}" already exists')
             while pending and pending[0][0] not in (SYNC, QUERY):
                 entry = pending.popleft()
-                if entry[0] == PARSE and entry[2] is not None:
+                if entry[0] == PARSE and isinstance(entry[2], int):
                     self.prepared.discard(entry[2])
             if pending:
                 pending[0] = (pending[0][0], False, None)   # the batch failed: no effect
-            return True, b""
+            return not replacement, replacement
         done = False
         if mtype == _R_COMPLETE and body[:4] in (b"DEAL", b"DISC") and bytes(body[:-1]) in _DROP_ALL_TAGS:
             # Whichever protocol carried it, the server has no statements left.
