@@ -26,24 +26,21 @@ from .failover.switchover import Cluster
 from .failover.wiring import FailoverWiring
 from .janitor import Janitor
 from .net import params as tracked_params
-from .net.checkout import ClientError, acquire_server
 from .net.client import ClientConnection
 from .net.listener import Listeners
 from .net.release import ServerReleasing
-from .net.server import ServerError, send_cancel
+from .net.secrets import SecretLookup
+from .net.server import send_cancel
 from .pool.pool import ConnectionCounters, Pool, PoolLimits
 from .pool.prepared import Registry
-from .proto import messages as m
 from .routing import HookLoadError, Hooks
 from .routing.classify import Classifier
 
 log = logging.getLogger("geobouncer")
 
-DEFAULT_AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
-                      "FROM pg_authid WHERE rolname=$1 AND rolcanlogin")
 
 
-class Bouncer(FailoverWiring, ServerReleasing, Janitor):
+class Bouncer(SecretLookup, FailoverWiring, ServerReleasing, Janitor):
     def __init__(self, config_path: str):
         self.config_path = config_path
         self.cfg = load_config(config_path)
@@ -164,42 +161,6 @@ class Bouncer(FailoverWiring, ServerReleasing, Janitor):
     def is_database_key(self, key: str) -> bool:
         """A [databases] entry (or a cluster node / replica key) a routing hook may name."""
         return key in self.cfg.databases or key in self.extra_entries
-
-    # --- authentication ----------------------------------------------------------
-    def auth_method(self, client) -> str:
-        method = self.settings.auth_type
-        if client.unix and method == "peer":
-            return "trust"
-        return method
-
-    def lookup_secret(self, user: str, db):
-        secret = self.auth_file.get(user)
-        if secret is not None or db is None:
-            return secret
-        auth_user = db.auth_user or self.settings.auth_user
-        if auth_user:
-            return self._auth_query(db, auth_user, user)
-        return None
-
-    def _auth_query(self, db, auth_user: str, user: str):
-        dbname = db.auth_dbname or self.settings.auth_dbname or db.name
-        entry = self.database_for(dbname) or db
-        pool = self.get_pool(entry, auth_user, None, forced_user=auth_user)
-        sql = db.auth_query or self.settings.auth_query or DEFAULT_AUTH_QUERY
-        probe = _Probe()
-        try:
-            server = acquire_server(self, pool, probe)
-        except ClientError as exc:
-            raise ClientError("08P01", f"auth_query failed: {exc.text}") from None
-        try:
-            rows = server.run_internal(m.extended_query(sql, [user]), timeout=30).rows
-        except ServerError as exc:
-            server.close(f"auth_query failed: {exc.text}")
-            raise ClientError("08P01", f"auth_query failed: {exc.text}") from None
-        self.release_idle(server)
-        if not rows:
-            return None
-        return rows[0][1] if len(rows[0]) > 1 else None
 
     # --- pools ---------------------------------------------------------------------
     def _limits(self, db, user: str) -> PoolLimits:
@@ -423,16 +384,6 @@ class Bouncer(FailoverWiring, ServerReleasing, Janitor):
                 os.unlink(self.cfg.resolve_path(path))
             except OSError:
                 pass
-
-
-class _Probe:
-    """Stands in for a client when the pooler itself needs a server (auth_query)."""
-
-    state = "active"
-    pool = None
-
-    def set_waiting(self, waiting: bool) -> None:
-        pass
 
 
 def _server_identity(entry):

@@ -28,6 +28,7 @@ from .forward import ClientForwarding
 from .login import ClientGone, ClientLogin
 from .route import ClientRouting
 from .server import ServerError
+from .stream import ClientStreaming
 
 log = logging.getLogger("geobouncer")
 
@@ -39,7 +40,7 @@ _LOST = m.error_response("08006", "server connection lost (switchover in progres
 __all__ = ["ClientConnection", "ClientGone"]
 
 
-class ClientConnection(ClientLogin, ClientForwarding, ClientRouting):
+class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRouting):
     def __init__(self, app, sock, addr, unix: bool):
         self.app = app
         self.sock = sock

@@ -32,8 +32,6 @@ _UNNAMED_ENTRIES = {ord("P"): (PARSE, False, None), ord("B"): (BIND, False, None
                     ord("D"): (DESCRIBE, False, None), ord("E"): (EXECUTE, False, None),
                     ord("S"): (SYNC, False, None)}
 _FAKE = FAKE
-_STREAM_ABOVE = 1 << 20      # messages above 1 MiB stream through unless they must be read
-_HOLD_LIMIT = 0x3FFFFFFF     # PostgreSQL refuses messages over 1 GB: never hold more
 
 
 def _needs_inspection(head: bytes) -> bool:
@@ -41,64 +39,6 @@ def _needs_inspection(head: bytes) -> bool:
 
 
 class ClientForwarding:
-    def _serve(self) -> None:
-        recv = receiver(self.sock, RECV_SIZE)
-        skip = 0
-        partial = b""
-        data = self.pending
-        self.pending = b""
-        while True:
-            if not data:
-                data = recv()
-                if not data:
-                    raise ClientGone()
-            self.request_time = monotonic()
-            if partial:
-                data = partial + data
-                partial = b""
-            n = len(data)
-            if skip >= n:
-                skip -= n
-                self._send(data, 0, None)
-                data = b""
-                continue
-            pos = skip
-            skip = 0
-            requests = 0
-            synced = None
-            terminate = False
-            while pos < n:
-                if n - pos < 5:
-                    partial = data[pos:]
-                    break
-                mtype = data[pos]
-                length = _unpack_len(data, pos + 1)[0]
-                if length < 4 or length > self.app.max_packet_size:
-                    raise ProtocolError(f"invalid message length {length}")
-                end = pos + 1 + length
-                if mtype == _Q or mtype == _F:
-                    requests += 1
-                elif mtype == _S:
-                    requests += 1
-                    synced = True
-                elif mtype in _EXTENDED:
-                    synced = False
-                elif mtype == _X:
-                    terminate = True
-                    break
-                elif mtype not in _KNOWN:
-                    raise ProtocolError(f"unknown message type {chr(mtype)!r}")
-                if end > n:
-                    skip = end - n
-                    pos = n
-                    break
-                pos = end
-            if pos:
-                self._send(data[:pos] if pos < n else data, requests, synced)
-            if terminate:
-                raise ClientGone()
-            data = b""
-
     def _serve_tracked(self) -> None:
         """Transaction/statement pooling: whole messages, translated by the
         server's prepared-statement tracker (pool/prepared.py)."""
@@ -167,12 +107,8 @@ class ClientForwarding:
         self.request_time = monotonic()
         server = self.server
         if server is None:
-            try:
-                server = self._link()
-            except ClientError as exc:
-                if exc.close:
-                    raise
-                self._refuse_batch(buf, msgs, m.error_response(exc.sqlstate, exc.text))
+            server = self._server_or_refuse(buf, msgs)
+            if server is None:
                 return True
         tracker = server.tracker
         if tracker is None:
@@ -191,59 +127,31 @@ class ClientForwarding:
         self._send(chunk, sum(1 for e in entries if e[0] == SYNC), True)
         return True
 
+    def _server_or_refuse(self, buf: bytearray | None, msgs: list | None):
+        """Link a server for the batch in ``buf`` (or a lone Query when None).
+        None when that failed with an error the client survives (a switchover
+        that timed out): the batch is answered here with it."""
+        try:
+            return self._link()
+        except ClientError as exc:
+            if exc.close:
+                raise
+            error = m.error_response(exc.sqlstate, exc.text)
+            if buf is None:
+                self.send(error + m.READY_IDLE)
+            else:
+                self._refuse_batch(buf, msgs, error)
+            return None
+
     def _forward_query(self, data: bytes) -> None:
         """One plain simple Query (the common case of transaction pooling)."""
         self.request_time = monotonic()
-        server = self.server
+        server = self.server or self._server_or_refuse(None, None)
         if server is None:
-            try:
-                server = self._link()
-            except ClientError as exc:
-                if exc.close:
-                    raise
-                self.send(m.error_response(exc.sqlstate, exc.text) + m.READY_IDLE)
-                return
+            return
         if server.tracker is not None:
             server.tracker.pending.append(_QUERY_ENTRY)
         self._send(data, 1, None)
-
-    def _large_message(self, buf: bytearray) -> bool:
-        """Is the partial message at the start of ``buf`` one to stream through
-        rather than hold? Messages the pooler must read whole (Parse, Bind,
-        Describe, Close; queries a hook or the split must see) are held, up to
-        PostgreSQL's own 1 GB message limit."""
-        length = _unpack_len(buf, 1)[0]
-        if length <= _STREAM_ABOVE:
-            return False
-        mtype = buf[0]
-        if mtype in _RENAMED or (mtype == _Q and (self.app.hooks.enabled or self.rw_split)):
-            if length > _HOLD_LIMIT:
-                raise ProtocolError(f"message of {length} bytes is too large")
-            return False
-        return True
-
-    def _stream_large(self, buf: bytearray, recv, scratch: list) -> None:
-        """Forward one large message (a huge query, big CopyData) as it arrives."""
-        mtype = buf[0]
-        total = 1 + _unpack_len(buf, 1)[0]
-        server = self.server or self._link()
-        if server.tracker is not None:
-            server.tracker.client_message(mtype, None, self.statements, scratch)
-            scratch.clear()
-        self.request_time = monotonic()
-        first = bytes(buf[:total])
-        del buf[:len(first)]
-        remaining = total - len(first)
-        self._send(first, 1 if mtype in (_Q, _F) else 0, None)
-        while remaining > 0:
-            data = recv()
-            if not data:
-                raise ClientGone()
-            if len(data) > remaining:
-                buf += data[remaining:]
-                data = data[:remaining]
-            remaining -= len(data)
-            self._send(data, 0, None)
 
     def _complete_messages(self, buf: bytearray):
         """(type, start, end) of the complete messages at the start of ``buf``;
@@ -276,12 +184,8 @@ class ClientForwarding:
             msgs = self._route_batch(buf, msgs)
         server = self.server
         if server is None:
-            try:
-                server = self._link()
-            except ClientError as exc:
-                if exc.close:
-                    raise
-                self._refuse_batch(buf, msgs, m.error_response(exc.sqlstate, exc.text))
+            server = self._server_or_refuse(buf, msgs)
+            if server is None:
                 return
         tracker = server.tracker
         if tracker is None:   # pool mode changed under a RELOAD: plain forwarding

@@ -16,21 +16,18 @@ server goes back to its pool (transaction and statement modes).
 from __future__ import annotations
 
 import logging
-import os
-import socket as pysocket
 import struct
 from time import monotonic
 
 import gevent
-from gevent import socket
-from gevent.event import AsyncResult
 
-from ..auth import AuthFailed, ServerAuthenticator
 from ..pool.prepared import FAKE, Tracker
 from ..pool.states import SV_LOGIN
 from ..proto import messages as m
 from ..proto.framing import ProtocolError, message_at
-from .fastio import receiver, sender
+from .fastio import receiver
+from .internal import InternalQueries, InternalQuery, ServerError  # noqa: F401 - re-exported
+from .server_login import ServerLogin, send_cancel  # noqa: F401 - re-exported
 
 log = logging.getLogger("geobouncer")
 
@@ -45,32 +42,10 @@ _TRACKED = _WATCHED | frozenset(ord(c) for c in "123TnCIs")
 _HOST_TROUBLE = frozenset({"57P01", "57P02", "57P03", "25006"})
 
 
-class ServerError(Exception):
-    """PostgreSQL refused or failed something the pooler asked (login, SET ...)."""
-
-    def __init__(self, sqlstate: str, text: str, fatal: bool = False):
-        super().__init__(text)
-        self.sqlstate = sqlstate
-        self.text = text
-        self.fatal = fatal
-
-
-class InternalQuery:
-    """The pooler's own query in flight: rows and the first error are collected."""
-
-    __slots__ = ("error", "pending", "result", "rows")
-
-    def __init__(self, pending: int = 1):
-        self.result = AsyncResult()
-        self.rows: list[list[str | None]] = []
-        self.error: ServerError | None = None
-        self.pending = pending   # ReadyForQuery messages still expected
-
-
 _next_id = 0
 
 
-class ServerConnection:
+class ServerConnection(ServerLogin, InternalQueries):
     def __init__(self, pool, host: str, port: int):
         global _next_id
         _next_id += 1
@@ -116,85 +91,18 @@ class ServerConnection:
     def lifetime_limit(self, lifetime: float) -> float:
         return self.pool.db.server_lifetime or lifetime
 
-    # --- connecting ------------------------------------------------------------
-    def connect(self, startup: dict[str, str], password, scram_keys, timeout: float,
-                tracked: frozenset) -> None:
-        """Open the socket and log in. Raises ServerError or OSError."""
-        with gevent.Timeout(timeout or None, ServerError("08006", "server connect timeout")):
-            self.sock = _open_socket(self.host, self.port)
-            try:
-                self.local_addr = self.sock.getsockname()
-            except OSError:
-                self.local_addr = ("unix", 0)
-            self.sock.sendall(m.startup_message(startup))
-            self._login(ServerAuthenticator(startup["user"], password, scram_keys), tracked)
-        self.send = sender(self.sock)
-        self.reader = gevent.spawn(self._read_loop if self.tracker is None else self._read_loop_tracked)
-
-    def _login(self, auth, tracked) -> None:
-        buf = bytearray()
-        while True:
-            found = message_at(buf, 0, 1 << 24)
-            if found is None:
-                data = self.sock.recv(RECV_SIZE)
-                if not data:
-                    raise ServerError("08006", "server closed the connection during login")
-                buf += data
-                continue
-            mtype, start, end = found
-            body = bytes(buf[start:end])
-            del buf[:end]
-            if mtype == ord("R"):
-                code, data = m.parse_authentication(body)
-                try:
-                    reply = auth.respond(code, data)
-                except AuthFailed as exc:
-                    raise ServerError("28000", exc.message, fatal=True) from exc
-                if reply:
-                    self.sock.sendall(reply)
-            elif mtype == _E:
-                fields = m.parse_error_fields(body)
-                raise ServerError(fields.get("C", "08006"), fields.get("M", "server login failed"), fatal=True)
-            elif mtype == _S:
-                name, value = m.parse_parameter_status(body)
-                self.params[name] = value
-                if name in tracked:
-                    self.tparams[name] = value
-            elif mtype == ord("K"):
-                self.pid, self.key = m.parse_backend_key_data(body)
-            elif mtype == _Z:
-                self.tx_status = body[:1]
-                if buf:
-                    raise ServerError("08P01", "unexpected data after login")
-                return
-
-    # --- the pooler's own queries ---------------------------------------------
-    def run_internal(self, payload: bytes, replies: int = 1, timeout: float | None = None) -> InternalQuery:
-        """Send the pooler's own request (not linked to a client) and wait for its
-        ``replies`` ReadyForQuery messages. Raises ServerError on error."""
-        q = InternalQuery(replies)
-        self.internal = q
-        try:
-            self.sock.sendall(payload)
-            q.result.get(timeout=timeout)
-        except gevent.Timeout:
-            self.close("internal query timeout")
-            raise ServerError("57014", "internal query timeout") from None
-        except OSError as exc:
-            self.close(f"write failed: {exc}")
-            raise ServerError("08006", "server connection failed") from None
-        finally:
-            self.internal = None
-        if q.error:
-            raise q.error
-        return q
-
-    def query(self, sql: str, timeout: float | None = None) -> list[list[str | None]]:
-        return self.run_internal(m.query(sql), timeout=timeout).rows
-
     # --- the reader greenlet ---------------------------------------------------
     def _read_loop(self) -> None:
+        """Forward what the server sends. With a prepared-statement tracker
+        (transaction/statement pooling) every reply that closes a request is
+        matched to it, so replies to injected messages are dropped and locally
+        answered ones inserted; without one only what the pooler must see is
+        decoded."""
         recv = receiver(self.sock, RECV_SIZE)
+        tracker = self.tracker
+        server_message = tracker.server_message if tracker is not None else None
+        decoded = _TRACKED if tracker is not None else _WATCHED
+        forward = self._forward_tracked if tracker is not None else self._forward
         skip = 0
         partial = b""
         try:
@@ -210,7 +118,7 @@ class ServerConnection:
                 n = len(data)
                 if skip >= n:
                     skip -= n
-                    self._forward(data)
+                    forward(data)
                     continue
                 if partial:
                     data = partial + data
@@ -219,66 +127,7 @@ class ServerConnection:
                 pos = skip
                 skip = 0
                 released = False
-                while pos < n:
-                    if n - pos < 5:
-                        partial = data[pos:]
-                        break
-                    mtype = data[pos]
-                    end = pos + 1 + _unpack_len(data, pos + 1)[0]
-                    if mtype in _WATCHED:
-                        if end > n:
-                            partial = data[pos:]
-                            break
-                        released = self._watched(mtype, data, pos + 5, end) or released
-                    elif end > n:
-                        skip = end - n
-                        pos = n
-                        break
-                    pos = end
-                if partial:
-                    if pos:
-                        self._forward(data[:pos])
-                    if len(partial) > self.pool_limit():
-                        raise ProtocolError("server message too large")
-                elif pos:
-                    self._forward(data)
-                if released:
-                    self._maybe_release()
-        except (OSError, ProtocolError) as exc:
-            self._lost(f"server connection failed: {exc}")
-        except gevent.GreenletExit:
-            pass
-
-    def _read_loop_tracked(self) -> None:
-        """As _read_loop, but every reply is matched to its request so replies to
-        injected messages are dropped and locally answered ones inserted."""
-        recv = receiver(self.sock, RECV_SIZE)
-        server_message = self.tracker.server_message
-        skip = 0
-        partial = b""
-        try:
-            while True:
-                data = recv()
-                if not data:
-                    self._lost("server closed the connection unexpectedly")
-                    return
-                if self.internal is not None:
-                    data = partial + data
-                    partial = self._internal_data(data)
-                    continue
-                n = len(data)
-                if skip >= n:
-                    skip -= n
-                    self._forward_tracked(data)
-                    continue
-                if partial:
-                    data = partial + data
-                    n = len(data)
-                    partial = b""
-                pos = skip
-                skip = 0
-                released = False
-                out = None
+                out = None          # pieces, once a reply is dropped or one inserted
                 run = 0
                 while pos < n:
                     if n - pos < 5:
@@ -286,20 +135,21 @@ class ServerConnection:
                         break
                     mtype = data[pos]
                     end = pos + 1 + _unpack_len(data, pos + 1)[0]
-                    if mtype in _TRACKED:
+                    if mtype in decoded:
                         if end > n:
                             partial = data[pos:]
                             break
                         if mtype in _WATCHED:
                             released = self._watched(mtype, data, pos + 5, end) or released
-                        keep, fakes = server_message(mtype, data[pos + 5:end])
-                        if fakes or not keep:
-                            if out is None:
-                                out = []
-                            out.append(data[run:end if keep else pos])
-                            if fakes:
-                                out.append(fakes)
-                            run = end
+                        if server_message is not None:
+                            keep, fakes = server_message(mtype, data[pos + 5:end])
+                            if fakes or not keep:
+                                if out is None:
+                                    out = []
+                                out.append(data[run:end if keep else pos])
+                                if fakes:
+                                    out.append(fakes)
+                                run = end
                     elif end > n:
                         skip = end - n
                         pos = n
@@ -312,10 +162,10 @@ class ServerConnection:
                     chunk = b"".join(out)
                 else:
                     chunk = data if pos == n else data[:pos]
-                if self.tracker.dropped_all:
+                if tracker is not None and tracker.dropped_all:
                     self._statements_dropped()
                 if chunk:
-                    self._forward_tracked(chunk)
+                    forward(chunk)
                 if released:
                     self._maybe_release()
         except (OSError, ProtocolError) as exc:
@@ -409,36 +259,6 @@ class ServerConnection:
             if self.tracker is None or not self.tracker.pending:
                 client.on_server_idle(self)
 
-    def _internal_data(self, data: bytes) -> bytes:
-        """Consume the replies to the pooler's own query; return an unfinished tail."""
-        q = self.internal
-        pos = 0
-        n = len(data)
-        while pos < n:
-            found = message_at(data, pos, 1 << 26)
-            if found is None:
-                break
-            mtype, start, end = found
-            body = data[start:end]
-            if mtype == _D:
-                q.rows.append(_decode_row(body))
-            elif mtype == _E and q.error is None:
-                fields = m.parse_error_fields(body)
-                q.error = ServerError(fields.get("C", "XX000"), fields.get("M", "error"),
-                                      fields.get("S") in ("FATAL", "PANIC"))
-            elif mtype == _S:
-                name, value = m.parse_parameter_status(body)
-                self.params[name] = value
-                if name in self.tparams or name in self.pool.tracked:
-                    self.tparams[name] = value
-            elif mtype == _Z:
-                self.tx_status = body[:1]
-                q.pending -= 1
-                if q.pending == 0:
-                    q.result.set(True)
-            pos = end
-        return data[pos:]
-
     def _unexpected(self, data: bytes) -> None:
         """Bytes from a server nobody is using: parameter changes and notices are
         fine; anything else means the connection is in an unknown state."""
@@ -492,39 +312,3 @@ class ServerConnection:
             self.reader.kill(block=False)
         if self.internal is not None and not self.internal.result.ready():
             self.internal.result.set_exception(ServerError("08006", reason))
-
-
-def _decode_row(body) -> list[str | None]:
-    count = struct.unpack_from("!H", body, 0)[0]
-    pos = 2
-    row: list[str | None] = []
-    for _ in range(count):
-        n = struct.unpack_from("!i", body, pos)[0]
-        pos += 4
-        if n < 0:
-            row.append(None)
-        else:
-            row.append(bytes(body[pos:pos + n]).decode(errors="replace"))
-            pos += n
-    return row
-
-
-def _open_socket(host: str, port: int):
-    if host.startswith("/"):
-        sock = socket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
-        sock.connect(os.path.join(host, f".s.PGSQL.{port}"))
-        return sock
-    sock = socket.create_connection((host, port))
-    sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
-    return sock
-
-
-def send_cancel(host: str, port: int, pid: int, key: int, timeout: float = 5.0) -> None:
-    """Forward a cancel request to a server (a fresh connection, as libpq does)."""
-    with gevent.Timeout(timeout, False):
-        sock = _open_socket(host, port)
-        try:
-            sock.sendall(m.cancel_request(pid, key))
-            sock.recv(1)   # the server closes when done
-        finally:
-            sock.close()
