@@ -34,12 +34,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from typing import Any
+from functools import partial
 
 import psycopg
 import psycopg2
 import psycopg2.errors
 import pytest
+from _util_pool import close_quietly
+from fixtures.ports import wait_until
 
 TOPOLOGY_QUERY = "select endpoint from topo"
 LOST = "08006"   # the pooler's "server connection lost (switchover in progress)"
@@ -47,24 +49,12 @@ LOST = "08006"   # the pooler's "server connection lost (switchover in progress)
 
 # -- helpers ----------------------------------------------------------------------------
 
+# Polls here may wait for a switchover: a longer default than wait_until's.
+wait_for = partial(wait_until, timeout=20.0)
+
+
 def ep(cluster) -> str:
     return f"127.0.0.1:{cluster.port}"
-
-
-def wait_for(predicate, timeout: float = 20.0, message: str = "condition", interval: float = 0.05):
-    """Poll ``predicate`` (bounded); on timeout fail with the last value or exception."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except Exception as exc:  # noqa: BLE001 - "not yet"
-            last = exc
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{message}: not reached within {timeout:.0f}s (last: {last!r})")
-        time.sleep(interval)
 
 
 def make_topology(primary, nodes, two_columns: bool = False) -> None:
@@ -142,14 +132,6 @@ def run_thread(fn, *args):
     return Outcome
 
 
-def close_all(*conns) -> None:
-    for conn in conns:
-        try:
-            conn.close()
-        except Exception:  # noqa: BLE001
-            pass
-
-
 class WriteLoad:
     """``clients`` threads, each on its own connection through the pooler, doing
     short autocommit INSERTs into t(client, n) in a loop. Every attempt is kept
@@ -178,7 +160,7 @@ class WriteLoad:
         for thread in self._threads:
             thread.join(30)
         assert not any(t.is_alive() for t in self._threads), "a load client hung"
-        close_all(*self.conns)
+        close_quietly(*self.conns)
 
     def _run(self, cid: int) -> None:
         conn = self.conns[cid]
@@ -310,9 +292,9 @@ def test_nodes_are_database_keys_and_two_clustered_databases(make_pg, make_repli
                 cur.execute("SELECT 1")
                 assert cur.fetchone() == (1,)
         finally:
-            close_all(node_r, node_p, node_o, via_b)
+            close_quietly(node_r, node_p, node_o, via_b)
     finally:
-        close_all(first)
+        close_quietly(first)
 
 
 @pytest.mark.timeout(150)
@@ -392,7 +374,7 @@ def test_switchover_under_write_load_then_second_switchover(make_pg, make_replic
             cur.execute("INSERT INTO t VALUES (999, 1) RETURNING inet_server_port()")
             assert cur.fetchone() == (r3.port,)
     finally:
-        close_all(late)
+        close_quietly(late)
 
 
 @pytest.mark.timeout(90)
@@ -467,7 +449,7 @@ def test_transaction_on_failed_writer_gets_error_and_client_retries(make_pg, mak
         in_tx.commit()
         assert ext.execute("SELECT inet_server_port() + %s", [1], prepare=True).fetchone() == (replica.port + 1,)
     finally:
-        close_all(in_tx, idle, ext)
+        close_quietly(in_tx, idle, ext)
 
 
 @pytest.mark.timeout(90)
@@ -516,9 +498,9 @@ def test_no_writer_within_switchover_timeout_is_a_clear_error(make_pg, make_repl
                 cur.execute("INSERT INTO t VALUES (1, 1) RETURNING inet_server_port()")
                 assert cur.fetchone() == (replica.port,)
         finally:
-            close_all(fresh)
+            close_quietly(fresh)
     finally:
-        close_all(*conns)
+        close_quietly(*conns)
 
 
 @pytest.mark.timeout(120)
@@ -572,7 +554,7 @@ def test_old_writer_rejoins_as_reader_then_switch_back(make_pg, make_replica, bo
                 cur.execute("SELECT pg_is_in_recovery(), inet_server_port(), count(*) FROM t")
                 assert cur.fetchone() == (True, primary.port, 2)
         finally:
-            close_all(node)
+            close_quietly(node)
 
         # Switch back: the new primary goes away, the old one is promoted again.
         replica.stop("immediate")
@@ -583,7 +565,7 @@ def test_old_writer_rejoins_as_reader_then_switch_back(make_pg, make_replica, bo
         assert all(r.switchovers == 2 for r in rows.values())
         assert sorted(primary.psql("SELECT n FROM t WHERE client = 7", dbname="app")) == [(1,), (2,), (3,)]
     finally:
-        close_all(conn)
+        close_quietly(conn)
 
 
 @pytest.mark.timeout(60)
@@ -617,4 +599,4 @@ def test_read_only_error_on_the_writer_is_no_switchover(make_pg, bouncer):
         assert rows[ep(primary)].role == "writer", rows
         assert rows[ep(primary)].switchovers == 0 and rows[ep(primary)].switching == 0, rows
     finally:
-        close_all(conn, ext)
+        close_quietly(conn, ext)

@@ -34,41 +34,23 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from typing import Any
+from functools import partial
 
 import psycopg
 import psycopg2
 import psycopg2.errors
 import pytest
+from _util_pool import close_quietly
 from fixtures.pg import make_primary, make_standby
+from fixtures.ports import wait_until
 
 WHERE = "SELECT pg_is_in_recovery(), inet_server_port()"
 
 
 # -- helpers ------------------------------------------------------------------------------
 
-def wait_for(predicate, timeout: float = 20.0, message: str = "condition", interval: float = 0.05):
-    """Poll ``predicate`` (bounded); on timeout fail with the last value or exception."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except Exception as exc:  # noqa: BLE001 - "not yet"
-            last = exc
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{message}: not reached within {timeout:.0f}s (last: {last!r})")
-        time.sleep(interval)
-
-
-def close_all(*conns) -> None:
-    for conn in conns:
-        try:
-            conn.close()
-        except Exception:  # noqa: BLE001
-            pass
+# Polls here may wait for a switchover: a longer default than wait_until's.
+wait_for = partial(wait_until, timeout=20.0)
 
 
 def key(replica) -> str:
@@ -171,7 +153,7 @@ class ReadLoad:
         for thread in self._threads:
             thread.join(30)
         assert not any(t.is_alive() for t in self._threads), "a read client hung"
-        close_all(*self.conns)
+        close_quietly(*self.conns)
 
     def _run(self, cid: int) -> None:
         conn = self.conns[cid]
@@ -266,7 +248,7 @@ def test_split_sends_reads_to_replicas_and_writes_to_primary(trio, bouncer):
         assert {k: r.failures for k, r in rows.items()} == failures_before, rows
         assert all(r.banned == 0 for r in rows.values()), rows
     finally:
-        close_all(conn, tx, ext)
+        close_quietly(conn, tx, ext)
         primary.psql("DELETE FROM t WHERE id <> 1", dbname="app")
 
 
@@ -291,7 +273,7 @@ def test_routing_hook_has_the_last_word(trio, bouncer, tmp_path):
         assert {one(conn, WHERE + " /* to_replica_one */") for _ in range(6)} == {(True, r1.port)}
         assert {one(conn, WHERE + " /* to_primary */") for _ in range(4)} == {(False, primary.port)}
     finally:
-        close_all(conn)
+        close_quietly(conn)
 
 
 @pytest.mark.timeout(60)
@@ -317,7 +299,7 @@ def test_least_active_and_random(trio, bouncer):
         # Nothing active anywhere: reads still land on replicas only.
         assert all(rec for rec, _ in (one(reader, WHERE) for _ in range(4)))
     finally:
-        close_all(holder, reader)
+        close_quietly(holder, reader)
 
     b2 = split_bouncer(bouncer, trio, load_balance="random")
     conn = b2.connect(autocommit=True)
@@ -327,7 +309,7 @@ def test_least_active_and_random(trio, bouncer):
         assert all(rec for rec, _ in seen)
         assert {p for _, p in seen} == {r1.port, r2.port}   # chance of failing: 2 ** -39
     finally:
-        close_all(conn)
+        close_quietly(conn)
 
 
 @pytest.mark.timeout(90)
@@ -388,7 +370,7 @@ def test_every_replica_down_reads_go_to_primary(trio, bouncer):
         wait_for(lambda: in_rotation(b, r1, r2), timeout=30, message="both replicas back in rotation")
         assert set(ports_of_reads(conn, 10)) == {r1.port, r2.port}
     finally:
-        close_all(conn)
+        close_quietly(conn)
 
 
 @pytest.mark.timeout(90)
@@ -422,7 +404,7 @@ def test_lagging_replica_out_of_rotation_until_caught_up(trio, bouncer):
         # the rest of the scenario ran whatever this says).
         assert lagging.in_rotation == 0, f"SHOW REPLICAS while r1 lagged past replica_max_lag: {lagging}"
     finally:
-        close_all(conn)
+        close_quietly(conn)
         primary.psql("TRUNCATE big", dbname="app")
 
 
@@ -448,7 +430,7 @@ def test_read_only_error_on_a_replica_does_not_ban_it(trio, bouncer):
         assert all(r.banned == 0 and r.failures == 0 for r in rows.values()), rows
         assert set(ports_of_reads(conn, 10)) == {r1.port, r2.port}
     finally:
-        close_all(conn)
+        close_quietly(conn)
 
 
 @pytest.mark.timeout(60)
@@ -468,4 +450,4 @@ def test_replicas_in_rotation_once_a_client_logged_in(trio, bouncer):
         assert all(r.failures == 0 for r in rows.values()), rows
         assert set(ports_of_reads(conn, 10)) == {r1.port, r2.port}
     finally:
-        close_all(conn)
+        close_quietly(conn)
