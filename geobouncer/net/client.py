@@ -21,6 +21,7 @@ from ..pool.prepared import QUERY, SYNC
 from ..pool.states import CL_ACTIVE, CL_LOGIN, CL_WAITING
 from ..proto import messages as m
 from ..proto.framing import ProtocolError
+from ..proto.scan import ClientScanner
 from . import params as tracked_params
 from .checkout import ClientError, acquire_server
 from .fastio import sender
@@ -80,6 +81,7 @@ class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRou
         self.rw_split = False      # automatic read/write split for this client's database
         self.lost_tx = False       # a switchover took our transaction: say so at the next request
         self.auth_result = None
+        self.scanner: ClientScanner | None = None   # frontend boundaries (proto/scan.py), after login
 
     def __repr__(self) -> str:
         return f"C-{self.id:#x}"
@@ -99,6 +101,7 @@ class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRou
             if self.admin:
                 self.app.admin.serve(self)
             else:
+                self.scanner = ClientScanner(self.app.max_packet_size)
                 self.rw_split = bool(self.pool.db.read_write_split) and self.pool.mode != "session"
                 if self.pool.tracking or self.app.hooks.enabled or self.rw_split or self.pool.cluster:
                     self._serve_tracked()
@@ -150,12 +153,14 @@ class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRou
         """The client is leaving: a clean server goes back (after the reset in
         session mode), anything else is closed."""
         server.client = None
-        if (server.tx_status == b"I" and server.outstanding <= 0 and not server.unsynced
-                and not server.in_copy and not server.dirty and not server.closed
-                and not (server.tracker and server.tracker.pending)):
+        if server.reusable() and not self.mid_message():
             gevent.spawn(self.app.release_after_client, server, server.pool)
         else:
             server.close("client disconnect while server was not ready")
+
+    def mid_message(self) -> bool:
+        """Has the server been sent part of a message whose rest is still to come?"""
+        return self.scanner is not None and self.scanner.owed > 0
 
     def shutdown(self, sqlstate: str | None = None, text: str | None = None) -> None:
         """Close this client from another greenlet (janitor, admin KILL, lost server)."""
@@ -209,6 +214,8 @@ class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRou
 
     def on_server_idle(self, server) -> None:
         """The server answered everything; return it unless the mode keeps it."""
+        if self.mid_message():
+            return        # a large message is still streaming to it (net/stream.py)
         mode = self.pool.mode
         if server.tx_status != b"I":
             if mode == "statement":

@@ -5,23 +5,19 @@ pooling), with session SETs remembered. A mixin of ClientConnection
 
 from __future__ import annotations
 
-import struct
 from time import monotonic
 
 from ..pool import session_state
 from ..pool.prepared import BIND, DESCRIBE, EXECUTE, FAKE, PARSE, QUERY, SYNC
 from ..proto import messages as m
-from ..proto.framing import ProtocolError
 from .checkout import ClientError
 from .fastio import receiver
 from .login import ClientGone
 
-_unpack_len = struct.Struct("!I").unpack_from
 RECV_SIZE = 65536
 _Q, _S, _F, _X = (ord(c) for c in "QSFX")
 _P, _B, _D, _E = (ord(c) for c in "PBDE")
 _EXTENDED = frozenset(ord(c) for c in "PBDECH")
-_KNOWN = frozenset(ord(c) for c in "QSFXPBDECHdcfp")
 _RENAMED = frozenset(ord(c) for c in "PBDC")
 # Query texts worth parsing for session effects: SET, RESET, DEALLOCATE, DISCARD
 # (and anything starting with whitespace or a comment, to be safe).
@@ -47,6 +43,8 @@ class ClientForwarding:
         self.pending = b""
         scratch: list = []
         plain = not (self.app.hooks.enabled or self.rw_split)
+        messages = self.scanner.messages
+        lone_query = self.scanner.lone_query
         while True:
             if not buf and plain:
                 data = recv()
@@ -54,12 +52,11 @@ class ClientForwarding:
                     raise ClientGone()
                 # Fast path: exactly one complete simple Query that needs no reading.
                 # (lost_tx is checked after the read: a server can be lost meanwhile.)
-                if (data[0] == _Q and not self.lost_tx and len(data) == 1 + _unpack_len(data, 1)[0]
-                        and len(data) > 5 and not _needs_inspection(data[5:8])):
+                if lone_query(data) and not self.lost_tx and not _needs_inspection(data[5:8]):
                     self._forward_query(data)
                     continue
                 buf += data
-            msgs = self._complete_messages(buf)
+            msgs = messages(buf)
             if msgs is None:
                 if len(buf) >= 5 and self._large_message(buf):
                     self._stream_large(buf, recv, scratch)
@@ -70,7 +67,7 @@ class ClientForwarding:
                 buf += data
                 continue
             self.request_time = monotonic()
-            terminate = msgs and msgs[-1][0] == _X
+            terminate = msgs[-1][0] == _X
             if terminate:
                 msgs.pop()
             if msgs and not (plain and self._forward_unnamed(buf, msgs)):
@@ -152,29 +149,6 @@ class ClientForwarding:
         if server.tracker is not None:
             server.tracker.pending.append(_QUERY_ENTRY)
         self._send(data, 1, None)
-
-    def _complete_messages(self, buf: bytearray):
-        """(type, start, end) of the complete messages at the start of ``buf``;
-        None when there is none yet. Stops after a Terminate."""
-        limit = self.app.max_packet_size
-        msgs = []
-        pos = 0
-        n = len(buf)
-        while n - pos >= 5:
-            mtype = buf[pos]
-            length = _unpack_len(buf, pos + 1)[0]
-            if length < 4 or length > limit:
-                raise ProtocolError(f"invalid message length {length}")
-            end = pos + 1 + length
-            if end > n:
-                break
-            if mtype not in _KNOWN:
-                raise ProtocolError(f"unknown message type {chr(mtype)!r}")
-            msgs.append((mtype, pos, end))
-            pos = end
-            if mtype == _X:
-                break
-        return msgs or None
 
     def _forward_tracked(self, buf: bytearray, msgs: list, scratch: list) -> None:
         if self.lost_tx:

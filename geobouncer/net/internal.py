@@ -28,13 +28,14 @@ class ServerError(Exception):
 class InternalQuery:
     """The pooler's own query in flight: rows and the first error are collected."""
 
-    __slots__ = ("error", "pending", "result", "rows")
+    __slots__ = ("error", "pending", "result", "rows", "tail")
 
     def __init__(self, pending: int = 1):
         self.result = AsyncResult()
         self.rows: list[list[str | None]] = []
         self.error: ServerError | None = None
         self.pending = pending   # ReadyForQuery messages still expected
+        self.tail = b""          # an incomplete message, completed by the next read
 
 
 
@@ -63,9 +64,11 @@ class InternalQueries:
     def query(self, sql: str, timeout: float | None = None) -> list[list[str | None]]:
         return self.run_internal(m.query(sql), timeout=timeout).rows
 
-    def _internal_data(self, data: bytes) -> bytes:
-        """Consume the replies to the pooler's own query; return an unfinished tail."""
+    def _internal_data(self, data: bytes) -> None:
+        """Consume the replies to the pooler's own query."""
         q = self.internal
+        if q.tail:
+            data = q.tail + data
         pos = 0
         n = len(data)
         while pos < n:
@@ -91,7 +94,7 @@ class InternalQueries:
                 if q.pending == 0:
                     q.result.set(True)
             pos = end
-        return data[pos:]
+        q.tail = data[pos:]
 
 
 def _decode_row(body) -> list[str | None]:

@@ -16,7 +16,6 @@ server goes back to its pool (transaction and statement modes).
 from __future__ import annotations
 
 import logging
-import struct
 from time import monotonic
 
 import gevent
@@ -25,19 +24,19 @@ from ..pool.prepared import FAKE, Tracker
 from ..pool.states import SV_LOGIN
 from ..proto import messages as m
 from ..proto.framing import ProtocolError, message_at
+from ..proto.scan import REQUEST_REPLIES, SERVER_WATCH, ServerScanner
 from .fastio import receiver
 from .internal import InternalQueries, InternalQuery, ServerError  # noqa: F401 - re-exported
 from .server_login import ServerLogin, send_cancel  # noqa: F401 - re-exported
 
 log = logging.getLogger("geobouncer")
 
-_unpack_len = struct.Struct("!I").unpack_from
 RECV_SIZE = 65536
 # Types the reader must decode in full; everything else streams through.
 _Z, _S, _E, _G, _H, _W, _D, _C = (ord(c) for c in "ZSEGHWDC")
-_WATCHED = frozenset((_Z, _S, _E, _G, _H, _W))
+_WATCHED = SERVER_WATCH
 # Replies that complete a request, or that the prepared-statement tracker must see.
-_TRACKED = _WATCHED | frozenset(ord(c) for c in "123TnCIs")
+_TRACKED = _WATCHED | REQUEST_REPLIES
 # admin/crash shutdown, cannot connect now, read-only transaction (a demoted writer)
 _HOST_TROUBLE = frozenset({"57P01", "57P02", "57P03", "25006"})
 
@@ -81,6 +80,7 @@ class ServerConnection(ServerLogin, InternalQueries):
         # Transaction/statement pooling renames prepared statements (pool/prepared.py).
         self.tracker = Tracker(pool.registry, pool.max_prepared) if pool.tracking else None
         self.session_sets: dict[str, str] = {}   # SETs replayed here (pool/session_state.py)
+        self.scanner: ServerScanner | None = None  # set by the reader (proto/scan.py)
 
     def __repr__(self) -> str:
         return f"S-{self.id:#x}"
@@ -97,14 +97,14 @@ class ServerConnection(ServerLogin, InternalQueries):
         (transaction/statement pooling) every reply that closes a request is
         matched to it, so replies to injected messages are dropped and locally
         answered ones inserted; without one only what the pooler must see is
-        decoded."""
+        decoded. The boundaries come from the scanner (proto/scan.py)."""
         recv = receiver(self.sock, RECV_SIZE)
         tracker = self.tracker
         server_message = tracker.server_message if tracker is not None else None
-        decoded = _TRACKED if tracker is not None else _WATCHED
         forward = self._forward_tracked if tracker is not None else self._forward
-        skip = 0
-        partial = b""
+        scanner = self.scanner = ServerScanner(_TRACKED if tracker is not None else _WATCHED)
+        feed = scanner.feed
+        watched = self._watched
         try:
             while True:
                 data = recv()
@@ -112,61 +112,34 @@ class ServerConnection(ServerLogin, InternalQueries):
                     self._lost("server closed the connection unexpectedly")
                     return
                 if self.internal is not None:
-                    data = partial + data
-                    partial = self._internal_data(data)
+                    self._internal_data(data)
                     continue
-                n = len(data)
-                if skip >= n:
-                    skip -= n
-                    forward(data)
-                    continue
-                if partial:
-                    data = partial + data
-                    n = len(data)
-                    partial = b""
-                pos = skip
-                skip = 0
-                released = False
+                data, end, found = feed(data)
                 out = None          # pieces, once a reply is dropped or one inserted
-                run = 0
-                while pos < n:
-                    if n - pos < 5:
-                        partial = data[pos:]
-                        break
-                    mtype = data[pos]
-                    end = pos + 1 + _unpack_len(data, pos + 1)[0]
-                    if mtype in decoded:
-                        if end > n:
-                            partial = data[pos:]
-                            break
+                if found:
+                    run = 0
+                    for mtype, start, stop in found:
                         if mtype in _WATCHED:
-                            released = self._watched(mtype, data, pos + 5, end) or released
+                            watched(mtype, data, start + 5, stop)
                         if server_message is not None:
-                            keep, fakes = server_message(mtype, data[pos + 5:end])
+                            keep, fakes = server_message(mtype, data[start + 5:stop])
                             if fakes or not keep:
                                 if out is None:
                                     out = []
-                                out.append(data[run:end if keep else pos])
+                                out.append(data[run:stop if keep else start])
                                 if fakes:
                                     out.append(fakes)
-                                run = end
-                    elif end > n:
-                        skip = end - n
-                        pos = n
-                        break
-                    pos = end
-                if len(partial) > self.pool_limit():
-                    raise ProtocolError("server message too large")
-                if out is not None:
-                    out.append(data[run:pos])
-                    chunk = b"".join(out)
-                else:
-                    chunk = data if pos == n else data[:pos]
+                                run = stop
+                    if out is not None:
+                        out.append(data[run:end])
+                        chunk = b"".join(out)
+                if out is None:
+                    chunk = data if end == len(data) else data[:end]
                 if tracker is not None and tracker.dropped_all:
                     self._statements_dropped()
                 if chunk:
                     forward(chunk)
-                if released:
+                if scanner.ready:
                     self._maybe_release()
         except (OSError, ProtocolError) as exc:
             self._lost(f"server connection failed: {exc}")
@@ -202,8 +175,8 @@ class ServerConnection(ServerLogin, InternalQueries):
     def pool_limit(self) -> int:
         return 1 << 26
 
-    def _watched(self, mtype: int, data: bytes, start: int, end: int) -> bool:
-        """Decode a message the pooler must see; True when a ReadyForQuery came."""
+    def _watched(self, mtype: int, data: bytes, start: int, end: int) -> None:
+        """Decode a message the pooler must see."""
         if mtype == _Z:
             self.tx_status = data[start:start + 1]
             self.in_copy = False
@@ -211,7 +184,7 @@ class ServerConnection(ServerLogin, InternalQueries):
             client = self.client
             if client is not None:
                 client.on_ready(self, self.tx_status)
-            return True
+            return
         if mtype == _S:
             name, value = m.parse_parameter_status(data[start:end])
             self.params[name] = value
@@ -221,17 +194,16 @@ class ServerConnection(ServerLogin, InternalQueries):
                 client.tparams[name] = value
             elif name in self.tparams:
                 self.tparams[name] = value
-            return False
+            return
         if mtype in (_G, _H, _W):
             self.in_copy = True
-            return False
+            return
         if mtype == _E:
             fields = m.parse_error_fields(data[start:end])
             if fields.get("S") in ("FATAL", "PANIC"):
                 self.dirty = True
                 self.close_reason = f"server error: {fields.get('M', '')}"
             self._trouble(fields.get("M", ""), fields.get("C"))
-        return False
 
     def _trouble(self, reason: str, sqlstate: str | None) -> None:
         """Report what may mean the host is down or demoted (failover/)."""
@@ -253,11 +225,23 @@ class ServerConnection(ServerLogin, InternalQueries):
         else:
             self.pool.stats.bytes_sent += len(data)
 
+    # --- the one definition of "between requests / transactions" -----------------
+    def answered(self) -> bool:
+        """Every request sent has been answered: nothing owed, nothing unsynced,
+        no COPY, no reply half-read, nothing queued for the tracker."""
+        return (self.outstanding <= 0 and not self.unsynced and not self.in_copy
+                and not (self.scanner is not None and self.scanner.mid_message)
+                and not (self.tracker is not None and self.tracker.pending))
+
+    def reusable(self) -> bool:
+        """May another client use this server now? Answered, outside any
+        transaction, and neither broken nor doomed."""
+        return (self.tx_status == b"I" and not self.dirty and not self.closed and self.answered())
+
     def _maybe_release(self) -> None:
         client = self.client
-        if client is not None and self.outstanding <= 0 and not self.unsynced and not self.in_copy:
-            if self.tracker is None or not self.tracker.pending:
-                client.on_server_idle(self)
+        if client is not None and self.answered():
+            client.on_server_idle(self)
 
     def _unexpected(self, data: bytes) -> None:
         """Bytes from a server nobody is using: parameter changes and notices are

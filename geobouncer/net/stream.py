@@ -1,22 +1,21 @@
 """Streaming paths of a client: session pooling forwards chunks as they come,
 partial messages included; in transaction pooling, a message too large to hold
-(a huge query, big CopyData) streams through the same way. A mixin of
-ClientConnection (net/client.py)."""
+(a huge query, big CopyData) streams through the same way. The boundaries and
+request counts come from the client's scanner (proto/scan.py); a server that
+got part of a message is never reused (see ClientConnection._drop_server). A
+mixin of ClientConnection (net/client.py)."""
 
 from __future__ import annotations
 
-import struct
 from time import monotonic
 
 from ..proto.framing import ProtocolError
+from .checkout import ClientError
 from .fastio import receiver
 from .login import ClientGone
 
-_unpack_len = struct.Struct("!I").unpack_from
 RECV_SIZE = 65536
-_Q, _S, _F, _X = (ord(c) for c in "QSFX")
-_EXTENDED = frozenset(ord(c) for c in "PBDECH")
-_KNOWN = frozenset(ord(c) for c in "QSFXPBDECHdcfp")
+_Q, _F = ord("Q"), ord("F")
 _RENAMED = frozenset(ord(c) for c in "PBDC")
 _STREAM_ABOVE = 1 << 20      # messages above 1 MiB stream through unless they must be read
 _HOLD_LIMIT = 0x3FFFFFFF     # PostgreSQL refuses messages over 1 GB: never hold more
@@ -25,8 +24,8 @@ _HOLD_LIMIT = 0x3FFFFFFF     # PostgreSQL refuses messages over 1 GB: never hold
 class ClientStreaming:
     def _serve(self) -> None:
         recv = receiver(self.sock, RECV_SIZE)
-        skip = 0
-        partial = b""
+        scanner = self.scanner
+        stream = scanner.stream
         data = self.pending
         self.pending = b""
         while True:
@@ -35,49 +34,12 @@ class ClientStreaming:
                 if not data:
                     raise ClientGone()
             self.request_time = monotonic()
-            if partial:
-                data = partial + data
-                partial = b""
-            n = len(data)
-            if skip >= n:
-                skip -= n
-                self._send(data, 0, None)
-                data = b""
-                continue
-            pos = skip
-            skip = 0
-            requests = 0
-            synced = None
-            terminate = False
-            while pos < n:
-                if n - pos < 5:
-                    partial = data[pos:]
-                    break
-                mtype = data[pos]
-                length = _unpack_len(data, pos + 1)[0]
-                if length < 4 or length > self.app.max_packet_size:
-                    raise ProtocolError(f"invalid message length {length}")
-                end = pos + 1 + length
-                if mtype == _Q or mtype == _F:
-                    requests += 1
-                elif mtype == _S:
-                    requests += 1
-                    synced = True
-                elif mtype in _EXTENDED:
-                    synced = False
-                elif mtype == _X:
-                    terminate = True
-                    break
-                elif mtype not in _KNOWN:
-                    raise ProtocolError(f"unknown message type {chr(mtype)!r}")
-                if end > n:
-                    skip = end - n
-                    pos = n
-                    break
-                pos = end
-            if pos:
-                self._send(data[:pos] if pos < n else data, requests, synced)
-            if terminate:
+            if scanner.owed and self.server is None:
+                raise ClientError("08006", "server conn crashed?")   # lost mid-message
+            chunk = stream(data)
+            if chunk:
+                self._send(chunk, scanner.requests, scanner.synced)
+            if scanner.terminate:
                 raise ClientGone()
             data = b""
 
@@ -86,7 +48,7 @@ class ClientStreaming:
         rather than hold? Messages the pooler must read whole (Parse, Bind,
         Describe, Close; queries a hook or the split must see) are held, up to
         PostgreSQL's own 1 GB message limit."""
-        length = _unpack_len(buf, 1)[0]
+        length = self.scanner.pending_length(buf) - 1
         if length <= _STREAM_ABOVE:
             return False
         mtype = buf[0]
@@ -98,23 +60,28 @@ class ClientStreaming:
 
     def _stream_large(self, buf: bytearray, recv, scratch: list) -> None:
         """Forward one large message (a huge query, big CopyData) as it arrives."""
+        scanner = self.scanner
         mtype = buf[0]
-        total = 1 + _unpack_len(buf, 1)[0]
+        total = scanner.pending_length(buf)
         server = self.server or self._link()
         if server.tracker is not None:
             server.tracker.client_message(mtype, None, self.statements, scratch)
             scratch.clear()
         self.request_time = monotonic()
-        first = bytes(buf[:total])
-        del buf[:len(first)]
-        remaining = total - len(first)
+        first = bytes(buf)
+        buf.clear()
+        scanner.start_streaming(total, len(first))
         self._send(first, 1 if mtype in (_Q, _F) else 0, None)
-        while remaining > 0:
+        while scanner.owed > 0:
             data = recv()
             if not data:
                 raise ClientGone()
-            if len(data) > remaining:
-                buf += data[remaining:]
-                data = data[:remaining]
-            remaining -= len(data)
+            if len(data) > scanner.owed:
+                buf += data[scanner.owed:]
+                data = data[:scanner.owed]
+            scanner.take(len(data))
+            if self.server is not server:
+                raise ClientError("08006", "server conn crashed?")   # lost mid-message
             self._send(data, 0, None)
+        if server.client is self:
+            server._maybe_release()   # its replies may all have come while we streamed

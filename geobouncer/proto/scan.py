@@ -1,0 +1,252 @@
+"""One scanner per direction of a linked client/server pair, without I/O.
+
+Theory of operation. After login every message is a type byte and a 4-byte
+length that counts itself. A scanner is fed whatever a ``recv`` returned —
+a header split anywhere is normal — and answers two questions: where the
+boundaries are (what may be forwarded now, what must wait for more bytes) and
+what the pooler has to know about the messages it saw. Nobody else in the
+pooler unpacks a length.
+
+``ClientScanner`` (frontend -> server) validates every header before a byte of
+the message is forwarded: a type a client may not send after login (a second
+StartupMessage, SSLRequest or CancelRequest begins with a zero byte; a
+PasswordMessage outside authentication), a length under 4, a length over
+``max_packet_size``: ProtocolError (SQLSTATE 08P01). It counts the requests a
+server owes a ReadyForQuery for (Query, FunctionCall, Sync) and whether the
+extended-protocol messages sent so far end with a Sync. It has two modes:
+
+- ``stream(data)``: everything is forwarded as it comes, partial messages
+  included; ``owed`` says how many bytes of a started message are still to
+  come. A server that got half a message is never reusable.
+- ``messages(buf)``: the complete messages at the start of a buffer the caller
+  holds (transaction pooling reads whole batches).
+
+``ServerScanner`` (backend -> client) forwards everything it need not hold:
+large DataRows stream through. Messages in its ``watch`` set are held until
+complete and reported; it keeps the last ReadyForQuery status, counts
+ReadyForQuery messages, and knows when COPY starts.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .framing import ProtocolError
+
+_unpack_len = struct.Struct("!I").unpack_from
+
+# Frontend message types the pooler forwards after login.
+_Q, _S, _F, _X, _H = (ord(c) for c in "QSFXH")
+_EXTENDED = frozenset(ord(c) for c in "PBDEC")
+_P, _B = ord("P"), ord("B")
+_NAMED = frozenset(ord(c) for c in "PBDC")    # messages whose names the pooler reads
+_TARGETS = frozenset(b"SP")
+CLIENT_TYPES = frozenset(ord(c) for c in "QSFXPBDECHdcf")
+# Backend types every scanner watches: ReadyForQuery, ParameterStatus,
+# ErrorResponse, CopyIn/Out/Both responses.
+_Z, _E = ord("Z"), ord("E")
+_COPY = frozenset(ord(c) for c in "GHW")
+SERVER_WATCH = frozenset(ord(c) for c in "ZSEGHW")
+# Replies that close an extended-protocol request (the prepared-statement tracker).
+REQUEST_REPLIES = frozenset(ord(c) for c in "123TnCIs")
+SERVER_HOLD_LIMIT = 1 << 26   # a watched message (an error, a status) is never this large
+
+
+def _bad_type(mtype: int) -> ProtocolError:
+    if mtype == 0:
+        return ProtocolError("startup packet after login")
+    if mtype == ord("p"):
+        return ProtocolError("password packet after login")
+    return ProtocolError(f"unknown message type {mtype} (0x{mtype:02x})")
+
+
+class ClientScanner:
+    """Frontend stream of one client after login; see the module docstring."""
+
+    __slots__ = ("held", "limit", "owed", "requests", "synced", "terminate")
+
+    def __init__(self, limit: int):
+        self.limit = limit          # max_packet_size
+        self.held = b""             # an incomplete header (stream mode)
+        self.owed = 0               # bytes of a forwarded message still to come
+        self.requests = 0           # ReadyForQuery messages the last scan asks for
+        self.synced = None          # True: last extended message was a Sync; False: unsynced; None: no news
+        self.terminate = False      # a Terminate was seen (nothing after it is returned)
+
+    def check(self, mtype: int, length: int) -> None:
+        if mtype not in CLIENT_TYPES:
+            raise _bad_type(mtype)
+        if length < 4 or length > self.limit:
+            raise ProtocolError(f"invalid message length {length}" if length < 4
+                                else f"message of {length} bytes exceeds max_packet_size")
+
+    # --- stream mode ----------------------------------------------------------
+    def stream(self, data: bytes) -> bytes:
+        """Scan ``data`` and return what may be forwarded now (an incomplete
+        header is held back; an incomplete body is forwarded, ``owed`` counts
+        the rest). Sets ``requests``, ``synced`` and ``terminate``."""
+        self.requests = 0
+        self.synced = None
+        owed = self.owed
+        n = len(data)
+        if owed >= n and not self.held:
+            self.owed = owed - n
+            return data
+        if self.held:
+            data = self.held + data
+            n = len(data)
+            self.held = b""
+        pos = owed
+        requests = 0
+        synced = None
+        limit = self.limit
+        while pos < n:
+            if n - pos < 5:
+                self.held = data[pos:]
+                break
+            mtype = data[pos]
+            length = _unpack_len(data, pos + 1)[0]
+            if mtype not in CLIENT_TYPES or length < 4 or length > limit:
+                self.check(mtype, length)
+            if mtype == _Q or mtype == _F:
+                requests += 1
+            elif mtype == _S:
+                requests += 1
+                synced = True
+            elif mtype in _EXTENDED:
+                synced = False
+            elif mtype == _X:
+                self.terminate = True
+                n = pos
+                break
+            pos += 1 + length
+        self.requests = requests
+        self.synced = synced
+        if pos > n:
+            self.owed = pos - n
+            return data
+        self.owed = 0
+        return data if pos == len(data) else data[:pos]
+
+    # --- whole-message mode --------------------------------------------------
+    def messages(self, buf) -> list | None:
+        """(type, start, end) of the complete messages at the start of ``buf``,
+        or None when there is none yet. Validates every header it reaches,
+        including that of an incomplete message. Stops after a Terminate."""
+        msgs = []
+        pos = 0
+        n = len(buf)
+        limit = self.limit
+        while n - pos >= 5:
+            mtype = buf[pos]
+            length = _unpack_len(buf, pos + 1)[0]
+            if mtype not in CLIENT_TYPES or length < 4 or length > limit:
+                self.check(mtype, length)
+            end = pos + 1 + length
+            if end > n:
+                break
+            if mtype in _NAMED:
+                check_names(mtype, buf, pos + 5, end)
+            msgs.append((mtype, pos, end))
+            pos = end
+            if mtype == _X:
+                break
+        return msgs or None
+
+    def lone_query(self, data) -> bool:
+        """Is ``data`` exactly one complete, valid simple Query (the common
+        case of transaction pooling, forwarded without building a batch)?"""
+        n = len(data)
+        return (data[0] == _Q and 5 < n <= self.limit + 1
+                and n == 1 + _unpack_len(data, 1)[0] and data[n - 1] == 0)
+
+    @staticmethod
+    def pending_length(buf) -> int:
+        """Full size of the (validated) incomplete message at the start of ``buf``."""
+        return 1 + _unpack_len(buf, 1)[0]
+
+    def start_streaming(self, total: int, have: int) -> None:
+        """A large message is being forwarded piecewise: ``total`` bytes, of
+        which ``have`` go out now."""
+        self.owed = total - have
+
+    def take(self, n: int) -> None:
+        """``n`` more bytes of the message being streamed went out."""
+        self.owed -= n
+
+
+def check_names(mtype: int, buf, body: int, end: int) -> None:
+    """The names the pooler reads from a Parse, Bind, Describe or Close (body
+    at ``buf[body:end]``) must be terminated inside the message, or it is a
+    protocol violation. The rest of the body is PostgreSQL's to check."""
+    if mtype == _P or mtype == _B:
+        first = buf.find(0, body, end)
+        if first >= 0 and buf.find(0, first + 1, end) >= 0:
+            return
+    elif end - body >= 2 and buf[end - 1] == 0 and buf[body] in _TARGETS:
+        return
+    raise ProtocolError(f"malformed {chr(mtype)} message")
+
+
+class ServerScanner:
+    """Backend stream of one server connection; see the module docstring."""
+
+    __slots__ = ("copy", "held", "ready", "skip", "status", "watch")
+
+    def __init__(self, watch: frozenset = SERVER_WATCH):
+        self.watch = watch
+        self.held = b""        # an incomplete header or watched message
+        self.skip = 0          # bytes of a streamed message still to come
+        self.status = b"I"     # last ReadyForQuery status
+        self.ready = 0         # ReadyForQuery messages in the last feed
+        self.copy = False      # a CopyIn/Out/Both response came and no ReadyForQuery since
+
+    def feed(self, data: bytes) -> tuple[bytes, int, list]:
+        """Returns ``(buf, end, found)``: forward ``buf[:end]``; ``found`` lists
+        ``(type, start, end)`` of the watched messages in it, all complete.
+        What follows ``end`` is kept for the next feed."""
+        self.ready = 0
+        skip = self.skip
+        n = len(data)
+        if skip >= n and not self.held:
+            self.skip = skip - n
+            return data, n, []
+        if self.held:
+            data = self.held + data
+            n = len(data)
+            self.held = b""
+        pos = skip
+        self.skip = 0
+        found = []
+        watch = self.watch
+        while pos < n:
+            if n - pos < 5:
+                self.held = data[pos:]
+                return data, pos, found
+            mtype = data[pos]
+            length = _unpack_len(data, pos + 1)[0]
+            if length < 4:
+                raise ProtocolError(f"invalid message length {length} from server")
+            end = pos + 1 + length
+            if mtype in watch:
+                if end > n:
+                    if length > SERVER_HOLD_LIMIT:
+                        raise ProtocolError("server message too large")
+                    self.held = data[pos:]
+                    return data, pos, found
+                found.append((mtype, pos, end))
+                if mtype == _Z:
+                    self.ready += 1
+                    self.status = data[pos + 5:pos + 6]
+                    self.copy = False
+                elif mtype in _COPY:
+                    self.copy = True
+            elif end > n:
+                self.skip = end - n
+                return data, n, found
+            pos = end
+        return data, n, found
+
+    @property
+    def mid_message(self) -> bool:
+        return bool(self.skip or self.held)
