@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import socket as pysocket
 from time import monotonic
@@ -31,6 +30,7 @@ from .net.listener import Listeners
 from .net.release import ServerReleasing
 from .net.secrets import SecretLookup
 from .net.server import send_cancel
+from .pool.cancel_keys import new_cancel_key
 from .pool.pool import ConnectionCounters, Pool, PoolLimits
 from .pool.prepared import Registry
 from .routing import HookLoadError, Hooks
@@ -270,7 +270,7 @@ class Bouncer(SecretLookup, FailoverWiring, ServerReleasing, Janitor):
 
     def register_client(self, client) -> tuple[int, int]:
         while True:
-            key = (random.getrandbits(31), random.getrandbits(32))
+            key = new_cancel_key(self.settings.peer_id)
             if key not in self.cancel_keys:
                 break
         self.cancel_keys[key] = client

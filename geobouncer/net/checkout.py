@@ -71,9 +71,10 @@ def acquire_server(app, pool, client) -> ServerConnection:
             continue
         now = monotonic()
         use_reserve = pool.limits.reserve_pool_size > 0 and now >= reserve_after
-        if pool.may_open(use_reserve):
-            if cluster is None:
-                _check_login_retry(app, pool)
+        # A failing login fails the client only when no server of the pool can
+        # serve it: otherwise it queues for the ones that work (as PgBouncer).
+        serving = pool.server_count() - pool.connecting > 0
+        if pool.may_open(use_reserve) and (cluster is not None or not _login_failing(app, pool, serving)):
             if use_reserve and pool.server_count() >= pool.limits.pool_size:
                 log.warning("taking connection from reserve_pool for %s/%s", pool.db.name, pool.user)
             try:
@@ -81,7 +82,8 @@ def acquire_server(app, pool, client) -> ServerConnection:
             except ClientError:
                 if cluster is not None and (cluster.switching or cluster.verifying):
                     continue      # the writer just failed: wait for the new one
-                raise
+                if not (pool.server_count() - pool.connecting > 0):
+                    raise
         own_limit = pool.limits.pool_size + (pool.limits.reserve_pool_size if use_reserve else 0)
         if pool.server_count() < own_limit and app.evict_idle_for(pool):
             continue              # a server of another pool made room (PgBouncer's eviction)
@@ -164,15 +166,20 @@ def _usable(app, server) -> bool:
     return True
 
 
-def _check_login_retry(app, pool) -> None:
+def _login_failing(app, pool, serving: bool) -> bool:
+    """Within server_login_retry of a failed login: True (do not try again)
+    when the pool has servers to wait for; raise the cached error when not."""
     failed = pool.last_login_error
     if failed is None:
-        return
+        return False
     when, sqlstate, text = failed
-    if monotonic() - when < app.settings.server_login_retry:
-        raise ClientError(sqlstate if sqlstate.startswith("28") else "08P01",
-                          f"server login has been failing, cached error: {text} (server_login_retry)")
-    pool.last_login_error = None
+    if monotonic() - when >= app.settings.server_login_retry:
+        pool.last_login_error = None
+        return False
+    if serving:
+        return True
+    raise ClientError(sqlstate if sqlstate.startswith("28") else "08P01",
+                      f"server login has been failing, cached error: {text} (server_login_retry)")
 
 
 def open_server(app, pool) -> ServerConnection:

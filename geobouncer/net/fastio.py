@@ -7,31 +7,42 @@ the socket's read watcher first, then read. ``sendall`` goes through four
 Python frames before reaching ``send``; here we try one non-blocking ``send``
 and fall back to gevent's ``sendall`` only for what did not fit.
 
-Uses gevent socket internals (``_sock``, ``_wait``, ``_read_event``) that have
-been stable across gevent 1.x-26; ``plain_io`` falls back to the public API.
+The watcher and the raw socket are looked up on every call, never kept: when
+another greenlet closes the socket, gevent drops its watchers (``_read_event``
+becomes None) and swaps the raw socket for a closed stand-in. Starting a kept
+watcher on the closed — possibly reused — descriptor aborts the whole process
+inside libev ("I/O watcher with invalid fd found in epoll_ctl").
+
+Only plain gevent sockets take the fast path: a TLS socket's ``_sock`` is the
+encrypted stream, so anything else uses the public API.
 """
 
 from __future__ import annotations
 
+from errno import EBADF
+
+from gevent.socket import socket as _gevent_socket
+
+
+def _plain(gsock) -> bool:
+    return type(gsock) is _gevent_socket
+
 
 def receiver(gsock, size: int):
     """A ``recv()`` callable for ``gsock``; returns b"" at EOF."""
-    try:
-        raw = gsock._sock
-        wait = gsock._wait
-        event = gsock._read_event
-    except AttributeError:
+    if not _plain(gsock):
         return lambda: gsock.recv(size)
-    raw_recv = raw.recv
+    wait = gsock._wait
 
     def recv() -> bytes:
         while True:
+            event = gsock._read_event
+            if event is None:
+                raise OSError(EBADF, "socket closed")
             wait(event)
             try:
-                return raw_recv(size)
-            except BlockingIOError:
-                continue
-            except InterruptedError:
+                return gsock._sock.recv(size)
+            except (BlockingIOError, InterruptedError):
                 continue
 
     return recv
@@ -39,15 +50,13 @@ def receiver(gsock, size: int):
 
 def sender(gsock):
     """A ``sendall(data)`` callable for ``gsock``."""
-    try:
-        raw_send = gsock._sock.send
-    except AttributeError:
+    if not _plain(gsock):
         return gsock.sendall
     slow = gsock.sendall
 
     def sendall(data) -> None:
         try:
-            sent = raw_send(data)
+            sent = gsock._sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         if sent < len(data):

@@ -47,8 +47,10 @@ class ClientLogin:
         app = self.app
         if app.settings.log_connections:
             log.info("%s login attempt: db=%s user=%s tls=no", self.label(), self.dbname, user)
-        db = app.database_for(self.dbname)
-        if db is None and self.dbname == "pgbouncer":
+        # The console is a database of its own: a `*` entry must not hide it.
+        console = self.dbname == "pgbouncer" and "pgbouncer" not in app.cfg.databases
+        db = None if console else app.database_for(self.dbname)
+        if console:
             self.admin = True
             app.admin.authorize(self)
         elif db is None:
