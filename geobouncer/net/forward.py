@@ -8,7 +8,7 @@ from __future__ import annotations
 from time import monotonic
 
 from ..pool import session_state
-from ..pool.prepared import BIND, DESCRIBE, EXECUTE, FAKE, PARSE, QUERY, SYNC
+from ..pool.prepared import BIND, DESCRIBE, EXECUTE, FAKE, PARSE, QUERY, SYNC, parse_locally
 from ..proto import messages as m
 from .checkout import ClientError
 from .fastio import receiver
@@ -157,6 +157,13 @@ class ClientForwarding:
         if self.app.hooks.enabled or self.rw_split:
             msgs = self._route_batch(buf, msgs)
         server = self.server
+        if server is None and msgs[0][0] == _P:
+            reply = parse_locally(self.app.registry, buf, msgs, self.statements, _needs_inspection)
+            if reply is not None:
+                del buf[:msgs[-1][2]]
+                self.pool.stats.client_parse_count += sum(1 for t, _, _ in msgs if t == _P)
+                self.send(reply)
+                return
         if server is None:
             server = self._server_or_refuse(buf, msgs)
             if server is None:

@@ -59,12 +59,58 @@ class Registry:
 
     def __init__(self):
         self.ids: dict[bytes, int] = {}
+        self.parsed: set[int] = set()   # ids some server has parsed successfully
 
     def id_for(self, key: bytes) -> int:
         sid = self.ids.get(key)
         if sid is None:
             sid = self.ids[key] = len(self.ids) + 1
         return sid
+
+
+_PARSE_ONLY = frozenset((_P, _S, _H_))
+
+
+def parse_locally(registry: Registry, buf, msgs: list, client_stmts: dict,
+                  needs_server=lambda head: False) -> bytes | None:
+    """Answer a batch of only named Parse (+ Sync / Flush) without a server,
+    when every statement has parsed successfully before with the same text and
+    parameter types: ParseComplete per Parse, ReadyForQuery (idle: the client
+    holds no server, so it is outside a transaction) per Sync. The statements
+    are prepared on a server when first bound. None when the batch needs one
+    (and for texts ``needs_server(first three bytes)`` says must be seen there).
+
+    This is what lets a client that prepares synchronously while its other
+    connections hold every server (pgbench -M prepared, many clients per
+    thread) go on instead of waiting for a server that cannot come back."""
+    names = []
+    seen = set()
+    for mtype, start, end in msgs:
+        if mtype != _P:
+            if mtype not in _PARSE_ONLY:
+                return None
+            continue
+        name_end = buf.index(0, start + 5, end)
+        name = bytes(buf[start + 5:name_end])
+        tail = bytes(buf[name_end + 1:end])
+        if needs_server(tail[:3]):
+            return None
+        sid = registry.ids.get(tail)
+        if not name or name in client_stmts or sid not in registry.parsed or name in seen:
+            return None
+        seen.add(name)
+        names.append((name, sid, tail))
+    if not names:
+        return None
+    out = []
+    for mtype, _, _ in msgs:
+        if mtype == _P:
+            out.append(PARSE_COMPLETE)
+        elif mtype == _S:
+            out.append(m.READY_IDLE)
+    for name, sid, tail in names:
+        client_stmts[name] = (sid, tail)
+    return b"".join(out)
 
 
 class ServerStatements:
@@ -310,4 +356,6 @@ class Tracker:
         if not done:
             return True, b""
         entry = pending.popleft()
+        if kind == PARSE and type(entry[2]) is int:
+            self.registry.parsed.add(entry[2])
         return not entry[1], self.first_fakes()

@@ -72,8 +72,13 @@ def bench_db(pg):
 # tpcb-like is ~10x slower than -S on two cores: fewer transactions keep the file fast.
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("script, per_client", [("tpcb-like", 100), ("select-only", 200)])
-@pytest.mark.parametrize("mode", ["simple", "extended"])
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
 def test_pgbench_transaction_pooling(pg, bouncer, bench_db, script, per_client, mode):
+    """50 clients on 10 servers, two pgbench threads. With -M prepared each
+    thread prepares with a blocking PQprepare while its other clients may hold
+    every server: the pooler answers a Parse of a statement it has seen parse
+    before without a server, or the thread would stall until query_wait_timeout
+    (as PgBouncer 1.25 does)."""
     clients = 50
     b = bouncer(databases={BENCH_DB: pg.conninfo(BENCH_DB)},
                 pgbouncer={"pool_mode": "transaction", "default_pool_size": 10, "max_client_conn": 200,

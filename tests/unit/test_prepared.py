@@ -206,3 +206,61 @@ def test_fake_between_real_replies_is_inserted_in_order():
     assert types_of(wire) == "BES"
     assert server.first_fakes() == b""            # a real reply comes first
     assert types_of(reply(server, BC, DONE, Z)) == "2C1Z"
+
+
+# --- Parse answered without a server --------------------------------------------
+
+def _batch(*raw):
+    from geobouncer.proto.scan import ClientScanner
+    buf = bytearray(b"".join(raw))
+    return buf, ClientScanner(1 << 20).messages(buf)
+
+
+def test_parse_only_batch_of_known_statements_is_answered_locally():
+    from geobouncer.pool.prepared import PARSE_COMPLETE, Registry, parse_locally
+    from geobouncer.proto import messages as m
+    registry = Registry()
+    tail = b"SELECT 1\x00\x00\x00"
+    sid = registry.id_for(tail)
+    buf, msgs = _batch(m.parse_message("SELECT 1", "s1"), m.SYNC)
+    stmts = {}
+    assert parse_locally(registry, buf, msgs, stmts) is None   # never parsed anywhere yet
+    registry.parsed.add(sid)
+    assert parse_locally(registry, buf, msgs, stmts) == PARSE_COMPLETE + m.READY_IDLE
+    assert stmts == {b"s1": (sid, tail)}
+    # The name is now taken: the server must answer 42P05.
+    assert parse_locally(registry, buf, msgs, stmts) is None
+
+
+def test_parse_locally_needs_only_parse_sync_flush_and_named_statements():
+    from geobouncer.pool.prepared import Registry, parse_locally
+    from geobouncer.proto import messages as m
+    registry = Registry()
+    registry.parsed.add(registry.id_for(b"SELECT 1\x00\x00\x00"))
+    for raw in ((m.parse_message("SELECT 1", "a"), m.bind_text([], statement="a"), m.SYNC),
+                (m.parse_message("SELECT 1", ""), m.SYNC),
+                (m.parse_message("SELECT 2", "b"), m.SYNC),
+                (m.parse_message("SELECT 1", "c"), m.parse_message("SELECT 1", "c"), m.SYNC)):
+        buf, msgs = _batch(*raw)
+        assert parse_locally(registry, buf, msgs, {}) is None
+    buf, msgs = _batch(m.parse_message("SELECT 1", "d"), m.FLUSH)
+    assert parse_locally(registry, buf, msgs, {}) == m.message(b"1")
+    buf, msgs = _batch(m.parse_message("SET x = 1", "e"), m.SYNC)
+    registry.parsed.add(registry.id_for(b"SET x = 1\x00\x00\x00"))
+    assert parse_locally(registry, buf, msgs, {}, lambda head: head.lower() == b"set") is None
+
+
+def test_a_successful_parse_on_a_server_marks_the_statement_parsed():
+    from geobouncer.pool.prepared import Registry, Tracker
+    from geobouncer.proto import messages as m
+    registry = Registry()
+    tracker = Tracker(registry, 10)
+    out = []
+    stmts = {}
+    body = m.parse_message("SELECT 1", "s1")[5:]
+    tracker.client_message(ord("P"), body, stmts, out)
+    tracker.client_message(ord("S"), None, stmts, out)
+    sid = stmts[b"s1"][0]
+    assert sid not in registry.parsed
+    tracker.server_message(ord("1"), b"")
+    assert sid in registry.parsed
