@@ -4,6 +4,7 @@ cluster node rechecks). A mixin of Bouncer (app.py)."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from time import monotonic
 
@@ -13,6 +14,23 @@ from .net.checkout import ClientError
 from .pool.pool import Pool
 
 log = logging.getLogger("geobouncer")
+
+PARK_AFTER = 1.0   # seconds idle before an idle client gives up its greenlet
+TRIM_AFTER_PARKING = 64   # parked at once: give the freed stacks back to the OS
+
+
+def _trim_heap() -> None:
+    """malloc_trim(0): glibc keeps freed memory mapped, so after a burst of
+    logins the stacks of parked greenlets would stay in RSS for good."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+try:
+    _libc = ctypes.CDLL("libc.so.6")
+    _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+except (OSError, AttributeError):   # not glibc
+    _libc = None
 
 
 class Janitor:
@@ -38,8 +56,16 @@ class Janitor:
             if want and wanted and pool.server_count() < want and not pool.paused and not self.paused:
                 if pool.last_login_error is None or now - pool.last_login_error[0] > s.server_login_retry:
                     gevent.spawn(self._fill_pool, pool)
+        hub = gevent.get_hub()
+        parked = 0
         for client in list(self.clients):
             self._check_client_timeouts(client, now, s)
+            # Idle a while with no server: park it (its greenlet ends; see net/client.py).
+            if client.parkable and now - client.request_time > PARK_AFTER:
+                client.park_if_idle(hub)
+                parked += 1
+        if parked >= TRIM_AFTER_PARKING:
+            gevent.spawn_later(0.1, _trim_heap)   # once the parked greenlets have ended
         for cluster in self.clusters.values():
             cluster.maintain()
 

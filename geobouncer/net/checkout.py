@@ -12,6 +12,7 @@ from time import monotonic
 import gevent
 from gevent.event import AsyncResult
 
+from ..pool.pool import CHECK, OPEN, RETIRE, TAKE, WAIT
 from .server import ServerConnection, ServerError
 
 log = logging.getLogger("geobouncer")
@@ -46,13 +47,22 @@ class Waiter:
 
 
 def acquire_server(app, pool, client) -> ServerConnection:
-    """Return an active server for ``client``, or raise ClientError."""
+    """Return an active server for ``client``, or raise ClientError. The pool
+    decides (Pool.checkout); this carries the decision out."""
     settings = app.settings
+    check_delay = settings.server_check_delay if settings.server_check_query else None
+    cluster = pool.cluster
+    if not (app.paused or pool.paused) and cluster is None:
+        # The common case first: an idle server, no deadline to compute.
+        decision, server = pool.checkout(monotonic(), settings.server_lifetime, check_delay)
+        if decision is TAKE:
+            return server
+        if decision is not OPEN and decision is not WAIT and _carry_out(app, decision, server):
+            return server
     start = monotonic()
     wait_limit = settings.query_wait_timeout
     deadline = start + wait_limit if wait_limit > 0 else None
     reserve_after = start + settings.reserve_pool_timeout
-    cluster = pool.cluster
     while True:
         if cluster is not None and (cluster.switching or cluster.verifying):
             _wait_for_writer(app, cluster, client, start)
@@ -64,17 +74,19 @@ def acquire_server(app, pool, client) -> ServerConnection:
                 client.set_waiting(False)
             if deadline is not None and monotonic() >= deadline:
                 raise ClientError("08P01", "query_wait_timeout")
-        server = pool.take_idle()
-        if server is not None:
-            if _usable(app, server):
-                return server
-            continue
         now = monotonic()
         use_reserve = pool.limits.reserve_pool_size > 0 and now >= reserve_after
+        decision, server = pool.checkout(now, settings.server_lifetime, check_delay, use_reserve)
+        if decision is TAKE:
+            return server
+        if decision is CHECK or decision is RETIRE:
+            if _carry_out(app, decision, server):
+                return server
+            continue
         # A failing login fails the client only when no server of the pool can
         # serve it: otherwise it queues for the ones that work (as PgBouncer).
         serving = pool.server_count() - pool.connecting > 0
-        if pool.may_open(use_reserve) and (cluster is not None or not _login_failing(app, pool, serving)):
+        if decision is OPEN and (cluster is not None or not _login_failing(app, pool, serving)):
             if use_reserve and pool.server_count() >= pool.limits.pool_size:
                 log.warning("taking connection from reserve_pool for %s/%s", pool.db.name, pool.user)
             try:
@@ -90,6 +102,23 @@ def acquire_server(app, pool, client) -> ServerConnection:
         server = _wait(app, pool, client, deadline, reserve_after)
         if server is not None:
             return server
+
+
+def _carry_out(app, decision, server) -> bool:
+    """RETIRE: close the server (False: ask again). CHECK: server_check_query
+    (PgBouncer's default "<empty>" sends an empty query, the cheapest round
+    trip); True when it answered."""
+    if decision is RETIRE:
+        server.close("server lifetime over")
+        return False
+    settings = app.settings
+    sql = "" if settings.server_check_query == "<empty>" else settings.server_check_query
+    try:
+        server.query(sql, timeout=settings.server_connect_timeout or None)
+    except ServerError as exc:
+        server.close(f"server check query failed: {exc.text}")
+        return False
+    return True
 
 
 def _wait_for_writer(app, cluster, client, start: float) -> None:
@@ -145,27 +174,6 @@ def _wait(app, pool, client, deadline, reserve_after):
         client.set_waiting(False)
 
 
-def _usable(app, server) -> bool:
-    """Checks before reuse: server_lifetime, and server_check_query after
-    server_check_delay of idleness."""
-    settings = app.settings
-    now = monotonic()
-    lifetime = server.lifetime_limit(settings.server_lifetime)
-    if lifetime > 0 and now - server.created_at > lifetime:
-        server.close("server lifetime over")
-        return False
-    check_query = settings.server_check_query
-    if check_query and now - server.idle_since > settings.server_check_delay:
-        # PgBouncer's default "<empty>" sends an empty query: the cheapest round trip.
-        sql = "" if check_query == "<empty>" else check_query
-        try:
-            server.query(sql, timeout=settings.server_connect_timeout or None)
-        except ServerError as exc:
-            server.close(f"server check query failed: {exc.text}")
-            return False
-    return True
-
-
 def _login_failing(app, pool, serving: bool) -> bool:
     """Within server_login_retry of a failed login: True (do not try again)
     when the pool has servers to wait for; raise the cached error when not."""
@@ -186,6 +194,7 @@ def open_server(app, pool) -> ServerConnection:
     """Open and log in a new server connection for ``pool``; returns it active."""
     settings = app.settings
     pool.opening()
+    started = monotonic()
     errors = []
     server = None
     for host, port in app.hosts_for(pool):
@@ -210,7 +219,7 @@ def open_server(app, pool) -> ServerConnection:
         break
     if server is None:
         sqlstate, text = errors[-1] if errors else ("08006", "could not connect to server")
-        pool.open_failed(sqlstate, text)
+        pool.open_failed(sqlstate, text, started)
         if settings.log_pooler_errors:
             log.warning("S: %s/%s: server login failed: %s", pool.db.name, pool.user, text)
         raise ClientError(sqlstate if sqlstate.startswith(("28", "3D")) else "08P01",

@@ -24,7 +24,7 @@ from ..proto.framing import ProtocolError
 from ..proto.scan import ClientScanner
 from . import params as tracked_params
 from .checkout import ClientError, acquire_server
-from .fastio import sender
+from .fastio import Parked, sender
 from .forward import ClientForwarding
 from .login import ClientGone, ClientLogin
 from .route import ClientRouting
@@ -42,10 +42,19 @@ __all__ = ["ClientConnection", "ClientGone"]
 
 
 class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRouting):
+    # Per-connection state in slots: thousands of idle clients are the common case.
+    __slots__ = ("addr", "admin", "app", "auth_result", "baseline", "bytes_out", "cancel_key", "closing",
+                 "connect_time", "dbname", "greenlet", "held", "id", "lost_tx", "parkable", "pending",
+                 "pending_error", "pool", "portal_change", "refused_routes", "request_time", "route_pool",
+                 "rw_split", "scanner", "send", "server", "session_sets", "sock", "startup", "state",
+                 "statements", "stats_only", "stmt_class", "stmt_routes", "stmt_sets", "tparams", "unix",
+                 "unnamed_change", "user", "wait_started", "wlock", "__weakref__")
+
     def __init__(self, app, sock, addr, unix: bool):
         self.app = app
         self.sock = sock
-        self.send = sender(sock)
+        self.wlock = Semaphore()   # the reader's writes vs. locally answered replies
+        self.send = sender(sock, self.wlock)
         self.addr = addr if not unix else ("unix", 0)
         self.unix = unix
         self.id = app.next_id()
@@ -72,7 +81,6 @@ class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRou
         self.stmt_sets: dict[bytes, tuple] = {}  # named statement -> the SET/RESET it runs
         self.unnamed_change = None   # the same for the unnamed statement
         self.portal_change = None    # and for the portal last bound
-        self.wlock = Semaphore()   # client writes by the reader vs. locally answered replies
         self.route_pool = None     # where routing_rules sent this client (None: its database)
         self.held: dict = {}       # session pooling with routing: pool -> server kept for later
         self.refused_routes: set[str] = set()
@@ -82,6 +90,8 @@ class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRou
         self.lost_tx = False       # a switchover took our transaction: say so at the next request
         self.auth_result = None
         self.scanner: ClientScanner | None = None   # frontend boundaries (proto/scan.py), after login
+        self.parkable = False      # blocked in the idle read: the janitor may park this client
+        self.stats_only = False
 
     def __repr__(self) -> str:
         return f"C-{self.id:#x}"
@@ -97,29 +107,87 @@ class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRou
             login_timeout = self.app.settings.client_login_timeout or None
             with gevent.Timeout(login_timeout, ClientError("08P01", "client_login_timeout")):
                 if not self._login():
+                    self._cleanup()
                     return
             if self.admin:
-                self.app.admin.serve(self)
+                self._guarded(self.app.admin.serve, self)
+                return
+            self.scanner = ClientScanner(self.app.max_packet_size)
+            self.rw_split = bool(self.pool.db.read_write_split) and self.pool.mode != "session"
+        except BaseException as exc:
+            self._ended(exc)
+            return
+        self._guarded(self._serve_loop)
+
+    def _serve_loop(self) -> None:
+        if self.pool.tracking or self.app.hooks.enabled or self.rw_split or self.pool.cluster:
+            self._serve_tracked()
+        else:
+            self._serve()
+
+    def _guarded(self, fn, *args) -> None:
+        """Run the client's loop; every way out but parking ends the client."""
+        try:
+            fn(*args)
+        except Parked:
+            self._park()
+        except BaseException as exc:
+            self._ended(exc)
+        else:
+            self._cleanup()
+
+    def _ended(self, exc: BaseException) -> None:
+        try:
+            if isinstance(exc, ClientError):
+                self._fail(exc.sqlstate, exc.text)
+            elif isinstance(exc, ProtocolError):
+                self._fail("08P01", str(exc))
+            elif isinstance(exc, (ClientGone, OSError, gevent.GreenletExit)):
+                pass
+            elif isinstance(exc, Exception):
+                log.error("%s internal error", self.label(), exc_info=exc)
+                self.send_error("XX000", "geobouncer internal error", fatal=True)
+                if self.server is not None:
+                    self.server.dirty = True
             else:
-                self.scanner = ClientScanner(self.app.max_packet_size)
-                self.rw_split = bool(self.pool.db.read_write_split) and self.pool.mode != "session"
-                if self.pool.tracking or self.app.hooks.enabled or self.rw_split or self.pool.cluster:
-                    self._serve_tracked()
-                else:
-                    self._serve()
-        except ClientError as exc:
-            self._fail(exc.sqlstate, exc.text)
-        except ProtocolError as exc:
-            self._fail("08P01", str(exc))
-        except (ClientGone, OSError):
-            pass
-        except Exception:
-            log.exception("%s internal error", self.label())
-            self.send_error("XX000", "geobouncer internal error", fatal=True)
-            if self.server is not None:
-                self.server.dirty = True
+                raise exc
         finally:
             self._cleanup()
+
+    # --- parking: an idle client costs no greenlet ---------------------------------
+    def _park(self) -> None:
+        """Idle between transactions with no server: let the greenlet (~8 KB of
+        stacks) end; the socket's read watcher resumes the client in a new one
+        when bytes (or EOF) arrive. Anything that closes the client from
+        outside shuts the socket down, which wakes the watcher too."""
+        self.greenlet = None
+        self.parkable = False
+        event = self.sock._read_event
+        if event is None:
+            self._cleanup()
+            return
+        # A plain function, not a bound method: gevent's close() would take a
+        # bound method's __self__ for a greenlet to throw into.
+        event.start(lambda: self._unpark())
+
+    def _unpark(self) -> None:
+        # Called by the hub: never block here.
+        event = self.sock._read_event
+        if event is not None:
+            event.stop()
+        gevent.spawn(self._resume)
+
+    def _resume(self) -> None:
+        self.greenlet = gevent.getcurrent()
+        self._guarded(self._serve_loop)
+
+    def park_if_idle(self, hub) -> None:
+        """The janitor's request. The wait is cancelled only if the client is
+        still blocked in that very read when the hub gets to it (gevent's
+        cancel_wait checks), and only the idle read honours it (fastio)."""
+        event = self.sock._read_event
+        if self.parkable and self.server is None and event is not None:
+            hub.cancel_wait(event, Parked())
 
     def _fail(self, sqlstate: str, text: str) -> None:
         if self.app.settings.log_pooler_errors:
@@ -200,23 +268,11 @@ class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRou
         return server
 
     # --- callbacks from the server's reader greenlet ------------------------------
-    def on_ready(self, server, status: bytes) -> None:
-        stats = server.pool.stats
-        now = monotonic()
-        stats.query_count += 1
-        stats.query_time += int((now - server.request_started) * 1e6)
-        server.request_started = now      # the next pipelined request starts here
-        if status == b"I":
-            stats.xact_count += 1
-            stats.xact_time += int((now - server.xact_started) * 1e6)
-            server.xact_started = now
-        server.last_activity = now
-
     def on_server_idle(self, server) -> None:
         """The server answered everything; return it unless the mode keeps it."""
-        if self.mid_message():
+        if self.scanner.owed:
             return        # a large message is still streaming to it (net/stream.py)
-        mode = self.pool.mode
+        mode = self.pool.limits.pool_mode
         if server.tx_status != b"I":
             if mode == "statement":
                 self.server = None
@@ -248,11 +304,10 @@ class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRou
         if server.tracker is not None:
             owed = sum(1 for entry in server.tracker.pending if entry[0] in (_SYNC, _QUERY))
         if owed:
-            with self.wlock:
-                try:
-                    self.send(_LOST + m.READY_IDLE * owed)
-                except OSError:
-                    self.shutdown()
+            try:
+                self.send(_LOST + m.READY_IDLE * owed)
+            except OSError:
+                self.shutdown()
         elif server.tx_status != b"I" or server.unsynced:
             self.lost_tx = True
 

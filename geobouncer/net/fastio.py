@@ -28,10 +28,23 @@ def _plain(gsock) -> bool:
     return type(gsock) is _gevent_socket
 
 
-def receiver(gsock, size: int):
+class Parked(Exception):
+    """Thrown into a client's read wait when the janitor parks an idle client
+    (net/client.py). A read honours it only while ``owner.parkable`` says it
+    is the idle read; anywhere else it is a stale request and the wait goes on."""
+
+
+def receiver(gsock, size: int, owner=None):
     """A ``recv()`` callable for ``gsock``; returns b"" at EOF."""
     if not _plain(gsock):
-        return lambda: gsock.recv(size)
+        def public_recv() -> bytes:
+            while True:
+                try:
+                    return gsock.recv(size)
+                except Parked:
+                    if owner is not None and owner.parkable:
+                        raise
+        return public_recv
     wait = gsock._wait
 
     def recv() -> bytes:
@@ -39,7 +52,12 @@ def receiver(gsock, size: int):
             event = gsock._read_event
             if event is None:
                 raise OSError(EBADF, "socket closed")
-            wait(event)
+            try:
+                wait(event)
+            except Parked:
+                if owner is not None and owner.parkable:
+                    raise
+                continue
             try:
                 return gsock._sock.recv(size)
             except (BlockingIOError, InterruptedError):
@@ -48,18 +66,36 @@ def receiver(gsock, size: int):
     return recv
 
 
-def sender(gsock):
-    """A ``sendall(data)`` callable for ``gsock``."""
-    if not _plain(gsock):
-        return gsock.sendall
+def sender(gsock, lock=None):
+    """A ``sendall(data)`` callable for ``gsock``. With ``lock`` (a gevent
+    Semaphore shared by every writer of the socket), a write that cannot
+    complete at once holds it until done, so the bytes of two writers never
+    interleave; a write that completes at once cannot be interrupted (no
+    greenlet switch happens) and takes no lock."""
     slow = gsock.sendall
+    if not _plain(gsock):
+        if lock is None:
+            return slow
+
+        def locked(data) -> None:
+            with lock:
+                slow(data)
+        return locked
 
     def sendall(data) -> None:
+        if lock is not None and lock.locked():
+            with lock:
+                slow(data)
+            return
         try:
             sent = gsock._sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         if sent < len(data):
-            slow(memoryview(data)[sent:])
+            if lock is None:
+                slow(memoryview(data)[sent:])
+            else:
+                with lock:
+                    slow(memoryview(data)[sent:])
 
     return sendall

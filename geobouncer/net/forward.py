@@ -30,15 +30,23 @@ _UNNAMED_ENTRIES = {ord("P"): (PARSE, False, None), ord("B"): (BIND, False, None
 _FAKE = FAKE
 
 
+# Every case spelling of the heads, so the hot path needs no .lower().
+_INSPECT_SPELLINGS = frozenset(
+    bytes(c - 32 if bit & (1 << i) else c for i, c in enumerate(head))   # a-z -> A-Z
+    for head in _INSPECT_HEADS for bit in range(8))
+
+
 def _needs_inspection(head: bytes) -> bool:
-    return bool(head[:1]) and (head[0] in _INSPECT_FIRST or head[:3].lower() in _INSPECT_HEADS)
+    return bool(head[:1]) and (head[0] in _INSPECT_FIRST or head[:3] in _INSPECT_SPELLINGS)
 
 
 class ClientForwarding:
+    __slots__ = ()
+
     def _serve_tracked(self) -> None:
         """Transaction/statement pooling: whole messages, translated by the
         server's prepared-statement tracker (pool/prepared.py)."""
-        recv = receiver(self.sock, RECV_SIZE)
+        recv = receiver(self.sock, RECV_SIZE, self)
         buf = bytearray(self.pending)
         self.pending = b""
         scratch: list = []
@@ -47,12 +55,15 @@ class ClientForwarding:
         lone_query = self.scanner.lone_query
         while True:
             if not buf and plain:
+                self.parkable = self.server is None     # the idle read (net/client.py: parking)
                 data = recv()
+                self.parkable = False
                 if not data:
                     raise ClientGone()
                 # Fast path: exactly one complete simple Query that needs no reading.
                 # (lost_tx is checked after the read: a server can be lost meanwhile.)
-                if lone_query(data) and not self.lost_tx and not _needs_inspection(data[5:8]):
+                if (lone_query(data) and data[5] not in _INSPECT_FIRST
+                        and data[5:8] not in _INSPECT_SPELLINGS and not self.lost_tx):
                     self._forward_query(data)
                     continue
                 buf += data
@@ -61,7 +72,9 @@ class ClientForwarding:
                 if len(buf) >= 5 and self._large_message(buf):
                     self._stream_large(buf, recv, scratch)
                     continue
+                self.parkable = not buf and self.server is None
                 data = recv()
+                self.parkable = False
                 if not data:
                     raise ClientGone()
                 buf += data
@@ -141,14 +154,29 @@ class ClientForwarding:
             return None
 
     def _forward_query(self, data: bytes) -> None:
-        """One plain simple Query (the common case of transaction pooling)."""
-        self.request_time = monotonic()
-        server = self.server or self._server_or_refuse(None, None)
+        """One plain simple Query (the common case of transaction pooling):
+        ``_send`` unrolled for one request."""
+        self.request_time = now = monotonic()
+        server = self.server
         if server is None:
-            return
+            server = self._server_or_refuse(None, None)
+            if server is None:
+                return
         if server.tracker is not None:
             server.tracker.pending.append(_QUERY_ENTRY)
-        self._send(data, 1, None)
+        if server.outstanding <= 0:
+            server.outstanding = 1
+            server.request_started = now
+            if server.tx_status == b"I":
+                server.xact_started = now
+        else:
+            server.outstanding += 1
+        server.pool.stats.bytes_received += len(data)
+        try:
+            server.send(data)
+        except OSError:
+            server.dirty = True
+            raise ClientError("08006", "server conn crashed?") from None
 
     def _forward_tracked(self, buf: bytearray, msgs: list, scratch: list) -> None:
         if self.lost_tx:
@@ -264,10 +292,9 @@ class ClientForwarding:
         if tracker.pending and tracker.pending[0][0] == _FAKE:
             # Replies answered here with nothing outstanding before them go out
             # now, before the batch reaches the server and its replies can follow.
-            with self.wlock:
-                fakes = tracker.first_fakes()
-                if fakes:
-                    self.send(fakes)
+            fakes = tracker.first_fakes()
+            if fakes:
+                self.send(fakes)
         if chunk:
             self._send(chunk, requests, synced)
         else:

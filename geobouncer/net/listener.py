@@ -47,13 +47,17 @@ class Listeners:
         app = self.app
 
         def handle(client_sock, addr):
-            if not unix:
-                client_sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
-                if app.settings.tcp_keepalive:
-                    client_sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_KEEPALIVE, 1)
+            try:
+                if not unix:
+                    client_sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+                    if app.settings.tcp_keepalive:
+                        client_sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_KEEPALIVE, 1)
+            except OSError:          # gone before we got to it
+                client_sock.close()
+                return
             app.accept(client_sock, addr, unix)
 
-        server = StreamServer(sock, handle)
+        server = _ClientServer(sock, handle)
         server.start()
         self.servers.append(server)
 
@@ -67,6 +71,14 @@ class Listeners:
             except OSError:
                 pass
             self.unix_path = None
+
+
+class _ClientServer(StreamServer):
+    """The client owns its socket and closes it itself: a parked idle client
+    (net/client.py) outlives the greenlet that accepted it."""
+
+    def do_close(self, sock, *args) -> None:
+        pass
 
 
 def _listen_addrs(value) -> list[str]:

@@ -32,6 +32,8 @@ class ClientGone(Exception):
 
 
 class ClientLogin:
+    __slots__ = ()
+
     def _login(self) -> bool:
         params = self._read_startup()
         if params is None:

@@ -8,7 +8,7 @@ from time import monotonic
 
 import gevent
 
-from ..pool.pool import Pool
+from ..pool.pool import CLOSE, PARK, RESET, Pool
 from .server import ServerError
 
 log = logging.getLogger("geobouncer")
@@ -16,18 +16,19 @@ log = logging.getLogger("geobouncer")
 
 class ServerReleasing:
     def release_active(self, server, linked_at: float) -> None:
-        """Transaction/statement mode: the reader saw the client's work end."""
-        pool = server.pool
+        """Transaction/statement mode: the reader saw the client's work end.
+        The pool decides (Pool.checkin); this carries the decision out."""
         if server.closed:
             return
-        if server.dirty or server.stale or self._too_old(server):
-            server.close(server.close_reason or ("server lifetime over" if not server.dirty else "dirty"))
-            return
-        if self.settings.server_reset_query_always and self.settings.server_reset_query:
+        s = self.settings
+        decision, _ = server.pool.checkin(server, monotonic(), s.server_lifetime,
+                                          reset=bool(s.server_reset_query_always and s.server_reset_query))
+        if decision is CLOSE:
+            server.close(server.close_reason or ("dirty" if server.dirty else "database configuration changed"
+                                                 if server.stale else "server lifetime over"))
+        elif decision is RESET:
             gevent.spawn(self._reset_and_release, server)
-            return
-        waiter = pool.release(server)
-        if waiter is None and self.shutting_down:
+        elif decision is PARK and self.shutting_down:
             self._check_shutdown()
 
     def evict_idle_for(self, pool: Pool) -> bool:

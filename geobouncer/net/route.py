@@ -18,6 +18,8 @@ _READ, _BEGIN_READ_ONLY = READ, BEGIN_READ_ONLY
 
 
 class ClientRouting:
+    __slots__ = ()
+
     def _route_batch(self, buf: bytearray, msgs: list) -> list:
         """Run rewrite_query, the read/write split, then routing_rules on every
         Query and Parse of the batch. A route takes effect only at a transaction

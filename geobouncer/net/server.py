@@ -37,6 +37,10 @@ _Z, _S, _E, _G, _H, _W, _D, _C = (ord(c) for c in "ZSEGHWDC")
 _WATCHED = SERVER_WATCH
 # Replies that complete a request, or that the prepared-statement tracker must see.
 _TRACKED = _WATCHED | REQUEST_REPLIES
+# While the tracker needs no exact matching: CommandComplete too, for the tags
+# that drop every prepared statement (DEALLOCATE ALL, DISCARD ALL).
+_LEAN = _WATCHED | frozenset((_C,))
+_DROP_HEADS = (b"DEAL", b"DISC")
 # admin/crash shutdown, cannot connect now, read-only transaction (a demoted writer)
 _HOST_TROUBLE = frozenset({"57P01", "57P02", "57P03", "25006"})
 
@@ -93,18 +97,22 @@ class ServerConnection(ServerLogin, InternalQueries):
 
     # --- the reader greenlet ---------------------------------------------------
     def _read_loop(self) -> None:
-        """Forward what the server sends. With a prepared-statement tracker
-        (transaction/statement pooling) every reply that closes a request is
-        matched to it, so replies to injected messages are dropped and locally
-        answered ones inserted; without one only what the pooler must see is
-        decoded. The boundaries come from the scanner (proto/scan.py)."""
+        """Forward what the server sends. The boundaries come from the scanner
+        (proto/scan.py). With a prepared-statement tracker (transaction and
+        statement pooling) the replies that close requests are matched to
+        them, so replies to injected messages are dropped and locally
+        answered ones inserted. While nothing queued needs that (the common
+        case: plain queries, unnamed statements) only ReadyForQuery, errors
+        and the few tags that change the tracker's state are looked at."""
         recv = receiver(self.sock, RECV_SIZE)
         tracker = self.tracker
         server_message = tracker.server_message if tracker is not None else None
+        pending = tracker.pending if tracker is not None else None
         forward = self._forward_tracked if tracker is not None else self._forward
-        scanner = self.scanner = ServerScanner(_TRACKED if tracker is not None else _WATCHED)
+        scanner = self.scanner = ServerScanner(_WATCHED)
         feed = scanner.feed
         watched = self._watched
+        stats = self.pool.stats
         try:
             while True:
                 data = recv()
@@ -114,33 +122,52 @@ class ServerConnection(ServerLogin, InternalQueries):
                 if self.internal is not None:
                     self._internal_data(data)
                     continue
+                exact = tracker is not None and tracker.exact
+                scanner.watch = _TRACKED if exact else _LEAN if tracker is not None else _WATCHED
                 data, end, found = feed(data)
                 out = None          # pieces, once a reply is dropped or one inserted
-                if found:
-                    run = 0
-                    for mtype, start, stop in found:
-                        if mtype in _WATCHED:
-                            watched(mtype, data, start + 5, stop)
-                        if server_message is not None:
-                            keep, fakes = server_message(mtype, data[start + 5:stop])
-                            if fakes or not keep:
-                                if out is None:
-                                    out = []
-                                out.append(data[run:stop if keep else start])
-                                if fakes:
-                                    out.append(fakes)
-                                run = stop
-                    if out is not None:
-                        out.append(data[run:end])
-                        chunk = b"".join(out)
-                if out is None:
+                for mtype, start, stop in found:
+                    if mtype == _Z:
+                        self.outstanding -= 1
+                        status = self.tx_status = data[start + 5:start + 6]
+                        self.in_copy = False
+                        now = monotonic()
+                        stats.query_count += 1
+                        stats.query_time += int((now - self.request_started) * 1e6)
+                        self.request_started = now      # the next pipelined request starts here
+                        self.last_activity = now
+                        if status == b"I":
+                            stats.xact_count += 1
+                            stats.xact_time += int((now - self.xact_started) * 1e6)
+                            self.xact_started = now
+                    elif mtype == _C:
+                        if not exact and data[start + 5:start + 9] not in _DROP_HEADS:
+                            continue
+                    elif mtype in _WATCHED:
+                        watched(mtype, data, start + 5, stop)
+                    if server_message is not None and pending:
+                        keep, fakes = server_message(mtype, data[start + 5:stop])
+                        if fakes or not keep:
+                            if out is None:
+                                out = []
+                                run = 0
+                            out.append(data[run:stop if keep else start])
+                            if fakes:
+                                out.append(fakes)
+                            run = stop
+                if out is not None:
+                    out.append(data[run:end])
+                    chunk = b"".join(out)
+                else:
                     chunk = data if end == len(data) else data[:end]
                 if tracker is not None and tracker.dropped_all:
                     self._statements_dropped()
                 if chunk:
                     forward(chunk)
-                if scanner.ready:
-                    self._maybe_release()
+                if scanner.ready and self.outstanding <= 0:
+                    client = self.client
+                    if client is not None and self.answered():
+                        client.on_server_idle(self)
         except (OSError, ProtocolError) as exc:
             self._lost(f"server connection failed: {exc}")
         except gevent.GreenletExit:
@@ -161,30 +188,23 @@ class ServerConnection(ServerLogin, InternalQueries):
         if client is None:
             self._unexpected(data)
             return
-        with client.wlock:
-            try:
-                client.send(data)
-                if self.tracker.pending and self.tracker.pending[0][0] == FAKE:
-                    client.send(self.tracker.first_fakes())
-            except OSError:
-                self.dirty = True
-                client.on_client_write_failed()
-            else:
-                self.pool.stats.bytes_sent += len(data)
+        pending = self.tracker.pending
+        if pending and pending[0][0] == FAKE:
+            data += self.tracker.first_fakes()
+        try:
+            client.send(data)
+        except OSError:
+            self.dirty = True
+            client.on_client_write_failed()
+        else:
+            self.pool.stats.bytes_sent += len(data)
 
     def pool_limit(self) -> int:
         return 1 << 26
 
     def _watched(self, mtype: int, data: bytes, start: int, end: int) -> None:
-        """Decode a message the pooler must see."""
-        if mtype == _Z:
-            self.tx_status = data[start:start + 1]
-            self.in_copy = False
-            self.outstanding -= 1
-            client = self.client
-            if client is not None:
-                client.on_ready(self, self.tx_status)
-            return
+        """Decode a ParameterStatus, CopyIn/Out/Both or ErrorResponse (the
+        reader loop handles ReadyForQuery itself)."""
         if mtype == _S:
             name, value = m.parse_parameter_status(data[start:end])
             self.params[name] = value
@@ -229,8 +249,9 @@ class ServerConnection(ServerLogin, InternalQueries):
     def answered(self) -> bool:
         """Every request sent has been answered: nothing owed, nothing unsynced,
         no COPY, no reply half-read, nothing queued for the tracker."""
+        scanner = self.scanner
         return (self.outstanding <= 0 and not self.unsynced and not self.in_copy
-                and not (self.scanner is not None and self.scanner.mid_message)
+                and not (scanner is not None and (scanner.skip or scanner.held))
                 and not (self.tracker is not None and self.tracker.pending))
 
     def reusable(self) -> bool:

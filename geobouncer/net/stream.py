@@ -9,28 +9,34 @@ from __future__ import annotations
 
 from time import monotonic
 
+from ..pool.prepared import PARSE
 from ..proto.framing import ProtocolError
 from .checkout import ClientError
 from .fastio import receiver
 from .login import ClientGone
 
 RECV_SIZE = 65536
-_Q, _F = ord("Q"), ord("F")
+_Q, _F, _P = ord("Q"), ord("F"), ord("P")
+_UNNAMED_PARSE = (PARSE, False, None)
 _RENAMED = frozenset(ord(c) for c in "PBDC")
 _STREAM_ABOVE = 1 << 20      # messages above 1 MiB stream through unless they must be read
 _HOLD_LIMIT = 0x3FFFFFFF     # PostgreSQL refuses messages over 1 GB: never hold more
 
 
 class ClientStreaming:
+    __slots__ = ()
+
     def _serve(self) -> None:
-        recv = receiver(self.sock, RECV_SIZE)
+        recv = receiver(self.sock, RECV_SIZE, self)
         scanner = self.scanner
         stream = scanner.stream
         data = self.pending
         self.pending = b""
         while True:
             if not data:
+                self.parkable = self.server is None and not scanner.owed and not scanner.held
                 data = recv()
+                self.parkable = False
                 if not data:
                     raise ClientGone()
             self.request_time = monotonic()
@@ -52,7 +58,10 @@ class ClientStreaming:
         if length <= _STREAM_ABOVE:
             return False
         mtype = buf[0]
-        if mtype in _RENAMED or (mtype == _Q and (self.app.hooks.enabled or self.rw_split)):
+        reads_text = self.app.hooks.enabled or self.rw_split
+        if mtype == _P and buf[5] == 0 and not reads_text:
+            return True      # an unnamed Parse is not renamed: nothing in it to read
+        if mtype in _RENAMED or (mtype == _Q and reads_text):
             if length > _HOLD_LIMIT:
                 raise ProtocolError(f"message of {length} bytes is too large")
             return False
@@ -64,9 +73,15 @@ class ClientStreaming:
         mtype = buf[0]
         total = scanner.pending_length(buf)
         server = self.server or self._link()
-        if server.tracker is not None:
-            server.tracker.client_message(mtype, None, self.statements, scratch)
-            scratch.clear()
+        tracker = server.tracker
+        if tracker is not None:
+            if mtype == _P:            # unnamed (see _large_message)
+                tracker.pending.append(_UNNAMED_PARSE)
+                tracker.parses += 1
+                self.unnamed_change = None
+            else:
+                tracker.client_message(mtype, None, self.statements, scratch)
+                scratch.clear()
         self.request_time = monotonic()
         first = bytes(buf)
         buf.clear()

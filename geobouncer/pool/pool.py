@@ -14,6 +14,18 @@ from time import monotonic
 
 from .states import SV_ACTIVE, SV_IDLE, SV_USED
 
+# Checkout decisions (Pool.checkout): the net layer carries them out.
+TAKE = "take"      # an idle server, ready: use it
+CHECK = "check"    # an idle server, idle past server_check_delay: run server_check_query first
+RETIRE = "retire"  # an idle server past server_lifetime: close it and ask again
+OPEN = "open"      # no idle server, and a new one may be opened
+WAIT = "wait"      # no idle server and no room: queue as a waiter
+# Check-in decisions (Pool.checkin).
+PARK = "park"            # parked idle
+HAND_OVER = "hand_over"  # given to the first waiter that still wants it
+RESET = "reset"          # run server_reset_query first, then check in again
+CLOSE = "close"          # dirty, stale or too old: close it
+
 
 class PoolLimits:
     """Sizing for one pool, resolved from [databases], [users] and [pgbouncer]."""
@@ -84,6 +96,37 @@ class Pool:
             return False
         return self.counters.may_open(self.db.name, self.user, self.limits)
 
+    # --- decisions -------------------------------------------------------------
+    def checkout(self, now: float, lifetime: float, check_delay: float | None,
+                 use_reserve: bool = False):
+        """What a client that needs a server should do: ``(decision, server)``.
+        TAKE, CHECK and RETIRE come with an idle server, now counted active;
+        OPEN and WAIT change nothing (``check_delay`` None: no check query)."""
+        idle = self.idle
+        if idle:
+            server = idle.pop()            # LIFO keeps the working set warm
+            server.state = SV_ACTIVE
+            self.active.add(server)
+            life = self.db.server_lifetime or lifetime
+            if life > 0 and now - server.created_at > life:
+                return RETIRE, server
+            if check_delay is not None and now - server.idle_since > check_delay:
+                return CHECK, server
+            return TAKE, server
+        return (OPEN if self.may_open(use_reserve) else WAIT), None
+
+    def checkin(self, server, now: float, lifetime: float, reset: bool = False):
+        """A server the client is done with: ``(decision, waiter)``. A waiter
+        takes it atomically (``waiter.take``): one that has just timed out
+        refuses, and the next one, or the idle list, gets it — never lost."""
+        life = self.db.server_lifetime or lifetime
+        if server.dirty or server.stale or (life > 0 and now - server.created_at > life):
+            return CLOSE, None
+        if reset:
+            return RESET, None
+        waiter = self.release(server)
+        return (PARK, None) if waiter is None else (HAND_OVER, waiter)
+
     # --- checkout / release ----------------------------------------------------
     def take_idle(self):
         """Pop the most recently used idle server (LIFO keeps the working set warm)."""
@@ -104,10 +147,13 @@ class Pool:
         server.state = SV_ACTIVE
         self.active.add(server)
 
-    def open_failed(self, sqlstate: str, text: str) -> None:
+    def open_failed(self, sqlstate: str, text: str, started: float | None = None) -> None:
+        """A login failed. server_login_retry counts from when the attempt
+        started, as PgBouncer does: after a connect timeout as long as the
+        retry delay, the next client may try again at once."""
         self.connecting -= 1
         self.counters.closed(self.db.name, self.user)
-        self.last_login_error = (monotonic(), sqlstate, text)
+        self.last_login_error = (monotonic() if started is None else started, sqlstate, text)
 
     def release(self, server):
         """Return an active server: hand it to the first waiter if any (returned),

@@ -170,6 +170,10 @@ class Tracker:
         self.parses = 0      # Parse messages really sent (SHOW STATS server parses)
         self.status = b"I"   # the last ReadyForQuery status seen
         self.dropped_all = False   # a DEALLOCATE ALL / DISCARD ALL completed: the client's names go too
+        # Something queued needs every reply matched (a faked or swallowed reply,
+        # a named statement). When False only ReadyForQuery, ErrorResponse and
+        # the DEALLOCATE ALL / DISCARD ALL tags need to be shown to server_message.
+        self.exact = False
 
     def reset(self) -> None:
         """The server lost its statements (DISCARD ALL, reset query)."""
@@ -189,6 +193,7 @@ class Tracker:
         if mtype == _S:
             pending.append((SYNC, False, effect))
             return False
+        self.exact = True
         if mtype == _E:
             pending.append((EXECUTE, False, None))
             return False
@@ -292,6 +297,7 @@ class Tracker:
         if target not in client_stmts:
             return False
         del client_stmts[target]
+        self.exact = True
         self.pending.append((FAKE, False, None))
         return True
 
@@ -321,7 +327,10 @@ class Tracker:
                 effect = pending.popleft()[2]
                 if effect is not None:
                     effect(self.status)
-            return True, self.first_fakes()
+            fakes = self.first_fakes() if pending else b""
+            if not pending:
+                self.exact = False
+            return True, fakes
         if mtype == _R_ERROR:
             if kind == QUERY:
                 pending[0] = (QUERY, False, None)   # a failed query has no effect to apply

@@ -157,7 +157,7 @@ class ClientScanner:
         """Is ``data`` exactly one complete, valid simple Query (the common
         case of transaction pooling, forwarded without building a batch)?"""
         n = len(data)
-        return (data[0] == _Q and 5 < n <= self.limit + 1
+        return (5 < n <= self.limit + 1 and data[0] == _Q
                 and n == 1 + _unpack_len(data, 1)[0] and data[n - 1] == 0)
 
     @staticmethod
