@@ -95,7 +95,7 @@ class ClientForwarding:
         if self.lost_tx or self.unnamed_change is not None:
             return False
         entries = []
-        parses = binds = 0
+        parses = binds = syncs = 0
         for mtype, start, end in msgs:
             entry = _UNNAMED_ENTRIES.get(mtype)
             if entry is None:
@@ -111,6 +111,8 @@ class ClientForwarding:
                 binds += 1
             elif mtype == _D and buf[start + 6] != 0:
                 return False
+            elif mtype == _S:
+                syncs += 1
             entries.append(entry)
         if msgs[-1][0] != _S:
             return False
@@ -134,7 +136,7 @@ class ClientForwarding:
         last = msgs[-1][2]
         chunk = bytes(buf[:last])
         del buf[:last]
-        self._send(chunk, sum(1 for e in entries if e[0] == SYNC), True)
+        self._send(chunk, syncs, True)
         return True
 
     def _server_or_refuse(self, buf: bytearray | None, msgs: list | None):
