@@ -27,7 +27,7 @@ from .janitor import Janitor
 from .net import params as tracked_params
 from .net.client import ClientConnection
 from .net.listener import Listeners
-from .net.release import ServerReleasing
+from .net.release import ServerReleaser
 from .net.secrets import SecretLookup
 from .net.server import send_cancel
 from .pool.cancel_keys import new_cancel_key
@@ -40,7 +40,7 @@ log = logging.getLogger("geobouncer")
 
 
 
-class Bouncer(SecretLookup, FailoverWiring, ServerReleasing, Janitor):
+class Bouncer(FailoverWiring):
     def __init__(self, config_path: str):
         self.config_path = config_path
         self.cfg = load_config(config_path)
@@ -58,6 +58,9 @@ class Bouncer(SecretLookup, FailoverWiring, ServerReleasing, Janitor):
         self.disabled: set[str] = set()
         self.started = monotonic()
         self.listeners = Listeners(self)
+        self.releaser = ServerReleaser(self)
+        self.secrets = SecretLookup(self)
+        self.janitor = Janitor(self)
         self.admin = AdminConsole(self)
         self.stats = stats.Stats(self)
         self.shutting_down = False
@@ -79,7 +82,7 @@ class Bouncer(SecretLookup, FailoverWiring, ServerReleasing, Janitor):
     def start(self) -> None:
         self.listeners.start()
         self._setup_failover()
-        gevent.spawn(self._janitor)
+        gevent.spawn(self.janitor.run)
         gevent.spawn(self.stats.report_loop)
         for sig, handler in ((signal.SIGHUP, self.reload), (signal.SIGTERM, self.shutdown_wait_clients),
                              (signal.SIGINT, self.shutdown_safe)):
@@ -145,13 +148,35 @@ class Bouncer(SecretLookup, FailoverWiring, ServerReleasing, Janitor):
             pool.tracked = frozenset(self.tracked.values())
             self._refresh_password(pool)
             if self._set_tracking(pool) or _server_identity(entry) != _server_identity(old_entry):
-                self.reconnect_pool(pool)
+                self.releaser.reconnect_pool(pool)
         for error in self.hooks.reload(self.settings, new.resolve_path):
             log.debug("hook reload: %s", error)
         self.classifier = Classifier(self.settings.write_functions)
         self._reload_failover(new)
         log.info("RELOAD command issued")
         return True
+
+    # --- what the net layer asks of the pooler as a whole -------------------------
+    def release_active(self, server, linked_at: float) -> None:
+        self.releaser.release_active(server, linked_at)
+
+    def release_idle(self, server) -> None:
+        self.releaser.release_idle(server)
+
+    def release_after_client(self, server, pool) -> None:
+        self.releaser.release_after_client(server, pool)
+
+    def evict_idle_for(self, pool) -> bool:
+        return self.releaser.evict_idle_for(pool)
+
+    def reconnect_pool(self, pool) -> None:
+        self.releaser.reconnect_pool(pool)
+
+    def auth_method(self, client) -> str:
+        return self.secrets.auth_method(client)
+
+    def lookup_secret(self, user: str, db):
+        return self.secrets.lookup_secret(user, db)
 
     def database_for(self, name: str):
         if name not in self.cfg.databases and name in self.extra_entries:

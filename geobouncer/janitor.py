@@ -1,6 +1,6 @@
 """The janitor: once a second, PgBouncer's timeouts and pool upkeep
 (server_idle_timeout, server_lifetime, min_pool_size, waiters, client timeouts,
-cluster node rechecks). A mixin of Bouncer (app.py)."""
+cluster node rechecks, parking idle clients). Owned by the Bouncer (app.py)."""
 
 from __future__ import annotations
 
@@ -34,17 +34,22 @@ except (OSError, AttributeError):   # not glibc
 
 
 class Janitor:
-    def _janitor(self) -> None:
-        while not self.stopped.is_set():
+    __slots__ = ("app",)
+
+    def __init__(self, app):
+        self.app = app   # the Bouncer: settings, pools, clients, shutdown state
+
+    def run(self) -> None:
+        while not self.app.stopped.is_set():
             gevent.sleep(1.0)
             try:
-                self._janitor_pass(monotonic())
+                self.sweep(monotonic())
             except Exception:
                 log.exception("janitor pass failed")
 
-    def _janitor_pass(self, now: float) -> None:
-        s = self.settings
-        for pool in list(self.pools.values()):
+    def sweep(self, now: float) -> None:
+        s = self.app.settings
+        for pool in list(self.app.pools.values()):
             for server in pool.idle_servers_to_close(now, s.server_idle_timeout, s.server_lifetime):
                 idle_too_long = s.server_idle_timeout > 0 and now - server.idle_since > s.server_idle_timeout
                 server.close("server idle timeout" if idle_too_long else "server lifetime over")
@@ -53,34 +58,34 @@ class Janitor:
             want = min(pool.limits.min_pool_size, pool.limits.pool_size)
             # As PgBouncer: only while a client uses the pool, or the entry forces a user.
             wanted = pool.clients or pool.db.user
-            if want and wanted and pool.server_count() < want and not pool.paused and not self.paused:
+            if want and wanted and pool.server_count() < want and not pool.paused and not self.app.paused:
                 if pool.last_login_error is None or now - pool.last_login_error[0] > s.server_login_retry:
-                    gevent.spawn(self._fill_pool, pool)
+                    gevent.spawn(self.fill_pool, pool)
         hub = gevent.get_hub()
         parked = 0
-        for client in list(self.clients):
-            self._check_client_timeouts(client, now, s)
+        for client in list(self.app.clients):
+            self.check_client_timeouts(client, now, s)
             # Idle a while with no server: park it (its greenlet ends; see net/client.py).
             if client.parkable and now - client.request_time > PARK_AFTER:
                 client.park_if_idle(hub)
                 parked += 1
         if parked >= TRIM_AFTER_PARKING:
             gevent.spawn_later(0.1, _trim_heap)   # once the parked greenlets have ended
-        for cluster in self.clusters.values():
+        for cluster in self.app.clusters.values():
             cluster.maintain()
 
-    def _fill_pool(self, pool: Pool, want: int | None = None) -> None:
+    def fill_pool(self, pool: Pool, want: int | None = None) -> None:
         from .net.checkout import open_server
         want = min(pool.limits.min_pool_size, pool.limits.pool_size) if want is None else want
         if pool.server_count() >= want or not pool.may_open(False):
             return
         try:
-            server = open_server(self, pool)
+            server = open_server(self.app, pool)
         except ClientError:
             return
-        self.release_idle(server)
+        self.app.release_idle(server)
 
-    def _check_client_timeouts(self, client, now: float, s) -> None:
+    def check_client_timeouts(self, client, now: float, s) -> None:
         if client.closing or client.state == "login":
             return
         server = client.server

@@ -66,7 +66,7 @@ class FailoverWiring:
             for user in users:
                 pool = self.get_pool(entry, user, None)
                 if pool.server_count() == 0 and node.role != "down":
-                    gevent.spawn(self._fill_pool, pool, 1)
+                    gevent.spawn(self.janitor.fill_pool, pool, 1)
 
     def cluster_of(self, pool):
         return self.clusters.get(pool.db.name)

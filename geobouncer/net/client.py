@@ -294,7 +294,7 @@ class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRou
         if server.pool.cluster is not None or server.pool.db.name in self.app.extra_entries:
             self._transaction_lost(server)
             return
-        self.shutdown("08006", "server conn crashed?")
+        self.shutdown("08P01", "server conn crashed?")   # PgBouncer's code and text
 
     def _transaction_lost(self, server) -> None:
         """A switchover (or a lost replica) took the client's server: its

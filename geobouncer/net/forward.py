@@ -178,7 +178,7 @@ class ClientForwarding:
             server.send(data)
         except OSError:
             server.dirty = True
-            raise ClientError("08006", "server conn crashed?") from None
+            raise ClientError("08P01", "server conn crashed?") from None
 
     def _forward_tracked(self, buf: bytearray, msgs: list, scratch: list) -> None:
         if self.lost_tx:
@@ -355,4 +355,4 @@ class ClientForwarding:
             server.send(data)
         except OSError:
             server.dirty = True
-            raise ClientError("08006", "server conn crashed?") from None
+            raise ClientError("08P01", "server conn crashed?") from None

@@ -1,6 +1,6 @@
 """The pooler's own requests on a server connection (SET, reset and check
 queries, auth_query): sent while nobody is linked, answered to the pooler, not
-forwarded. A mixin of ServerConnection (net/server.py)."""
+forwarded. Functions over a ServerConnection (net/server.py)."""
 
 from __future__ import annotations
 
@@ -38,63 +38,62 @@ class InternalQuery:
         self.tail = b""          # an incomplete message, completed by the next read
 
 
+def run_internal(server, payload: bytes, replies: int = 1, timeout: float | None = None) -> InternalQuery:
+    """Send the pooler's own request (not linked to a client) and wait for its
+    ``replies`` ReadyForQuery messages. Raises ServerError on error."""
+    q = InternalQuery(replies)
+    server.internal = q
+    try:
+        server.sock.sendall(payload)
+        q.result.get(timeout=timeout)
+    except gevent.Timeout:
+        server.close("internal query timeout")
+        raise ServerError("57014", "internal query timeout") from None
+    except OSError as exc:
+        server.close(f"write failed: {exc}")
+        raise ServerError("08006", "server connection failed") from None
+    finally:
+        server.internal = None
+    if q.error:
+        raise q.error
+    return q
 
 
-class InternalQueries:
-    def run_internal(self, payload: bytes, replies: int = 1, timeout: float | None = None) -> InternalQuery:
-        """Send the pooler's own request (not linked to a client) and wait for its
-        ``replies`` ReadyForQuery messages. Raises ServerError on error."""
-        q = InternalQuery(replies)
-        self.internal = q
-        try:
-            self.sock.sendall(payload)
-            q.result.get(timeout=timeout)
-        except gevent.Timeout:
-            self.close("internal query timeout")
-            raise ServerError("57014", "internal query timeout") from None
-        except OSError as exc:
-            self.close(f"write failed: {exc}")
-            raise ServerError("08006", "server connection failed") from None
-        finally:
-            self.internal = None
-        if q.error:
-            raise q.error
-        return q
+def query(server, sql: str, timeout: float | None = None) -> list[list[str | None]]:
+    return run_internal(server, m.query(sql), timeout=timeout).rows
 
-    def query(self, sql: str, timeout: float | None = None) -> list[list[str | None]]:
-        return self.run_internal(m.query(sql), timeout=timeout).rows
 
-    def _internal_data(self, data: bytes) -> None:
-        """Consume the replies to the pooler's own query."""
-        q = self.internal
-        if q.tail:
-            data = q.tail + data
-        pos = 0
-        n = len(data)
-        while pos < n:
-            found = message_at(data, pos, 1 << 26)
-            if found is None:
-                break
-            mtype, start, end = found
-            body = data[start:end]
-            if mtype == _D:
-                q.rows.append(_decode_row(body))
-            elif mtype == _E and q.error is None:
-                fields = m.parse_error_fields(body)
-                q.error = ServerError(fields.get("C", "XX000"), fields.get("M", "error"),
-                                      fields.get("S") in ("FATAL", "PANIC"))
-            elif mtype == _S:
-                name, value = m.parse_parameter_status(body)
-                self.params[name] = value
-                if name in self.tparams or name in self.pool.tracked:
-                    self.tparams[name] = value
-            elif mtype == _Z:
-                self.tx_status = body[:1]
-                q.pending -= 1
-                if q.pending == 0:
-                    q.result.set(True)
-            pos = end
-        q.tail = data[pos:]
+def internal_data(server, data: bytes) -> None:
+    """Consume the replies to the pooler's own query."""
+    q = server.internal
+    if q.tail:
+        data = q.tail + data
+    pos = 0
+    n = len(data)
+    while pos < n:
+        found = message_at(data, pos, 1 << 26)
+        if found is None:
+            break
+        mtype, start, end = found
+        body = data[start:end]
+        if mtype == _D:
+            q.rows.append(_decode_row(body))
+        elif mtype == _E and q.error is None:
+            fields = m.parse_error_fields(body)
+            q.error = ServerError(fields.get("C", "XX000"), fields.get("M", "error"),
+                                  fields.get("S") in ("FATAL", "PANIC"))
+        elif mtype == _S:
+            name, value = m.parse_parameter_status(body)
+            server.params[name] = value
+            if name in server.tparams or name in server.pool.tracked:
+                server.tparams[name] = value
+        elif mtype == _Z:
+            server.tx_status = body[:1]
+            q.pending -= 1
+            if q.pending == 0:
+                q.result.set(True)
+        pos = end
+    q.tail = data[pos:]
 
 
 def _decode_row(body) -> list[str | None]:

@@ -1,5 +1,5 @@
 """Giving servers back: after a transaction, after a session (reset query
-first), on eviction, lifetime and reconnects. A mixin of Bouncer (app.py)."""
+first), on eviction, lifetime and reconnects. Owned by the Bouncer (app.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,18 @@ from .server import ServerError
 log = logging.getLogger("geobouncer")
 
 
-class ServerReleasing:
+class ServerReleaser:
+    __slots__ = ("app",)
+
+    def __init__(self, app):
+        self.app = app   # the Bouncer: settings, pools, clients, shutdown state
+
     def release_active(self, server, linked_at: float) -> None:
         """Transaction/statement mode: the reader saw the client's work end.
         The pool decides (Pool.checkin); this carries the decision out."""
         if server.closed:
             return
-        s = self.settings
+        s = self.app.settings
         decision, _ = server.pool.checkin(server, monotonic(), s.server_lifetime,
                                           reset=bool(s.server_reset_query_always and s.server_reset_query))
         if decision is CLOSE:
@@ -28,8 +33,8 @@ class ServerReleasing:
                                                  if server.stale else "server lifetime over"))
         elif decision is RESET:
             gevent.spawn(self._reset_and_release, server)
-        elif decision is PARK and self.shutting_down:
-            self._check_shutdown()
+        elif decision is PARK and self.app.shutting_down:
+            self.app._check_shutdown()
 
     def evict_idle_for(self, pool: Pool) -> bool:
         """max_db_connections / max_user_connections are full but ``pool`` has
@@ -37,13 +42,13 @@ class ServerReleasing:
         database (or user), as PgBouncer does. True if one was closed."""
         limits = pool.limits
         db_full = limits.max_db_connections and \
-            self.counters.per_db.get(pool.db.name, 0) >= limits.max_db_connections
+            self.app.counters.per_db.get(pool.db.name, 0) >= limits.max_db_connections
         user_full = limits.max_user_connections and \
-            self.counters.per_user.get(pool.user, 0) >= limits.max_user_connections
+            self.app.counters.per_user.get(pool.user, 0) >= limits.max_user_connections
         if not db_full and not user_full:
             return False
         victim = None
-        for other in self.pools.values():
+        for other in self.app.pools.values():
             if other is pool or not other.idle:
                 continue
             if (db_full and other.db.name == pool.db.name) or (user_full and other.user == pool.user):
@@ -65,16 +70,16 @@ class ServerReleasing:
         if server.stale or self._too_old(server):
             server.close("server lifetime over" if not server.stale else "database configuration changed")
             return
-        if pool.mode == "session" or self.settings.server_reset_query_always:
+        if pool.mode == "session" or self.app.settings.server_reset_query_always:
             self._reset_and_release(server)
         else:
             pool.release(server)
 
     def _reset_and_release(self, server) -> None:
-        query = self.settings.server_reset_query
+        query = self.app.settings.server_reset_query
         if query:
             try:
-                server.query(query, timeout=self.settings.server_connect_timeout or None)
+                server.query(query, timeout=self.app.settings.server_connect_timeout or None)
             except ServerError as exc:
                 server.close(f"server_reset_query failed: {exc.text}")
                 return
@@ -87,11 +92,11 @@ class ServerReleasing:
             return
         if not server.closed:
             server.pool.release(server)
-        if self.shutting_down:
-            self._check_shutdown()
+        if self.app.shutting_down:
+            self.app._check_shutdown()
 
     def _too_old(self, server) -> bool:
-        lifetime = server.lifetime_limit(self.settings.server_lifetime)
+        lifetime = server.lifetime_limit(self.app.settings.server_lifetime)
         return lifetime > 0 and monotonic() - server.created_at > lifetime
 
     def reconnect_pool(self, pool: Pool) -> None:

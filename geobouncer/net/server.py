@@ -26,8 +26,9 @@ from ..proto import messages as m
 from ..proto.framing import ProtocolError, message_at
 from ..proto.scan import REQUEST_REPLIES, SERVER_WATCH, ServerScanner
 from .fastio import receiver
-from .internal import InternalQueries, InternalQuery, ServerError  # noqa: F401 - re-exported
-from .server_login import ServerLogin, send_cancel  # noqa: F401 - re-exported
+from . import internal, server_login
+from .internal import InternalQuery, ServerError  # noqa: F401 - re-exported
+from .server_login import send_cancel  # noqa: F401 - re-exported
 
 log = logging.getLogger("geobouncer")
 
@@ -48,7 +49,13 @@ _HOST_TROUBLE = frozenset({"57P01", "57P02", "57P03", "25006"})
 _next_id = 0
 
 
-class ServerConnection(ServerLogin, InternalQueries):
+class ServerConnection:
+    __slots__ = ("client", "close_reason", "closed", "created_at", "cancelling", "dirty", "host", "id",
+                 "idle_since", "in_copy", "internal", "key", "last_activity", "linked_at", "local_addr",
+                 "outstanding", "params", "pid", "pool", "port", "reader", "request_started", "scanner",
+                 "send", "session_sets", "sock", "stale", "state", "tparams", "tracker", "tx_status",
+                 "unsynced", "xact_started", "__weakref__")
+
     def __init__(self, pool, host: str, port: int):
         global _next_id
         _next_id += 1
@@ -89,6 +96,17 @@ class ServerConnection(ServerLogin, InternalQueries):
     def __repr__(self) -> str:
         return f"S-{self.id:#x}"
 
+    # --- login and the pooler's own queries (net/server_login.py, net/internal.py) ---
+    def connect(self, startup: dict[str, str], password, scram_keys, timeout: float,
+                tracked: frozenset) -> None:
+        server_login.connect(self, startup, password, scram_keys, timeout, tracked)
+
+    def run_internal(self, payload: bytes, replies: int = 1, timeout: float | None = None) -> InternalQuery:
+        return internal.run_internal(self, payload, replies, timeout)
+
+    def query(self, sql: str, timeout: float | None = None) -> list[list[str | None]]:
+        return internal.query(self, sql, timeout)
+
     def describe(self) -> str:
         return f"{self.pool.db.name}/{self.pool.user}@{self.host}:{self.port}"
 
@@ -120,7 +138,7 @@ class ServerConnection(ServerLogin, InternalQueries):
                     self._lost("server closed the connection unexpectedly")
                     return
                 if self.internal is not None:
-                    self._internal_data(data)
+                    internal.internal_data(self, data)
                     continue
                 exact = tracker is not None and tracker.exact
                 scanner.watch = _TRACKED if exact else _LEAN if tracker is not None else _WATCHED

@@ -1,6 +1,6 @@
 """Opening a server connection and logging in to PostgreSQL (startup,
-authentication, ParameterStatus, BackendKeyData); cancel requests. A mixin of
-ServerConnection (net/server.py)."""
+authentication, ParameterStatus, BackendKeyData); cancel requests. Functions
+over a ServerConnection (net/server.py)."""
 
 from __future__ import annotations
 
@@ -20,57 +20,57 @@ RECV_SIZE = 65536
 _E, _S, _Z = (ord(c) for c in "ESZ")
 
 
-class ServerLogin:
-    def connect(self, startup: dict[str, str], password, scram_keys, timeout: float,
-                tracked: frozenset) -> None:
-        """Open the socket and log in. Raises ServerError or OSError."""
-        with gevent.Timeout(timeout or None, ServerError("08006", "server connect timeout")):
-            self.sock = _open_socket(self.host, self.port)
-            try:
-                self.local_addr = self.sock.getsockname()
-            except OSError:
-                self.local_addr = ("unix", 0)
-            self.sock.sendall(m.startup_message(startup))
-            self._login(ServerAuthenticator(startup["user"], password, scram_keys), tracked)
-        self.send = sender(self.sock)
-        self.reader = gevent.spawn(self._read_loop)
+def connect(server, startup: dict[str, str], password, scram_keys, timeout: float,
+            tracked: frozenset) -> None:
+    """Open the socket and log in. Raises ServerError or OSError."""
+    with gevent.Timeout(timeout or None, ServerError("08006", "server connect timeout")):
+        server.sock = _open_socket(server.host, server.port)
+        try:
+            server.local_addr = server.sock.getsockname()
+        except OSError:
+            server.local_addr = ("unix", 0)
+        server.sock.sendall(m.startup_message(startup))
+        _login(server, ServerAuthenticator(startup["user"], password, scram_keys), tracked)
+    server.send = sender(server.sock)
+    server.reader = gevent.spawn(server._read_loop)
 
-    def _login(self, auth, tracked) -> None:
-        buf = bytearray()
-        while True:
-            found = message_at(buf, 0, 1 << 24)
-            if found is None:
-                data = self.sock.recv(RECV_SIZE)
-                if not data:
-                    raise ServerError("08006", "server closed the connection during login")
-                buf += data
-                continue
-            mtype, start, end = found
-            body = bytes(buf[start:end])
-            del buf[:end]
-            if mtype == ord("R"):
-                code, data = m.parse_authentication(body)
-                try:
-                    reply = auth.respond(code, data)
-                except AuthFailed as exc:
-                    raise ServerError("28000", exc.message, fatal=True) from exc
-                if reply:
-                    self.sock.sendall(reply)
-            elif mtype == _E:
-                fields = m.parse_error_fields(body)
-                raise ServerError(fields.get("C", "08006"), fields.get("M", "server login failed"), fatal=True)
-            elif mtype == _S:
-                name, value = m.parse_parameter_status(body)
-                self.params[name] = value
-                if name in tracked:
-                    self.tparams[name] = value
-            elif mtype == ord("K"):
-                self.pid, self.key = m.parse_backend_key_data(body)
-            elif mtype == _Z:
-                self.tx_status = body[:1]
-                if buf:
-                    raise ServerError("08P01", "unexpected data after login")
-                return
+
+def _login(server, auth, tracked) -> None:
+    buf = bytearray()
+    while True:
+        found = message_at(buf, 0, 1 << 24)
+        if found is None:
+            data = server.sock.recv(RECV_SIZE)
+            if not data:
+                raise ServerError("08006", "server closed the connection during login")
+            buf += data
+            continue
+        mtype, start, end = found
+        body = bytes(buf[start:end])
+        del buf[:end]
+        if mtype == ord("R"):
+            code, data = m.parse_authentication(body)
+            try:
+                reply = auth.respond(code, data)
+            except AuthFailed as exc:
+                raise ServerError("28000", exc.message, fatal=True) from exc
+            if reply:
+                server.sock.sendall(reply)
+        elif mtype == _E:
+            fields = m.parse_error_fields(body)
+            raise ServerError(fields.get("C", "08006"), fields.get("M", "server login failed"), fatal=True)
+        elif mtype == _S:
+            name, value = m.parse_parameter_status(body)
+            server.params[name] = value
+            if name in tracked:
+                server.tparams[name] = value
+        elif mtype == ord("K"):
+            server.pid, server.key = m.parse_backend_key_data(body)
+        elif mtype == _Z:
+            server.tx_status = body[:1]
+            if buf:
+                raise ServerError("08P01", "unexpected data after login")
+            return
 
 
 def _open_socket(host: str, port: int):

@@ -41,7 +41,7 @@ class ClientStreaming:
                     raise ClientGone()
             self.request_time = monotonic()
             if scanner.owed and self.server is None:
-                raise ClientError("08006", "server conn crashed?")   # lost mid-message
+                raise ClientError("08P01", "server conn crashed?")   # lost mid-message
             chunk = stream(data)
             if chunk:
                 self._send(chunk, scanner.requests, scanner.synced)
@@ -96,7 +96,7 @@ class ClientStreaming:
                 data = data[:scanner.owed]
             scanner.take(len(data))
             if self.server is not server:
-                raise ClientError("08006", "server conn crashed?")   # lost mid-message
+                raise ClientError("08P01", "server conn crashed?")   # lost mid-message
             self._send(data, 0, None)
         if server.client is self:
             server._maybe_release()   # its replies may all have come while we streamed
