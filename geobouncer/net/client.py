@@ -25,11 +25,9 @@ from ..proto.scan import ClientScanner
 from . import params as tracked_params
 from .checkout import ClientError, acquire_server
 from .fastio import Parked, sender
-from .forward import ClientForwarding
-from .login import ClientGone, ClientLogin
-from .route import ClientRouting
+from . import forward, login, stream
+from .login import ClientGone
 from .server import ServerError
-from .stream import ClientStreaming
 
 log = logging.getLogger("geobouncer")
 
@@ -41,7 +39,7 @@ _LOST = m.error_response("08006", "server connection lost (switchover in progres
 __all__ = ["ClientConnection", "ClientGone"]
 
 
-class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRouting):
+class ClientConnection:
     # Per-connection state in slots: thousands of idle clients are the common case.
     __slots__ = ("addr", "admin", "app", "auth_result", "baseline", "bytes_out", "cancel_key", "closing",
                  "connect_time", "dbname", "greenlet", "held", "id", "lost_tx", "parkable", "pending",
@@ -106,7 +104,7 @@ class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRou
         try:
             login_timeout = self.app.settings.client_login_timeout or None
             with gevent.Timeout(login_timeout, ClientError("08P01", "client_login_timeout")):
-                if not self._login():
+                if not login.login(self):
                     self._cleanup()
                     return
             if self.admin:
@@ -121,9 +119,9 @@ class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRou
 
     def _serve_loop(self) -> None:
         if self.pool.tracking or self.app.hooks.enabled or self.rw_split or self.pool.cluster:
-            self._serve_tracked()
+            forward.serve_transaction(self)
         else:
-            self._serve()
+            stream.serve_session(self)
 
     def _guarded(self, fn, *args) -> None:
         """Run the client's loop; every way out but parking ends the client."""
@@ -226,6 +224,10 @@ class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRou
         else:
             server.close("client disconnect while server was not ready")
 
+    def _read_message(self) -> tuple[int, bytes]:
+        """One whole message outside the forwarding loops (authentication, console)."""
+        return login.read_message(self)
+
     def mid_message(self) -> bool:
         """Has the server been sent part of a message whose rest is still to come?"""
         return self.scanner is not None and self.scanner.owed > 0
@@ -266,6 +268,29 @@ class ClientConnection(ClientLogin, ClientForwarding, ClientStreaming, ClientRou
         server.pool.stats.server_assignment_count += 1
         self.server = server
         return server
+
+    def _send(self, data, requests: int, synced) -> None:
+        """Forward ``data`` to the linked server (linking one first), counting the
+        requests it owes a ReadyForQuery for."""
+        server = self.server
+        if server is None:
+            server = self._link()
+        if requests:
+            if server.outstanding <= 0:
+                server.outstanding = requests
+                server.request_started = self.request_time
+                if server.tx_status == b"I":
+                    server.xact_started = self.request_time
+            else:
+                server.outstanding += requests
+        if synced is not None:
+            server.unsynced = not synced
+        server.pool.stats.bytes_received += len(data)
+        try:
+            server.send(data)
+        except OSError:
+            server.dirty = True
+            raise ClientError("08P01", "server conn crashed?") from None
 
     # --- callbacks from the server's reader greenlet ------------------------------
     def on_server_idle(self, server) -> None:

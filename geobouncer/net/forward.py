@@ -1,7 +1,7 @@
-"""The client's forwarding loops: streaming (session pooling) and whole
-messages through the prepared-statement tracker (transaction and statement
-pooling), with session SETs remembered. A mixin of ClientConnection
-(net/client.py)."""
+"""The client's loop in transaction and statement pooling: whole messages
+through the prepared-statement tracker, with session SETs remembered, and fast
+paths for a lone Query and for unnamed extended batches. Functions over a
+ClientConnection (net/client.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from time import monotonic
 from ..pool import session_state
 from ..pool.prepared import BIND, DESCRIBE, EXECUTE, FAKE, PARSE, QUERY, SYNC, parse_locally
 from ..proto import messages as m
+from . import route, stream
 from .checkout import ClientError
 from .fastio import receiver
 from .login import ClientGone
@@ -40,319 +41,300 @@ def _needs_inspection(head: bytes) -> bool:
     return bool(head[:1]) and (head[0] in _INSPECT_FIRST or head[:3] in _INSPECT_SPELLINGS)
 
 
-class ClientForwarding:
-    __slots__ = ()
-
-    def _serve_tracked(self) -> None:
-        """Transaction/statement pooling: whole messages, translated by the
-        server's prepared-statement tracker (pool/prepared.py)."""
-        recv = receiver(self.sock, RECV_SIZE, self)
-        buf = bytearray(self.pending)
-        self.pending = b""
-        scratch: list = []
-        plain = not (self.app.hooks.enabled or self.rw_split)
-        messages = self.scanner.messages
-        lone_query = self.scanner.lone_query
-        while True:
-            if not buf and plain:
-                self.parkable = self.server is None     # the idle read (net/client.py: parking)
-                data = recv()
-                self.parkable = False
-                if not data:
-                    raise ClientGone()
-                # Fast path: exactly one complete simple Query that needs no reading.
-                # (lost_tx is checked after the read: a server can be lost meanwhile.)
-                if (lone_query(data) and data[5] not in _INSPECT_FIRST
-                        and data[5:8] not in _INSPECT_SPELLINGS and not self.lost_tx):
-                    self._forward_query(data)
-                    continue
-                buf += data
-            msgs = messages(buf)
-            if msgs is None:
-                if len(buf) >= 5 and self._large_message(buf):
-                    self._stream_large(buf, recv, scratch)
-                    continue
-                self.parkable = not buf and self.server is None
-                data = recv()
-                self.parkable = False
-                if not data:
-                    raise ClientGone()
-                buf += data
-                continue
-            self.request_time = monotonic()
-            terminate = msgs[-1][0] == _X
-            if terminate:
-                msgs.pop()
-            if msgs and not (plain and self._forward_unnamed(buf, msgs)):
-                self._forward_tracked(buf, msgs, scratch)
-            if terminate:
+def serve_transaction(client) -> None:
+    """Transaction/statement pooling: whole messages, translated by the
+    server's prepared-statement tracker (pool/prepared.py)."""
+    recv = receiver(client.sock, RECV_SIZE, client)
+    buf = bytearray(client.pending)
+    client.pending = b""
+    scratch: list = []
+    plain = not (client.app.hooks.enabled or client.rw_split)
+    messages = client.scanner.messages
+    lone_query = client.scanner.lone_query
+    while True:
+        if not buf and plain:
+            client.parkable = client.server is None     # the idle read (net/client.py: parking)
+            data = recv()
+            client.parkable = False
+            if not data:
                 raise ClientGone()
+            # Fast path: exactly one complete simple Query that needs no reading.
+            # (lost_tx is checked after the read: a server can be lost meanwhile.)
+            if (lone_query(data) and data[5] not in _INSPECT_FIRST
+                    and data[5:8] not in _INSPECT_SPELLINGS and not client.lost_tx):
+                _forward_query(client, data)
+                continue
+            buf += data
+        msgs = messages(buf)
+        if msgs is None:
+            if len(buf) >= 5 and stream.large_message(client, buf):
+                stream.stream_large(client, buf, recv, scratch)
+                continue
+            client.parkable = not buf and client.server is None
+            data = recv()
+            client.parkable = False
+            if not data:
+                raise ClientGone()
+            buf += data
+            continue
+        client.request_time = monotonic()
+        terminate = msgs[-1][0] == _X
+        if terminate:
+            msgs.pop()
+        if msgs and not (plain and _forward_unnamed(client, buf, msgs)):
+            _forward_tracked(client, buf, msgs, scratch)
+        if terminate:
+            raise ClientGone()
 
-    def _forward_unnamed(self, buf: bytearray, msgs: list) -> bool:
-        """Fast path for an extended-protocol batch that names nothing (pgbench
-        -M extended, a driver's first executions): forwarded as is. False when
-        the batch needs the general path."""
-        if self.lost_tx or self.unnamed_change is not None:
+
+def _forward_unnamed(client, buf: bytearray, msgs: list) -> bool:
+    """Fast path for an extended-protocol batch that names nothing (pgbench
+    -M extended, a driver's first executions): forwarded as is. False when
+    the batch needs the general path."""
+    if client.lost_tx or client.unnamed_change is not None:
+        return False
+    entries = []
+    parses = binds = syncs = 0
+    for mtype, start, end in msgs:
+        entry = _UNNAMED_ENTRIES.get(mtype)
+        if entry is None:
             return False
-        entries = []
-        parses = binds = syncs = 0
-        for mtype, start, end in msgs:
-            entry = _UNNAMED_ENTRIES.get(mtype)
-            if entry is None:
+        if mtype == _P:
+            # unnamed, and not a SET/RESET/DISCARD to remember
+            if buf[start + 5] != 0 or _needs_inspection(bytes(buf[start + 6:start + 9])):
                 return False
-            if mtype == _P:
-                # unnamed, and not a SET/RESET/DISCARD to remember
-                if buf[start + 5] != 0 or _needs_inspection(bytes(buf[start + 6:start + 9])):
-                    return False
-                parses += 1
-            elif mtype == _B:
-                if buf[start + 5] != 0 or buf[start + 6] != 0:
-                    return False
-                binds += 1
-            elif mtype == _D and buf[start + 6] != 0:
+            parses += 1
+        elif mtype == _B:
+            if buf[start + 5] != 0 or buf[start + 6] != 0:
                 return False
-            elif mtype == _S:
-                syncs += 1
-            entries.append(entry)
-        if msgs[-1][0] != _S:
+            binds += 1
+        elif mtype == _D and buf[start + 6] != 0:
             return False
-        self.request_time = monotonic()
-        server = self.server
+        elif mtype == _S:
+            syncs += 1
+        entries.append(entry)
+    if msgs[-1][0] != _S:
+        return False
+    client.request_time = monotonic()
+    server = client.server
+    if server is None:
+        server = _server_or_refuse(client, buf, msgs)
         if server is None:
-            server = self._server_or_refuse(buf, msgs)
-            if server is None:
-                return True
-        tracker = server.tracker
-        if tracker is None:
-            return False
-        tracker.pending.extend(entries)
-        tracker.parses += parses
-        self.portal_change = None
-        if parses or binds:
-            stats = server.pool.stats
-            stats.client_parse_count += parses
-            stats.server_parse_count += parses
-            stats.bind_count += binds
-        last = msgs[-1][2]
-        chunk = bytes(buf[:last])
-        del buf[:last]
-        self._send(chunk, syncs, True)
-        return True
+            return True
+    tracker = server.tracker
+    if tracker is None:
+        return False
+    tracker.pending.extend(entries)
+    tracker.parses += parses
+    client.portal_change = None
+    if parses or binds:
+        stats = server.pool.stats
+        stats.client_parse_count += parses
+        stats.server_parse_count += parses
+        stats.bind_count += binds
+    last = msgs[-1][2]
+    chunk = bytes(buf[:last])
+    del buf[:last]
+    client._send(chunk, syncs, True)
+    return True
 
-    def _server_or_refuse(self, buf: bytearray | None, msgs: list | None):
-        """Link a server for the batch in ``buf`` (or a lone Query when None).
-        None when that failed with an error the client survives (a switchover
-        that timed out): the batch is answered here with it."""
-        try:
-            return self._link()
-        except ClientError as exc:
-            if exc.close:
-                raise
-            error = m.error_response(exc.sqlstate, exc.text)
-            if buf is None:
-                self.send(error + m.READY_IDLE)
-            else:
-                self._refuse_batch(buf, msgs, error)
-            return None
 
-    def _forward_query(self, data: bytes) -> None:
-        """One plain simple Query (the common case of transaction pooling):
-        ``_send`` unrolled for one request."""
-        self.request_time = now = monotonic()
-        server = self.server
-        if server is None:
-            server = self._server_or_refuse(None, None)
-            if server is None:
-                return
-        if server.tracker is not None:
-            server.tracker.pending.append(_QUERY_ENTRY)
-        if server.outstanding <= 0:
-            server.outstanding = 1
-            server.request_started = now
-            if server.tx_status == b"I":
-                server.xact_started = now
+def _server_or_refuse(client, buf: bytearray | None, msgs: list | None):
+    """Link a server for the batch in ``buf`` (or a lone Query when None).
+    None when that failed with an error the client survives (a switchover
+    that timed out): the batch is answered here with it."""
+    try:
+        return client._link()
+    except ClientError as exc:
+        if exc.close:
+            raise
+        error = m.error_response(exc.sqlstate, exc.text)
+        if buf is None:
+            client.send(error + m.READY_IDLE)
         else:
-            server.outstanding += 1
-        server.pool.stats.bytes_received += len(data)
-        try:
-            server.send(data)
-        except OSError:
-            server.dirty = True
-            raise ClientError("08P01", "server conn crashed?") from None
+            client._refuse_batch(buf, msgs, error)
+        return None
 
-    def _forward_tracked(self, buf: bytearray, msgs: list, scratch: list) -> None:
-        if self.lost_tx:
-            self._answer_lost(buf, msgs)
-            return
-        if self.app.hooks.enabled or self.rw_split:
-            msgs = self._route_batch(buf, msgs)
-        server = self.server
-        if server is None and msgs[0][0] == _P:
-            reply = parse_locally(self.app.registry, buf, msgs, self.statements, _needs_inspection)
-            if reply is not None:
-                del buf[:msgs[-1][2]]
-                self.pool.stats.client_parse_count += sum(1 for t, _, _ in msgs if t == _P)
-                self.send(reply)
-                return
+
+def _forward_query(client, data: bytes) -> None:
+    """One plain simple Query (the common case of transaction pooling):
+    ``_send`` unrolled for one request."""
+    client.request_time = now = monotonic()
+    server = client.server
+    if server is None:
+        server = _server_or_refuse(client, None, None)
         if server is None:
-            server = self._server_or_refuse(buf, msgs)
-            if server is None:
-                return
-        tracker = server.tracker
-        if tracker is None:   # pool mode changed under a RELOAD: plain forwarding
-            last = msgs[-1][2]
-            requests = sum(1 for t, _, _ in msgs if t in (_Q, _S, _F))
-            self._send(bytes(buf[:last]), requests, None)
-            del buf[:last]
             return
-        stmts = self.statements
-        client_message = tracker.client_message
-        parses_before = tracker.parses
-        client_parses = binds = 0
-        out = None
-        run = 0
-        requests = 0
-        synced = None
-        sync_effect = None
-        # SETs count only when run outside a transaction: as of this batch's start,
-        # and before any other request of the batch.
-        outside = server.tx_status == b"I" and not tracker.pending
-        for mtype, start, end in msgs:
-            effect = None
-            if mtype == _Q:
-                if _needs_inspection(bytes(buf[start + 5:start + 8])):
-                    body = bytes(buf[start + 5:end])
-                    if tracker.deallocate_locally(body, stmts):
-                        out = [] if out is None else out
-                        out.append(buf[run:start])
-                        run = end
-                        continue
-                    effect = self._session_effect(server, self._session_change(body[:-1]), outside)
-                    replaced = client_message(mtype, body, stmts, scratch, effect)
-                else:
-                    replaced = client_message(mtype, None, stmts, scratch)
-                requests += 1
-                outside = False
-            elif mtype in _RENAMED:
-                if mtype == _P or mtype == _B or mtype == _D:
-                    synced = False
-                    if mtype == _P:
-                        client_parses += 1
-                    elif mtype == _B:
-                        binds += 1
+    if server.tracker is not None:
+        server.tracker.pending.append(_QUERY_ENTRY)
+    if server.outstanding <= 0:
+        server.outstanding = 1
+        server.request_started = now
+        if server.tx_status == b"I":
+            server.xact_started = now
+    else:
+        server.outstanding += 1
+    server.pool.stats.bytes_received += len(data)
+    try:
+        server.send(data)
+    except OSError:
+        server.dirty = True
+        raise ClientError("08P01", "server conn crashed?") from None
+
+
+def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
+    if client.lost_tx:
+        client._answer_lost(buf, msgs)
+        return
+    if client.app.hooks.enabled or client.rw_split:
+        msgs = route.route_batch(client, buf, msgs)
+    server = client.server
+    if server is None and msgs[0][0] == _P:
+        reply = parse_locally(client.app.registry, buf, msgs, client.statements, _needs_inspection)
+        if reply is not None:
+            del buf[:msgs[-1][2]]
+            client.pool.stats.client_parse_count += sum(1 for t, _, _ in msgs if t == _P)
+            client.send(reply)
+            return
+    if server is None:
+        server = _server_or_refuse(client, buf, msgs)
+        if server is None:
+            return
+    tracker = server.tracker
+    if tracker is None:   # pool mode changed under a RELOAD: plain forwarding
+        last = msgs[-1][2]
+        requests = sum(1 for t, _, _ in msgs if t in (_Q, _S, _F))
+        client._send(bytes(buf[:last]), requests, None)
+        del buf[:last]
+        return
+    stmts = client.statements
+    client_message = tracker.client_message
+    parses_before = tracker.parses
+    client_parses = binds = 0
+    out = None
+    run = 0
+    requests = 0
+    synced = None
+    sync_effect = None
+    # SETs count only when run outside a transaction: as of this batch's start,
+    # and before any other request of the batch.
+    outside = server.tx_status == b"I" and not tracker.pending
+    for mtype, start, end in msgs:
+        effect = None
+        if mtype == _Q:
+            if _needs_inspection(bytes(buf[start + 5:start + 8])):
                 body = bytes(buf[start + 5:end])
-                if mtype == _P:
-                    name_end = body.find(b"\x00")
-                    query_at = name_end + 1
-                    change = None
-                    if body[query_at:query_at + 1].lower() in (b"s", b"r", b"d"):
-                        change = self._session_change(body[query_at:body.find(b"\x00", query_at)])
-                    if name_end == 0:
-                        self.unnamed_change = change
-                    elif body[:name_end] not in stmts:
-                        self.stmt_sets[body[:name_end]] = change
-                elif mtype == _B:
-                    # What the bound statement will do when executed (a SET, maybe).
-                    portal_end = body.find(b"\x00")
-                    name = body[portal_end + 1:body.find(b"\x00", portal_end + 1)]
-                    self.portal_change = self.stmt_sets.get(name) if name else self.unnamed_change
-                replaced = client_message(mtype, body, stmts, scratch)
-            elif mtype == _S:
-                requests += 1
-                synced = True
-                replaced = client_message(mtype, None, stmts, scratch, sync_effect)
-                sync_effect = None
-                outside = False
-            elif mtype == _E and self.portal_change is not None:
+                if tracker.deallocate_locally(body, stmts):
+                    out = [] if out is None else out
+                    out.append(buf[run:start])
+                    run = end
+                    continue
+                effect = _session_effect(client, server, _session_change(body[:-1]), outside)
+                replaced = client_message(mtype, body, stmts, scratch, effect)
+            else:
+                replaced = client_message(mtype, None, stmts, scratch)
+            requests += 1
+            outside = False
+        elif mtype in _RENAMED:
+            if mtype == _P or mtype == _B or mtype == _D:
                 synced = False
-                sync_effect = self._session_effect(server, self.portal_change, outside) or sync_effect
-                replaced = client_message(mtype, None, stmts, scratch)
-            else:
-                if mtype == _F:
-                    requests += 1
-                elif mtype in _EXTENDED:
-                    synced = False
-                replaced = client_message(mtype, None, stmts, scratch)
-            if replaced:
-                out = [] if out is None else out
-                out.append(buf[run:start])
-                out.extend(scratch)
-                scratch.clear()
-                run = end
-        if client_parses or binds:
-            stats = server.pool.stats
-            stats.client_parse_count += client_parses
-            stats.bind_count += binds
-            stats.server_parse_count += tracker.parses - parses_before
-        last = msgs[-1][2]
-        if out is None:
-            chunk = bytes(buf[:last])
+                if mtype == _P:
+                    client_parses += 1
+                elif mtype == _B:
+                    binds += 1
+            body = bytes(buf[start + 5:end])
+            if mtype == _P:
+                name_end = body.find(b"\x00")
+                query_at = name_end + 1
+                change = None
+                if body[query_at:query_at + 1].lower() in (b"s", b"r", b"d"):
+                    change = _session_change(body[query_at:body.find(b"\x00", query_at)])
+                if name_end == 0:
+                    client.unnamed_change = change
+                elif body[:name_end] not in stmts:
+                    client.stmt_sets[body[:name_end]] = change
+            elif mtype == _B:
+                # What the bound statement will do when executed (a SET, maybe).
+                portal_end = body.find(b"\x00")
+                name = body[portal_end + 1:body.find(b"\x00", portal_end + 1)]
+                client.portal_change = client.stmt_sets.get(name) if name else client.unnamed_change
+            replaced = client_message(mtype, body, stmts, scratch)
+        elif mtype == _S:
+            requests += 1
+            synced = True
+            replaced = client_message(mtype, None, stmts, scratch, sync_effect)
+            sync_effect = None
+            outside = False
+        elif mtype == _E and client.portal_change is not None:
+            synced = False
+            sync_effect = _session_effect(client, server, client.portal_change, outside) or sync_effect
+            replaced = client_message(mtype, None, stmts, scratch)
         else:
-            out.append(buf[run:last])
-            chunk = b"".join(out)
-        del buf[:last]
-        if tracker.pending and tracker.pending[0][0] == _FAKE:
-            # Replies answered here with nothing outstanding before them go out
-            # now, before the batch reaches the server and its replies can follow.
-            fakes = tracker.first_fakes()
-            if fakes:
-                self.send(fakes)
-        if chunk:
-            self._send(chunk, requests, synced)
-        else:
-            if synced is not None:
-                server.unsynced = not synced
-            if server.client is self:
-                server._maybe_release()
-
-    # --- routing and rewrite hooks (routing/) -------------------------------------
-
-    @staticmethod
-    def _session_change(text: bytes):
-        return session_state.parse(text.decode("utf-8", "replace"))
-
-    def _session_effect(self, server, change, outside: bool):
-        """A SET / RESET / DISCARD ALL outside a transaction: once it succeeded,
-        remember it (SETs the server does not report) or restore the values
-        this client logged in with (what a direct connection resets to)."""
-        if change is None or not outside:
-            return None
-        canonical = self.app.tracked.get(change[1]) if len(change) > 1 else None
-        reported = canonical is not None and canonical in server.params
-        if reported and change[0] == "set":
-            return None   # ParameterStatus keeps this one
-
-        def remember(status: bytes) -> None:
-            if status != b"I":
-                return
-            if change[0] == "reset_all":
-                self.session_sets.clear()
-                server.session_sets.clear()
-                self.tparams.update(self.baseline)
-            elif reported:
-                self.tparams[canonical] = self.baseline.get(canonical, server.params.get(canonical, ""))
-            else:
-                session_state.apply(self.session_sets, change)
-                session_state.apply(server.session_sets, change)
-        return remember
-
-    def _send(self, data, requests: int, synced) -> None:
-        server = self.server
-        if server is None:
-            server = self._link()
-        if requests:
-            if server.outstanding <= 0:
-                server.outstanding = requests
-                server.request_started = self.request_time
-                if server.tx_status == b"I":
-                    server.xact_started = self.request_time
-            else:
-                server.outstanding += requests
+            if mtype == _F:
+                requests += 1
+            elif mtype in _EXTENDED:
+                synced = False
+            replaced = client_message(mtype, None, stmts, scratch)
+        if replaced:
+            out = [] if out is None else out
+            out.append(buf[run:start])
+            out.extend(scratch)
+            scratch.clear()
+            run = end
+    if client_parses or binds:
+        stats = server.pool.stats
+        stats.client_parse_count += client_parses
+        stats.bind_count += binds
+        stats.server_parse_count += tracker.parses - parses_before
+    last = msgs[-1][2]
+    if out is None:
+        chunk = bytes(buf[:last])
+    else:
+        out.append(buf[run:last])
+        chunk = b"".join(out)
+    del buf[:last]
+    if tracker.pending and tracker.pending[0][0] == _FAKE:
+        # Replies answered here with nothing outstanding before them go out
+        # now, before the batch reaches the server and its replies can follow.
+        fakes = tracker.first_fakes()
+        if fakes:
+            client.send(fakes)
+    if chunk:
+        client._send(chunk, requests, synced)
+    else:
         if synced is not None:
             server.unsynced = not synced
-        server.pool.stats.bytes_received += len(data)
-        try:
-            server.send(data)
-        except OSError:
-            server.dirty = True
-            raise ClientError("08P01", "server conn crashed?") from None
+        if server.client is client:
+            server._maybe_release()
+
+# --- routing and rewrite hooks (routing/) -------------------------------------
+
+
+def _session_change(text: bytes):
+    return session_state.parse(text.decode("utf-8", "replace"))
+
+
+def _session_effect(client, server, change, outside: bool):
+    """A SET / RESET / DISCARD ALL outside a transaction: once it succeeded,
+    remember it (SETs the server does not report) or restore the values
+    this client logged in with (what a direct connection resets to)."""
+    if change is None or not outside:
+        return None
+    canonical = client.app.tracked.get(change[1]) if len(change) > 1 else None
+    reported = canonical is not None and canonical in server.params
+    if reported and change[0] == "set":
+        return None   # ParameterStatus keeps this one
+
+    def remember(status: bytes) -> None:
+        if status != b"I":
+            return
+        if change[0] == "reset_all":
+            client.session_sets.clear()
+            server.session_sets.clear()
+            client.tparams.update(client.baseline)
+        elif reported:
+            client.tparams[canonical] = client.baseline.get(canonical, server.params.get(canonical, ""))
+        else:
+            session_state.apply(client.session_sets, change)
+            session_state.apply(server.session_sets, change)
+    return remember
