@@ -11,6 +11,11 @@ count of answered requests), ParameterStatus (tracked parameters), COPY starts,
 and FATAL errors. Everything is forwarded with one ``sendall`` per chunk. After
 forwarding, if the last ReadyForQuery said idle and nothing is outstanding, the
 server goes back to its pool (transaction and statement modes).
+
+The linked client is the replies' consumer: the reader needs of it only
+``send(bytes)``, ``on_client_write_failed()``, ``on_server_idle(server)`` and
+``on_server_lost(server, reason)``, so a merger that reads several servers for
+one client (sharding) can stand in its place.
 """
 
 from __future__ import annotations

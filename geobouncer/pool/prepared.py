@@ -170,9 +170,11 @@ class Tracker:
         self.parses = 0      # Parse messages really sent (SHOW STATS server parses)
         self.status = b"I"   # the last ReadyForQuery status seen
         self.dropped_all = False   # a DEALLOCATE ALL / DISCARD ALL completed: the client's names go too
-        # Something queued needs every reply matched (a faked or swallowed reply,
-        # a named statement). When False only ReadyForQuery, ErrorResponse and
-        # the DEALLOCATE ALL / DISCARD ALL tags need to be shown to server_message.
+        # Something queued needs every reply matched: a faked or swallowed reply,
+        # a Parse sent to the server (its success marks the statement parsed, its
+        # failure unmarks it). When False, a ReadyForQuery drops every entry up to
+        # its Sync/Query anyway, so only ReadyForQuery, ErrorResponse and the
+        # DEALLOCATE ALL / DISCARD ALL tags need to be shown to server_message.
         self.exact = False
 
     def reset(self) -> None:
@@ -193,7 +195,6 @@ class Tracker:
         if mtype == _S:
             pending.append((SYNC, False, effect))
             return False
-        self.exact = True
         if mtype == _E:
             pending.append((EXECUTE, False, None))
             return False
@@ -225,6 +226,7 @@ class Tracker:
         if mtype == _C:
             if body[:1] == b"S" and len(body) > 2:
                 client_stmts.pop(bytes(body[1:-1]), None)
+                self.exact = True
                 pending.append((FAKE, False, CLOSE_COMPLETE))
                 return True
             pending.append((CLOSE, False, None))
@@ -249,12 +251,14 @@ class Tracker:
             if old_sid not in self.prepared:
                 self._send_parse(old_sid, old_tail, out, swallow=True)
             out.append(m.message(b"P", server_name(old_sid) + old_tail))
+            self.exact = True
             self.pending.append((PARSE, False, name))   # the name, to say it in the error
             return True
         sid = self.registry.id_for(tail)
         client_stmts[name] = (sid, tail)
         if sid in self.prepared:
             self.prepared.touch(sid)
+            self.exact = True
             self.pending.append((FAKE, False, PARSE_COMPLETE))
             return True
         self._send_parse(sid, tail, out, swallow=False)
@@ -275,6 +279,7 @@ class Tracker:
         return sid
 
     def _send_parse(self, sid: int, tail: bytes, out: list, swallow: bool) -> None:
+        self.exact = True     # its reply is swallowed or marks the statement parsed
         evicted = self.prepared.add(sid)
         if evicted is not None:
             out.append(m.message(b"C", b"S" + server_name(evicted)))
