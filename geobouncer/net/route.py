@@ -25,8 +25,7 @@ def route_batch(client, buf: bytearray, msgs: list) -> list:
     hooks = client.app.hooks
     split = client.rw_split
     server = client.server
-    in_tx = server is not None and (server.tx_status != b"I" or server.outstanding > 0
-                                    or bool(server.tracker and server.tracker.pending))
+    in_tx = server is not None and (server.tx_status != b"I" or not server.answered())
     target = None
     decided = in_tx
     rewritten: dict[int, bytes] = {}   # message index -> its new bytes
