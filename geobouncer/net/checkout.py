@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from time import monotonic
 
-import gevent
-from gevent.event import AsyncResult
+from gevent import get_hub
+from gevent.hub import Waiter as HubWaiter
 
 from ..pool.pool import CHECK, OPEN, RETIRE, TAKE, WAIT
 from .server import ServerConnection, ServerError
@@ -28,22 +28,54 @@ class ClientError(Exception):
         self.close = close
 
 
+_TIMED_OUT = object()
+
+
 class Waiter:
     """A client waiting for a server. ``take`` is the atomic hand-off: once the
-    waiter has given up (timed out) it refuses, so no server is lost."""
+    waiter has given up (timed out, or its greenlet was interrupted) it
+    refuses, so no server is lost; a server taken by a waiter that is then
+    interrupted is given back by the caller (``_wait``).
 
-    __slots__ = ("done", "result")
+    Lighter than an AsyncResult with a gevent.Timeout: one hub Waiter and, when
+    there is a deadline, one libev timer — most checkouts under load wait."""
+
+    __slots__ = ("done", "server", "_wake")
 
     def __init__(self):
-        self.result = AsyncResult()
         self.done = False
+        self.server = None
+        self._wake = HubWaiter()
 
     def take(self, server) -> bool:
         if self.done:
             return False
         self.done = True
-        self.result.set(server)
+        self.server = server
+        get_hub().loop.run_callback(self._wake.switch, None)
         return True
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once handed over (``server``: a server, or None when a slot
+        freed up); False when ``timeout`` passed first."""
+        wake = self._wake
+        timer = None
+        if timeout is not None:
+            timer = get_hub().loop.timer(max(timeout, 0.0))
+            timer.start(wake.switch, _TIMED_OUT)
+        try:
+            if wake.get() is _TIMED_OUT:
+                if not self.done:
+                    self.done = True
+                    return False
+                wake.get()          # handed over as the timer fired: its wake-up is on the way
+            return True
+        except BaseException:
+            self.done = True
+            raise
+        finally:
+            if timer is not None:
+                timer.close()
 
 
 def acquire_server(app, pool, client) -> ServerConnection:
@@ -157,19 +189,26 @@ def _wait(app, pool, client, deadline, reserve_after):
         until_reserve = reserve_after - monotonic()
         timeout = until_reserve if timeout is None else min(timeout, until_reserve)
     try:
+        if waiter.wait(timeout):
+            return waiter.server
         try:
-            return waiter.result.get(timeout=timeout)
-        except gevent.Timeout:
-            if waiter.done:              # handed over as the timer fired
-                return waiter.result.get()
-            waiter.done = True
-            try:
-                pool.waiters.remove(waiter)
-            except ValueError:
-                pass
-            if deadline is not None and monotonic() >= deadline:
-                raise ClientError("08P01", "query_wait_timeout") from None
-            return None                  # reserve_pool_timeout passed: try again
+            pool.waiters.remove(waiter)
+        except ValueError:
+            pass
+        if deadline is not None and monotonic() >= deadline:
+            raise ClientError("08P01", "query_wait_timeout")
+        return None                  # reserve_pool_timeout passed: try again
+    except BaseException:
+        # Interrupted (a login timeout, a kill) after a server was handed over:
+        # it goes back, or the pool would count it active for ever.
+        if waiter.server is not None:
+            app.release_idle(waiter.server)
+            waiter.server = None
+        try:
+            pool.waiters.remove(waiter)
+        except ValueError:
+            pass
+        raise
     finally:
         client.set_waiting(False)
 
