@@ -13,6 +13,7 @@ from gevent import get_hub
 from gevent.hub import Waiter as HubWaiter
 
 from ..pool.pool import CHECK, OPEN, RETIRE, TAKE, WAIT
+from ..proto.framing import ProtocolError
 from .server import ServerConnection, ServerError
 
 log = logging.getLogger("geobouncer")
@@ -254,6 +255,16 @@ def open_server(app, pool) -> ServerConnection:
             _close_quietly(attempt)
             _report(pool, attempt, errors[-1][1], None)
             continue
+        except ProtocolError as exc:     # the "server" speaks something else (HTTP, garbage)
+            errors.append(("08P01", f"server login failed: {exc}"))
+            _close_quietly(attempt)
+            _report(pool, attempt, errors[-1][1], None)
+            continue
+        except BaseException:
+            # A timeout or kill of the opener: the slot must not stay counted.
+            _close_quietly(attempt)
+            pool.open_abandoned()
+            raise
         server = attempt
         break
     if server is None:

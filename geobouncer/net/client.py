@@ -24,7 +24,7 @@ from ..proto.framing import ProtocolError
 from ..proto.scan import ClientScanner
 from . import params as tracked_params
 from .checkout import ClientError, acquire_server
-from .fastio import Parked, sender
+from .fastio import Parked, plain as _plain_socket, sender
 from . import forward, login, stream
 from .login import ClientGone
 from .server import ServerError
@@ -193,8 +193,22 @@ class ClientConnection:
         self.send_error(sqlstate, text, fatal=True)
 
     def send_error(self, sqlstate: str, text: str, fatal: bool = False) -> None:
+        """An ErrorResponse from the pooler itself, never blocking the caller
+        (the janitor, the console, shutdown) and never inside another message:
+        skipped while a reply is being written or a server's message has been
+        forwarded only in part, and dropped when the socket cannot take it
+        now — the close that follows says enough then."""
+        if self.wlock.locked():
+            return
+        server = self.server
+        if server is not None and server.scanner is not None and server.scanner.skip:
+            return
+        data = m.error_response(sqlstate, text, "FATAL" if fatal else "ERROR")
         try:
-            self.sock.sendall(m.error_response(sqlstate, text, "FATAL" if fatal else "ERROR"))
+            if _plain_socket(self.sock):
+                self.sock._sock.send(data)       # non-blocking: all of it, or nothing useful
+            else:
+                self.send(data)
         except OSError:
             pass
 

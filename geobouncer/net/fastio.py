@@ -24,8 +24,12 @@ from errno import EBADF
 from gevent.socket import socket as _gevent_socket
 
 
-def _plain(gsock) -> bool:
+def plain(gsock) -> bool:
+    """A plain gevent socket (not TLS): its ``_sock`` is the byte stream."""
     return type(gsock) is _gevent_socket
+
+
+_plain = plain
 
 
 class Parked(Exception):

@@ -190,7 +190,8 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
         msgs = route.route_batch(client, buf, msgs)
     server = client.server
     if server is None and msgs[0][0] == _P:
-        reply = parse_locally(client.app.registry, buf, msgs, client.statements, _needs_inspection)
+        reply = parse_locally(client.app.registry, buf, msgs, client.statements, _needs_inspection,
+                              (client.route_pool or client.pool).parsed)
         if reply is not None:
             del buf[:msgs[-1][2]]
             client.pool.stats.client_parse_count += sum(1 for t, _, _ in msgs if t == _P)

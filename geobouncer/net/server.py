@@ -94,7 +94,7 @@ class ServerConnection:
         self.cancelling = False
         self.stale = False            # config changed: close instead of reusing
         # Transaction/statement pooling renames prepared statements (pool/prepared.py).
-        self.tracker = Tracker(pool.registry, pool.max_prepared) if pool.tracking else None
+        self.tracker = Tracker(pool.registry, pool.max_prepared, pool.parsed) if pool.tracking else None
         self.session_sets: dict[str, str] = {}   # SETs replayed here (pool/session_state.py)
         self.scanner: ServerScanner | None = None  # set by the reader (proto/scan.py)
 

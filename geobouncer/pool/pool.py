@@ -73,6 +73,7 @@ class Pool:
         self.tracking = False                   # rename prepared statements (transaction/statement)
         self.max_prepared = 0                   # per-server LRU bound (max_prepared_statements)
         self.registry = None                    # pooler-wide statement ids (pool/prepared.Registry)
+        self.parsed: set[int] = set()           # ids a server of this pool parsed successfully
         self.on_failure = None                  # callback(server, reason, sqlstate): host trouble
         self.cluster = None                     # the switchover cluster this database belongs to
 
@@ -154,6 +155,11 @@ class Pool:
         self.connecting -= 1
         self.counters.closed(self.db.name, self.user)
         self.last_login_error = (monotonic() if started is None else started, sqlstate, text)
+
+    def open_abandoned(self) -> None:
+        """The opener went away mid-login (a timeout, a kill): not the server's fault."""
+        self.connecting -= 1
+        self.counters.closed(self.db.name, self.user)
 
     def release(self, server):
         """Return an active server: hand it to the first waiter if any (returned),

@@ -59,7 +59,7 @@ class Registry:
 
     def __init__(self):
         self.ids: dict[bytes, int] = {}
-        self.parsed: set[int] = set()   # ids some server has parsed successfully
+        self.parsed: set[int] = set()   # default for Tracker.parsed (one set per pool in the pooler)
 
     def id_for(self, key: bytes) -> int:
         sid = self.ids.get(key)
@@ -72,7 +72,7 @@ _PARSE_ONLY = frozenset((_P, _S, _H_))
 
 
 def parse_locally(registry: Registry, buf, msgs: list, client_stmts: dict,
-                  needs_server=lambda head: False) -> bytes | None:
+                  needs_server=lambda head: False, parsed: set | None = None) -> bytes | None:
     """Answer a batch of only named Parse (+ Sync / Flush) without a server,
     when every statement has parsed successfully before with the same text and
     parameter types: ParseComplete per Parse, ReadyForQuery (idle: the client
@@ -96,7 +96,8 @@ def parse_locally(registry: Registry, buf, msgs: list, client_stmts: dict,
         if needs_server(tail[:3]):
             return None
         sid = registry.ids.get(tail)
-        if not name or name in client_stmts or sid not in registry.parsed or name in seen:
+        if not name or name in client_stmts or sid not in (registry.parsed if parsed is None else parsed) \
+                or name in seen:
             return None
         seen.add(name)
         names.append((name, sid, tail))
@@ -139,6 +140,11 @@ class ServerStatements:
             return evicted
         return None
 
+    def restore(self, sid: int) -> None:
+        """The server still has ``sid`` (its Close was skipped): least recent again."""
+        self.lru[sid] = None
+        self.lru.move_to_end(sid, last=False)
+
     def discard(self, sid: int) -> None:
         self.lru.pop(sid, None)
 
@@ -163,8 +169,10 @@ class Tracker:
     ``client_messages`` and ``server_message`` are the only entry points; both
     are pure over bytes (the caller does the I/O)."""
 
-    def __init__(self, registry: Registry, limit: int):
+    def __init__(self, registry: Registry, limit: int, parsed: set | None = None):
         self.registry = registry
+        # Statements some server of this pool parsed successfully (parse_locally).
+        self.parsed = registry.parsed if parsed is None else parsed
         self.prepared = ServerStatements(limit)
         self.pending: deque = deque()
         self.parses = 0      # Parse messages really sent (SHOW STATS server parses)
@@ -261,7 +269,7 @@ class Tracker:
             self.exact = True
             self.pending.append((FAKE, False, PARSE_COMPLETE))
             return True
-        self._send_parse(sid, tail, out, swallow=False)
+        self._send_parse(sid, tail, out, swallow=False, owner=(client_stmts, name))
         return True
 
     def _ensure(self, name: bytes, client_stmts: dict, out: list) -> int | None:
@@ -278,14 +286,16 @@ class Tracker:
             self._send_parse(sid, tail, out, swallow=True)
         return sid
 
-    def _send_parse(self, sid: int, tail: bytes, out: list, swallow: bool) -> None:
+    def _send_parse(self, sid: int, tail: bytes, out: list, swallow: bool, owner=None) -> None:
+        """``owner`` (client_stmts, name): the client's own Parse, whose name is
+        freed again if the server refuses or skips it."""
         self.exact = True     # its reply is swallowed or marks the statement parsed
         evicted = self.prepared.add(sid)
         if evicted is not None:
             out.append(m.message(b"C", b"S" + server_name(evicted)))
-            self.pending.append((CLOSE, True, None))
+            self.pending.append((CLOSE, True, evicted))   # skipped after an error: still there
         out.append(m.message(b"P", server_name(sid) + tail))
-        self.pending.append((PARSE, swallow, sid))
+        self.pending.append((PARSE, swallow, sid, owner))
         self.parses += 1
 
     def deallocate_locally(self, body, client_stmts: dict) -> bool:
@@ -348,7 +358,15 @@ class Tracker:
             while pending and pending[0][0] not in (SYNC, QUERY):
                 entry = pending.popleft()
                 if entry[0] == PARSE and isinstance(entry[2], int):
+                    # Refused, or skipped after the error: not prepared there,
+                    # and the client's name is free again.
                     self.prepared.discard(entry[2])
+                    self.parsed.discard(entry[2])
+                    owner = entry[3] if len(entry) > 3 else None
+                    if owner is not None and owner[0].get(owner[1], (None,))[0] == entry[2]:
+                        del owner[0][owner[1]]
+                elif entry[0] == CLOSE and type(entry[2]) is int:
+                    self.prepared.restore(entry[2])   # the eviction's Close was skipped
             if pending:
                 pending[0] = (pending[0][0], False, None)   # the batch failed: no effect
             return not replacement, replacement
@@ -371,5 +389,5 @@ class Tracker:
             return True, b""
         entry = pending.popleft()
         if kind == PARSE and type(entry[2]) is int:
-            self.registry.parsed.add(entry[2])
+            self.parsed.add(entry[2])
         return not entry[1], self.first_fakes()

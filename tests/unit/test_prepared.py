@@ -264,3 +264,37 @@ def test_a_successful_parse_on_a_server_marks_the_statement_parsed():
     assert sid not in registry.parsed
     tracker.server_message(ord("1"), b"")
     assert sid in registry.parsed
+
+
+def test_a_refused_parse_frees_the_clients_name():
+    from geobouncer.pool.prepared import Registry, Tracker
+    from geobouncer.proto import messages as m
+    tracker = Tracker(Registry(), 10)
+    stmts, out = {}, []
+    tracker.client_message(ord("P"), m.parse_message("SELECT * FROM missing", "s1")[5:], stmts, out)
+    tracker.client_message(ord("S"), None, stmts, out)
+    assert b"s1" in stmts
+    tracker.server_message(ord("E"), m.error_response("42P01", "relation does not exist")[5:])
+    tracker.server_message(ord("Z"), b"I")
+    assert b"s1" not in stmts and not tracker.pending     # the client may Parse s1 again
+
+
+def test_an_eviction_whose_close_was_skipped_keeps_the_statement_known():
+    from geobouncer.pool.prepared import Registry, Tracker, server_name
+    from geobouncer.proto import messages as m
+    tracker = Tracker(Registry(), 1)
+    stmts, out = {}, []
+    tracker.client_message(ord("P"), m.parse_message("SELECT 1", "a")[5:], stmts, out)
+    tracker.client_message(ord("S"), None, stmts, out)
+    for reply in (b"1", b"Z"):
+        tracker.server_message(ord(reply), b"I" if reply == b"Z" else b"")
+    first = stmts[b"a"][0]
+    # An error earlier in the batch makes the server skip the eviction's Close.
+    tracker.client_message(ord("E"), None, stmts, out)
+    out.clear()
+    tracker.client_message(ord("P"), m.parse_message("SELECT 2", "b")[5:], stmts, out)
+    assert m.message(b"C", b"S" + server_name(first)) in out        # evicts "a"'s statement
+    tracker.client_message(ord("S"), None, stmts, out)
+    tracker.server_message(ord("E"), m.error_response("22012", "division by zero")[5:])
+    tracker.server_message(ord("Z"), b"I")
+    assert first in tracker.prepared                                # still on the server
