@@ -156,28 +156,6 @@ class Bouncer(FailoverWiring):
         log.info("RELOAD command issued")
         return True
 
-    # --- what the net layer asks of the pooler as a whole -------------------------
-    def release_active(self, server, linked_at: float) -> None:
-        self.releaser.release_active(server, linked_at)
-
-    def release_idle(self, server) -> None:
-        self.releaser.release_idle(server)
-
-    def release_after_client(self, server, pool) -> None:
-        self.releaser.release_after_client(server, pool)
-
-    def evict_idle_for(self, pool) -> bool:
-        return self.releaser.evict_idle_for(pool)
-
-    def reconnect_pool(self, pool) -> None:
-        self.releaser.reconnect_pool(pool)
-
-    def auth_method(self, client) -> str:
-        return self.secrets.auth_method(client)
-
-    def lookup_secret(self, user: str, db):
-        return self.secrets.lookup_secret(user, db)
-
     def database_for(self, name: str):
         if name not in self.cfg.databases and name in self.extra_entries:
             return self.extra_entries[name]

@@ -83,7 +83,7 @@ class Janitor:
             server = open_server(self.app, pool)
         except ClientError:
             return
-        self.app.release_idle(server)
+        self.app.releaser.release_idle(server)
 
     def check_client_timeouts(self, client, now: float, s) -> None:
         if client.closing or client.state == "login":

@@ -163,7 +163,7 @@ class AdminConsole:
         db = _dbarg(arg)
         for pool in self.app.pools.values():
             if not db or pool.db.name == db:
-                self.app.reconnect_pool(pool)
+                self.app.releaser.reconnect_pool(pool)
         return m.command_complete("RECONNECT")
 
     def _cmd_wait_close(self, client, arg):

@@ -130,7 +130,7 @@ def acquire_server(app, pool, client) -> ServerConnection:
                 if not (pool.server_count() - pool.connecting > 0):
                     raise
         own_limit = pool.limits.pool_size + (pool.limits.reserve_pool_size if use_reserve else 0)
-        if pool.server_count() < own_limit and app.evict_idle_for(pool):
+        if pool.server_count() < own_limit and app.releaser.evict_idle_for(pool):
             continue              # a server of another pool made room (PgBouncer's eviction)
         server = _wait(app, pool, client, deadline, reserve_after)
         if server is not None:
@@ -203,7 +203,7 @@ def _wait(app, pool, client, deadline, reserve_after):
         # Interrupted (a login timeout, a kill) after a server was handed over:
         # it goes back, or the pool would count it active for ever.
         if waiter.server is not None:
-            app.release_idle(waiter.server)
+            app.releaser.release_idle(waiter.server)
             waiter.server = None
         try:
             pool.waiters.remove(waiter)

@@ -234,7 +234,7 @@ class ClientConnection:
         session mode), anything else is closed."""
         server.client = None
         if server.reusable() and not self.mid_message():
-            gevent.spawn(self.app.release_after_client, server, server.pool)
+            gevent.spawn(self.app.releaser.release_after_client, server, server.pool)
         else:
             server.close("client disconnect while server was not ready")
 
@@ -323,7 +323,7 @@ class ClientConnection:
             return
         self.server = None
         server.client = None
-        self.app.release_active(server, self.request_time)
+        self.app.releaser.release_active(server, self.request_time)
 
     def on_server_lost(self, server, reason: str) -> None:
         if self.server is server:

@@ -57,7 +57,7 @@ def login(client) -> bool:
     elif db.name in app.disabled:
         raise ClientError("08P01", f'database "{db.name}" does not allow connections')
     _check_client_limits(client, db)
-    secret = app.lookup_secret(user, db)
+    secret = app.secrets.lookup_secret(user, db)
     _check_trust_rules(client, db, secret)
     result = _authenticate(client, secret)
     client.auth_result = result
@@ -85,7 +85,7 @@ def login(client) -> bool:
 def _check_trust_rules(client, db, secret) -> None:
     """PgBouncer's rules: trust still needs the user in auth_file (or found by
     auth_query); any ignores the user name, so every database must force one."""
-    method = client.app.auth_method(client)
+    method = client.app.secrets.auth_method(client)
     if method == "trust" and secret is None:
         raise ClientError("28000", '"trust" authentication failed')
     if method == "any" and db is not None and not db.user:
@@ -161,13 +161,13 @@ def read_message(client) -> tuple[int, bytes]:
 
 
 def _authenticate(client, secret):
-    method = client.app.auth_method(client)
+    method = client.app.secrets.auth_method(client)
     gen = authenticate_client(method, client.user, secret)
     try:
         out = next(gen)
         while True:
             client.sock.sendall(out)
-            if out[0] == ord("R") and struct.unpack_from("!I", out, 5)[0] == m.AUTH_SASL_FINAL:
+            if m.is_sasl_final(out):
                 out = gen.send(None)
                 continue
             mtype, body = read_message(client)
@@ -188,6 +188,6 @@ def _learn_server_defaults(client) -> None:
     pool = client.pool
     if pool.welcome is None:
         server = acquire_server(client.app, pool, client)
-        client.app.release_idle(server)
+        client.app.releaser.release_idle(server)
 
 # --- forwarding ------------------------------------------------------------

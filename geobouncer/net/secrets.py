@@ -47,7 +47,7 @@ class SecretLookup:
         except ServerError as exc:
             server.close(f"auth_query failed: {exc.text}")
             raise ClientError("08P01", f"auth_query failed: {exc.text}") from None
-        self.app.release_idle(server)
+        self.app.releaser.release_idle(server)
         if not rows:
             return None
         return rows[0][1] if len(rows[0]) > 1 else None

@@ -207,20 +207,10 @@ class ServerConnection:
             client.stmt_class.clear()
 
     def _forward_tracked(self, data) -> None:
-        client = self.client
-        if client is None:
-            self._unexpected(data)
-            return
         pending = self.tracker.pending
-        if pending and pending[0][0] == FAKE:
+        if pending and pending[0][0] == FAKE and self.client is not None:
             data += self.tracker.first_fakes()
-        try:
-            client.send(data)
-        except OSError:
-            self.dirty = True
-            client.on_client_write_failed()
-        else:
-            self.pool.stats.bytes_sent += len(data)
+        self._forward(data)
 
     def pool_limit(self) -> int:
         return 1 << 26

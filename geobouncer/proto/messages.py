@@ -53,6 +53,11 @@ def auth_sasl_final(data: bytes) -> bytes:
     return authentication(AUTH_SASL_FINAL, data)
 
 
+def is_sasl_final(msg: bytes) -> bool:
+    """Is this built message an AuthenticationSASLFinal (no reply expected)?"""
+    return msg[:1] == b"R" and len(msg) >= 9 and _I32.unpack_from(msg, 5)[0] == AUTH_SASL_FINAL
+
+
 def parameter_status(name: str, value: str) -> bytes:
     return message(b"S", cstr(name) + cstr(value))
 
