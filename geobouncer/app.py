@@ -195,6 +195,7 @@ class Bouncer(FailoverWiring):
         if pool is None:
             pool = Pool(db, server_user, self._limits(db, server_user), self.counters)
             pool.registry = self.registry
+            pool.parsed = self.registry.parsed_set()
             pool.on_failure = self.server_trouble
             pool.cluster = self.clusters.get(db.name)
             self._set_tracking(pool)
@@ -221,6 +222,8 @@ class Bouncer(FailoverWiring):
         tracking = (pool.limits.pool_mode != "session" or self.hooks.enabled) and limit > 0
         changed = (tracking, limit) != (pool.tracking, pool.max_prepared)
         pool.tracking, pool.max_prepared = tracking, limit
+        # Texts remembered pooler-wide: well beyond what the servers keep.
+        self.registry.capacity = max(2000, 10 * limit)
         return changed
 
     def _refresh_password(self, pool: Pool) -> None:

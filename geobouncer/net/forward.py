@@ -8,7 +8,7 @@ from __future__ import annotations
 from time import monotonic
 
 from ..pool import session_state
-from ..pool.prepared import BIND, DESCRIBE, EXECUTE, FAKE, PARSE, QUERY, SYNC, parse_locally
+from ..pool.prepared import BIND, DESCRIBE, EXECUTE, FAKE, MAY_DROP_ALL, PARSE, QUERY, SYNC, parse_locally
 from ..proto import messages as m
 from . import route, stream
 from .checkout import ClientError
@@ -182,6 +182,13 @@ def _forward_query(client, data: bytes) -> None:
         raise ClientError("08P01", "server conn crashed?") from None
 
 
+def _no_server_now(pool) -> bool:
+    """Every server busy and no room for another: only then is a Parse-only
+    batch answered without a server (a server, when there is one, checks the
+    text against the database as it is now)."""
+    return not pool.idle and not pool.may_open(False)
+
+
 def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
     if client.lost_tx:
         client._answer_lost(buf, msgs)
@@ -189,7 +196,7 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
     if client.app.hooks.enabled or client.rw_split:
         msgs = route.route_batch(client, buf, msgs)
     server = client.server
-    if server is None and msgs[0][0] == _P:
+    if server is None and msgs[0][0] == _P and _no_server_now(client.route_pool or client.pool):
         reply = parse_locally(client.app.registry, buf, msgs, client.statements, _needs_inspection,
                               (client.route_pool or client.pool).parsed)
         if reply is not None:
@@ -223,6 +230,8 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
     for mtype, start, end in msgs:
         effect = None
         if mtype == _Q:
+            if (stmts or tracker.prepared.lru) and MAY_DROP_ALL.search(buf, start + 5, end):
+                tracker.watch_drop(stmts)
             if _needs_inspection(bytes(buf[start + 5:start + 8])):
                 body = bytes(buf[start + 5:end])
                 if tracker.deallocate_locally(body, stmts):
@@ -245,6 +254,8 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
                     binds += 1
             body = bytes(buf[start + 5:end])
             if mtype == _P:
+                if (stmts or tracker.prepared.lru) and MAY_DROP_ALL.search(body):
+                    tracker.watch_drop(stmts)
                 name_end = body.find(b"\x00")
                 query_at = name_end + 1
                 change = None

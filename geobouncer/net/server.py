@@ -198,13 +198,27 @@ class ServerConnection:
 
     def _statements_dropped(self) -> None:
         """DEALLOCATE ALL / DISCARD ALL ran: the client's statement names are gone."""
-        self.tracker.dropped_all = False
+        tracker = self.tracker
+        tracker.dropped_all = False
+        names, tracker.dropped_names = tracker.dropped_names, None
         client = self.client
-        if client is not None:
+        if client is None:
+            return
+        if names is None:
             client.statements.clear()
             client.stmt_sets.clear()
             client.stmt_routes.clear()
             client.stmt_class.clear()
+            return
+        # Only what existed before the drop: names prepared after it in the same
+        # batch stay.
+        statements = client.statements
+        for name, entry in names.items():
+            if statements.get(name) is entry:
+                del statements[name]
+                client.stmt_sets.pop(name, None)
+                client.stmt_routes.pop(name, None)
+                client.stmt_class.pop(name, None)
 
     def _forward_tracked(self, data) -> None:
         pending = self.tracker.pending

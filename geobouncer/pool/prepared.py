@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 import struct
+import weakref
 from collections import OrderedDict, deque
 
 from ..proto import messages as m
@@ -51,20 +52,53 @@ _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all|\"(?:[^\"]|\"\"
                          re.IGNORECASE | re.DOTALL)
 _DEALLOCATED = m.command_complete("DEALLOCATE")
 _DROP_ALL_TAGS = (b"DEALLOCATE ALL", b"DISCARD ALL")
+# A text that may drop every statement when it runs (Tracker.watch_drop).
+MAY_DROP_ALL = re.compile(rb"(?:deallocate\s+(?:prepare\s+)?|discard\s+)all", re.IGNORECASE)
 _DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.IGNORECASE | re.DOTALL)
 
 
-class Registry:
-    """Pooler-wide ids for distinct statements (query text + parameter types)."""
+class ParsedSet(set):
+    """Ids some server of one pool parsed successfully; hashed by identity so
+    the Registry can hold it weakly."""
 
-    def __init__(self):
-        self.ids: dict[bytes, int] = {}
-        self.parsed: set[int] = set()   # default for Tracker.parsed (one set per pool in the pooler)
+    __slots__ = ()
+    __hash__ = object.__hash__
+
+
+class Registry:
+    """Pooler-wide ids for distinct statements (query text + parameter types).
+
+    Bounded: the least recently registered texts are forgotten beyond
+    ``capacity``, so a stream of distinct statements does not grow memory for
+    ever. Ids are never reused: a forgotten text seen again gets a new id (a
+    new server name), and clients or servers that still hold the old id go on
+    using it (a client keeps its own copy of the text)."""
+
+    def __init__(self, capacity: int = 10000):
+        self.ids: OrderedDict[bytes, int] = OrderedDict()
+        self.capacity = capacity
+        self.last_id = 0
+        self.parsed_sets: weakref.WeakSet = weakref.WeakSet()
+        self.parsed = self.parsed_set()   # default for Tracker.parsed (one set per pool in the pooler)
+
+    def parsed_set(self) -> ParsedSet:
+        """A new per-pool set of parsed ids (held weakly); forgotten ids leave it too."""
+        parsed = ParsedSet()
+        self.parsed_sets.add(parsed)
+        return parsed
 
     def id_for(self, key: bytes) -> int:
-        sid = self.ids.get(key)
+        ids = self.ids
+        sid = ids.get(key)
         if sid is None:
-            sid = self.ids[key] = len(self.ids) + 1
+            self.last_id = sid = self.last_id + 1
+            ids[key] = sid
+            if len(ids) > self.capacity:
+                _, old = ids.popitem(last=False)
+                for parsed in self.parsed_sets:
+                    parsed.discard(old)
+        else:
+            ids.move_to_end(key)
         return sid
 
 
@@ -184,10 +218,30 @@ class Tracker:
         # its Sync/Query anyway, so only ReadyForQuery, ErrorResponse and the
         # DEALLOCATE ALL / DISCARD ALL tags need to be shown to server_message.
         self.exact = False
+        # What existed when a message that may drop every statement was sent
+        # (``watch_drop``): (server ids, the client's names), until the queue empties.
+        self.drop_watch = None
+        self.dropped_names = None   # with dropped_all: only these names go (None: all)
 
     def reset(self) -> None:
         """The server lost its statements (DISCARD ALL, reset query)."""
         self.prepared.clear()
+        self.drop_watch = None
+
+    def watch_drop(self, client_stmts: dict) -> None:
+        """A message just queued may run DEALLOCATE ALL / DISCARD ALL. What the
+        server has now may be gone once it runs, so nothing later in the batch
+        may rely on it (later Parses are sent again, after a Close); when the
+        drop is seen, only what existed before it is forgotten, and if it never
+        comes the statements are known again."""
+        lru = self.prepared.lru
+        if self.drop_watch is None:
+            self.drop_watch = (list(lru), dict(client_stmts))
+        else:
+            self.drop_watch[0].extend(lru)
+            self.drop_watch[1].update(client_stmts)
+        lru.clear()
+        self.exact = True
 
     # --- client -> server --------------------------------------------------------
     def client_message(self, mtype: int, body, client_stmts: dict, out: list, effect=None) -> bool:
@@ -213,7 +267,7 @@ class Tracker:
                 pending.append((BIND, False, None))
                 return False
             sid = self._ensure(body[portal_end + 1:stmt_end], client_stmts, out)
-            pending.append((BIND, False, None))
+            pending.append((BIND, False, sid))
             if sid is None:   # never prepared by this client: the server will say so
                 return False
             out.append(m.message(b"B", bytes(body[:portal_end + 1]) + server_name(sid)
@@ -226,7 +280,7 @@ class Tracker:
             sid = None
             if body[:1] == b"S" and name:
                 sid = self._ensure(name, client_stmts, out)
-            pending.append((DESCRIBE, False, None))
+            pending.append((DESCRIBE, False, sid))
             if sid is None:
                 return False
             out.append(m.message(b"D", b"S" + server_name(sid)))
@@ -294,9 +348,23 @@ class Tracker:
         if evicted is not None:
             out.append(m.message(b"C", b"S" + server_name(evicted)))
             self.pending.append((CLOSE, True, evicted))   # skipped after an error: still there
+        # The server should not have it; if it does after all (a drop that did
+        # not happen, a plan gone stale), a Close first keeps the Parse from
+        # failing with 42P05. Closing a missing statement is not an error.
+        out.append(m.message(b"C", b"S" + server_name(sid)))
+        self.pending.append((CLOSE, True, None))
         out.append(m.message(b"P", server_name(sid) + tail))
         self.pending.append((PARSE, swallow, sid, owner))
         self.parses += 1
+
+    def _drop_watch_over(self) -> None:
+        """The batch ended and no drop came: what the server had, it still has."""
+        sids = self.drop_watch[0]
+        self.drop_watch = None
+        prepared = self.prepared
+        for sid in reversed(sids):
+            if sid not in prepared:
+                prepared.restore(sid)
 
     def deallocate_locally(self, body, client_stmts: dict) -> bool:
         """``DEALLOCATE name`` (simple query) of a protocol-level statement this
@@ -345,12 +413,19 @@ class Tracker:
             fakes = self.first_fakes() if pending else b""
             if not pending:
                 self.exact = False
+                if self.drop_watch is not None:
+                    self._drop_watch_over()
             return True, fakes
         if mtype == _R_ERROR:
             if kind == QUERY:
                 pending[0] = (QUERY, False, None)   # a failed query has no effect to apply
                 return True, b""
             replacement = b""
+            if (kind == BIND or kind == DESCRIBE) and pending[0][2] is not None \
+                    and b"C0A000\x00" in body:
+                # "cached plan must not change result type": the server's copy
+                # is stale; the next use prepares it afresh (Close + Parse).
+                self.prepared.discard(pending[0][2])
             if kind == PARSE and isinstance(pending[0][2], bytes):
                 # A taken name: the server named its own statement; say the client's.
                 name = pending[0][2].decode(errors="replace")
@@ -372,8 +447,15 @@ class Tracker:
             return not replacement, replacement
         done = False
         if mtype == _R_COMPLETE and body[:4] in (b"DEAL", b"DISC") and bytes(body[:-1]) in _DROP_ALL_TAGS:
-            # Whichever protocol carried it, the server has no statements left.
-            self.prepared.clear()
+            # Whichever protocol carried it, the server has no statements left
+            # but those prepared after it in this batch (watch_drop).
+            watch = self.drop_watch
+            if watch is None:
+                self.prepared.clear()
+                self.dropped_names = None
+            else:
+                self.drop_watch = None
+                self.dropped_names = watch[1]
             self.dropped_all = True
         if mtype == _R_PARSE:
             done = kind == PARSE

@@ -67,7 +67,8 @@ def test_named_parse_is_renamed_and_reused_across_clients():
     a, b = {}, {}
     wire = send(server, a, parse(b"s1", b"select 1"), bind(b"s1"), EXECUTE, m.SYNC)
     assert b"GB_1\x00" in wire and b"s1\x00" not in wire
-    assert types_of(reply(server, PC, BC, DONE, Z)) == "12CZ"
+    assert types_of(wire) == "CPBES"      # a Close first: the server may have GB_1 after all
+    assert types_of(reply(server, CC, PC, BC, DONE, Z)) == "12CZ"
     # client b prepares the same text under another name: answered locally
     wire = send(server, b, parse(b"other", b"select 1"), bind(b"other"), EXECUTE, m.SYNC)
     assert types_of(wire) == "BES"
@@ -83,9 +84,9 @@ def test_bind_on_server_without_statement_injects_parse_and_swallows_reply():
     send(first, stmts, parse(b"s1", b"select $1", (23,)), m.SYNC)
     reply(first, PC, Z)
     wire = send(second, stmts, bind(b"s1"), EXECUTE, m.SYNC)
-    assert types_of(wire) == "PBES"
+    assert types_of(wire) == "CPBES"
     assert b"GB_1\x00select $1\x00\x00\x01\x00\x00\x00\x17" in wire   # types kept byte for byte
-    assert types_of(reply(second, PC, BC, DONE, Z)) == "2CZ"         # injected ParseComplete gone
+    assert types_of(reply(second, CC, PC, BC, DONE, Z)) == "2CZ"     # injected replies gone
 
 
 def test_close_statement_is_local_and_server_keeps_it():
@@ -116,10 +117,10 @@ def test_lru_eviction_closes_oldest_on_server():
     stmts = {}
     for i in range(3):
         wire = send(server, stmts, parse(b"s%d" % i, b"select %d" % i), m.SYNC)
-        expected = "PS" if i < 2 else "CPS"
+        expected = "CPS" if i < 2 else "CCPS"
         assert types_of(wire) == expected
-        got = reply(server, *([CC] if i == 2 else []), PC, Z)
-        assert types_of(got) == "1Z"      # the eviction's CloseComplete is swallowed
+        got = reply(server, *([CC] if i == 2 else []), CC, PC, Z)
+        assert types_of(got) == "1Z"      # the CloseCompletes (eviction, pre-Parse) are swallowed
     assert len(server.prepared) == 2
 
 
@@ -262,6 +263,7 @@ def test_a_successful_parse_on_a_server_marks_the_statement_parsed():
     tracker.client_message(ord("S"), None, stmts, out)
     sid = stmts[b"s1"][0]
     assert sid not in registry.parsed
+    tracker.server_message(ord("3"), b"")
     tracker.server_message(ord("1"), b"")
     assert sid in registry.parsed
 
@@ -298,3 +300,64 @@ def test_an_eviction_whose_close_was_skipped_keeps_the_statement_known():
     tracker.server_message(ord("E"), m.error_response("22012", "division by zero")[5:])
     tracker.server_message(ord("Z"), b"I")
     assert first in tracker.prepared                                # still on the server
+
+
+def test_drop_all_forgets_only_what_existed_before_it():
+    """DEALLOCATE ALL then, in the same batch, a new Parse: the new statement
+    survives the drop; the old one goes, on the server and for the client."""
+    server = Tracker(Registry(), 10)
+    stmts = {}
+    send(server, stmts, parse(b"old", b"select 1"), m.SYNC)
+    reply(server, CC, PC, Z)
+    old_sid = stmts[b"old"][0]
+    server.watch_drop(stmts)            # the pooler saw 'DEALLOCATE ALL' in the next Query
+    assert old_sid not in server.prepared
+    wire = send(server, stmts, m.query("DEALLOCATE ALL"), parse(b"new", b"select 2"), bind(b"new"), EXECUTE, m.SYNC)
+    assert types_of(wire) == "QCPBES"
+    new_sid = stmts[b"new"][0]
+    got = reply(server, m.command_complete("DEALLOCATE ALL"), Z, CC, PC, BC, DONE, Z)
+    assert types_of(got) == "CZ12CZ"
+    assert server.dropped_all and set(server.dropped_names) == {b"old"}
+    assert new_sid in server.prepared and old_sid not in server.prepared
+
+
+def test_no_drop_after_all_restores_what_the_server_has():
+    server = Tracker(Registry(), 10)
+    stmts = {}
+    send(server, stmts, parse(b"s", b"select 1"), m.SYNC)
+    reply(server, CC, PC, Z)
+    sid = stmts[b"s"][0]
+    server.watch_drop(stmts)            # "SELECT 'discard all'": looked like one
+    send(server, stmts, m.query("SELECT 'discard all'"))
+    reply(server, m.command_complete("SELECT 1"), Z)
+    assert sid in server.prepared and not server.dropped_all and server.drop_watch is None
+
+
+def test_stale_plan_error_makes_the_next_use_prepare_afresh():
+    server = Tracker(Registry(), 10)
+    stmts = {}
+    send(server, stmts, parse(b"s", b"select * from t"), m.SYNC)
+    reply(server, CC, PC, Z)
+    sid = stmts[b"s"][0]
+    wire = send(server, stmts, bind(b"s"), EXECUTE, m.SYNC)
+    assert types_of(wire) == "BES"
+    stale = m.error_response("0A000", "cached plan must not change result type")
+    assert types_of(reply(server, stale, Z)) == "EZ"
+    assert sid not in server.prepared
+    wire = send(server, stmts, bind(b"s"), EXECUTE, m.SYNC)
+    assert types_of(wire) == "CPBES"    # Close the stale copy, Parse again
+
+
+def test_registry_forgets_old_texts_and_never_reuses_an_id():
+    reg = Registry(capacity=3)
+    parsed = reg.parsed_set()
+    ids = []
+    for i in range(5):
+        ids.append(reg.id_for(b"q%d" % i))
+        parsed.add(ids[-1])
+    assert ids == [1, 2, 3, 4, 5] and len(reg.ids) == 3
+    assert parsed == {3, 4, 5}
+    reg.id_for(b"q9")
+    assert parsed == {4, 5}
+    assert reg.id_for(b"q0") == 7           # seen again: a new id, a new server name
+    assert reg.id_for(b"q4") == 5           # still remembered
