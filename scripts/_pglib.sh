@@ -84,8 +84,13 @@ gb_ensure_venv() {
 # The project's virtual environment with requirements.txt (pinned: runtime and
 # test dependencies) and the package itself in editable mode. Skipped when the
 # environment was filled from the same requirements.txt and setup.py and
-# `import geobouncer` finds this checkout.
+# `import geobouncer` finds this checkout. GEOBOUNCER_NO_INSTALL=1: use $PYTHON as it is.
 gb_ensure_python_deps() {
+    if [[ ${GEOBOUNCER_NO_INSTALL:-} == 1 ]]; then
+        # The caller vouches for $PYTHON (the test suite running scripts/demo).
+        gb_python_ok "$PYTHON" || gb_die "GEOBOUNCER_NO_INSTALL=1 needs PYTHON >= $GB_MIN_PYTHON"
+        export PYTHON; return 0
+    fi
     gb_ensure_venv
     local stamp="$GB_VENV/.geobouncer-deps" want
     want=$(cat "$GB_ROOT/requirements.txt" "$GB_ROOT/setup.py" | cksum)
@@ -165,6 +170,17 @@ def free(port):
         return s.getsockname()[1]
 print(free(int(sys.argv[1])) or free(0))
 PY
+}
+
+# gb_low_free_port START: the first free TCP port from START on, below the
+# ephemeral range (32768-) that outgoing connections take theirs from.
+gb_low_free_port() {
+    local port=$1
+    while ((port < 32768)); do
+        if [[ $(gb_free_port "$port") == "$port" ]]; then echo "$port"; return 0; fi
+        port=$((port + 1))
+    done
+    gb_free_port
 }
 
 # gb_pg_init DIR PORT [HBA_LINES]: initdb into DIR/data, server settings for
