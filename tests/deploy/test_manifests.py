@@ -219,3 +219,13 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck_and_a_mounted_config():
     # The container's config directory is where compose mounts deploy/docker.
     targets = [v.split(":")[1] for v in compose()["services"]["geobouncer"]["volumes"]]
     assert str(Path(cmd[-1]).parent) in targets
+
+
+def test_dockerignore_keeps_what_the_image_copies():
+    ignored = {line.strip().rstrip("/") for line in
+               (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+               if line.strip() and not line.startswith("#")}
+    copied = {word for op, arg in dockerfile() if op == "COPY" for word in arg.split()[:-1]}
+    assert copied == {"requirements.txt", "setup.py", "geobouncer"}
+    assert not copied & ignored
+    assert {".venv", ".git", "tests"} <= ignored
