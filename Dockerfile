@@ -3,17 +3,19 @@
 #   docker build -t geobouncer .
 #   docker compose up --build          # with a PostgreSQL primary and replica: docker-compose.yml
 #
-# On its own, the image reads /etc/geobouncer/geobouncer.ini (pgbouncer.ini format)
-# and the auth_file it names from a mounted directory; deploy/docker/ is a working
-# example (listen_addr = *, no Unix socket, hosts reached by name):
+# The image reads /etc/geobouncer/geobouncer.ini (pgbouncer.ini format) and the
+# auth_file it names from a mounted directory. deploy/docker/ is a working example
+# (listen_addr = *, no Unix socket, servers reached by the compose services' names);
+# to run the image by hand next to the compose file's PostgreSQL servers:
 #
-#   docker run --rm -p 6432:6432 -v "$PWD/deploy/docker:/etc/geobouncer:ro" \
-#       --add-host primary:host-gateway --add-host replica:host-gateway geobouncer
+#   docker compose up -d primary replica
+#   docker run --rm -p 6432:6432 --network geobouncer_default \
+#       -v "$PWD/deploy/docker:/etc/geobouncer:ro" geobouncer
 #
-# (--add-host maps the names in that example to the Docker host; point `host=` at
-# your own servers instead.) SIGHUP (`docker kill -s HUP`) reloads the config;
-# SIGTERM stops accepting and waits for clients to leave. The HEALTHCHECK opens a
-# TCP connection to GEOBOUNCER_PORT (6432; set it if listen_port differs).
+# For your own servers, mount a directory whose geobouncer.ini listens on * and
+# names hosts the container can reach. SIGHUP (`docker kill -s HUP`) reloads the
+# config; SIGTERM stops accepting and waits for clients to leave. The HEALTHCHECK
+# opens a TCP connection to GEOBOUNCER_PORT (6432; set it if listen_port differs).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

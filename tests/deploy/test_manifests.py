@@ -219,6 +219,10 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck_and_a_mounted_config():
     # The container's config directory is where compose mounts deploy/docker.
     targets = [v.split(":")[1] for v in compose()["services"]["geobouncer"]["volumes"]]
     assert str(Path(cmd[-1]).parent) in targets
+    # The documented `docker run` joins the compose project's default network.
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert f"--network {compose()['name']}_default" in text
+    assert '-v "$PWD/deploy/docker:/etc/geobouncer:ro"' in text
 
 
 def test_dockerignore_keeps_what_the_image_copies():
