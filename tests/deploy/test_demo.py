@@ -24,7 +24,7 @@ def demo_env(tmp_path: Path) -> dict[str, str]:
     env.update(
         DEMO_DIR=str(tmp_path / "demo"),
         DEMO_PORT=str(free_port()),
-        DEMO_SWITCHOVER_SECONDS="2",
+        DEMO_SWITCHOVER_SECONDS="3",
         # This interpreter already has everything: no .venv, no pip.
         GEOBOUNCER_NO_INSTALL="1",
         PYTHON=sys.executable,
