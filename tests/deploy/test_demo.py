@@ -1,7 +1,8 @@
 """scripts/demo end to end: three real PostgreSQL servers and geobouncer, the
 guided tour's answers (reads on the replicas, writes on the primary, the routing
-and rewrite hooks, the admin console), `scripts/demo switchover` under load, then
-SIGTERM stops and removes everything."""
+and rewrite hooks, the admin console), the README's psycopg2 example of
+per-transaction routing, `scripts/demo switchover` under load, then SIGTERM stops
+and removes everything."""
 
 from __future__ import annotations
 
@@ -83,6 +84,9 @@ def test_demo_tour_switchover_and_cleanup(tmp_path):
         assert any(row.startswith("rewrite_query | ") for row in routing)
         assert any(row.startswith("route | dev.2 | ") for row in routing)
 
+        # The README's psycopg2 example: routing is per transaction.
+        _psycopg2_routes_per_transaction(state, primary, r1, r2)
+
         # 5. the switchover under load
         switch = subprocess.run([str(DEMO), "switchover"], env=env, capture_output=True, text=True,
                                 timeout=60)
@@ -107,6 +111,38 @@ def test_demo_tour_switchover_and_cleanup(tmp_path):
     for pid in pids:
         wait_until(lambda pid=pid: not _alive(pid), timeout=30, message=f"postgres {pid} gone")
     assert "demo stopped" in log.read_text()
+
+
+def _psycopg2_routes_per_transaction(state, primary, r1, r2):
+    import psycopg2
+
+    dsn = f"host=127.0.0.1 port={state['LISTEN_PORT']} dbname=demo user=demo password=demo"
+    tableb = "select inet_server_port(), note from tableb"
+    where = "select inet_server_port(), pg_is_in_recovery()"
+    conn = psycopg2.connect(dsn)
+    try:
+        cur = conn.cursor()
+        cur.execute(tableb)           # psycopg2 sent BEGIN first: the hook's answer comes too late
+        assert str(cur.fetchone()[0]) == primary
+        conn.commit()
+        conn.autocommit = True
+        cur.execute(tableb)           # each statement routed: dev.2
+        assert str(cur.fetchone()[0]) == r2
+        cur.execute(where)            # a read: a replica
+        assert str(cur.fetchone()[0]) in (r1, r2)
+    finally:
+        conn.close()
+    ro = psycopg2.connect(dsn)
+    try:
+        ro.set_session(readonly=True)  # BEGIN READ ONLY: one replica for the transaction
+        cur = ro.cursor()
+        cur.execute(where)
+        first = str(cur.fetchone()[0])
+        cur.execute(where)
+        assert first in (r1, r2) and str(cur.fetchone()[0]) == first
+        ro.commit()
+    finally:
+        ro.close()
 
 
 def _alive(pid: int) -> bool:
