@@ -14,7 +14,8 @@ import setuptools
 
 ROOT = Path(__file__).resolve().parents[2]
 #: import name -> distribution name, where they differ
-DISTRIBUTIONS = {"yaml": "pyyaml", "psycopg2": "psycopg2-binary", "sqlalchemy": "sqlalchemy"}
+DISTRIBUTIONS = {"yaml": "pyyaml", "psycopg2": "psycopg2-binary", "OpenSSL": "pyopenssl",
+                 "prometheus_client": "prometheus-client"}
 TEST_ONLY = {"pytest", "hypothesis", "psycopg", "psycopg-binary", "psycopg2-binary",
              "asyncpg", "sqlalchemy", "kubernetes-validate", "pyyaml"}
 
