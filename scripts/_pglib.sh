@@ -6,7 +6,13 @@
 # `postgres` OS user (gb_as_pg) in directories chowned to it (gb_pg_dir).
 
 GB_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# PYTHON: the interpreter that builds the project's virtual environment (default:
+# python3 on PATH, which may be the distribution's externally managed one);
+# gb_ensure_python_deps then points PYTHON at the environment's interpreter.
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+# The project's virtual environment: nothing is ever pip-installed elsewhere.
+GB_VENV="${GEOBOUNCER_VENV:-$GB_ROOT/.venv}"
+GB_MIN_PYTHON=3.11
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 _GB_APT_UPDATED=0
 
@@ -33,16 +39,71 @@ gb_apt_install() {
     gb_privileged env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# requirements.txt, then the package itself in editable mode (skipped when this
-# checkout is already what `import geobouncer` finds).
-gb_ensure_python_deps() {
-    gb_log "pip install -r requirements.txt"
-    "$PYTHON" -m pip install -q -r "$GB_ROOT/requirements.txt"
-    if ! (cd / && "$PYTHON" -c 'import sys, geobouncer; sys.exit(not geobouncer.__file__.startswith(sys.argv[1]))' \
-            "$GB_ROOT/") 2>/dev/null; then
-        gb_log "pip install -e $GB_ROOT"
-        "$PYTHON" -m pip install -q -e "$GB_ROOT"
+# gb_python_ok PY: PY runs and is at least GB_MIN_PYTHON.
+gb_python_ok() {
+    [[ -n $1 ]] && "$1" -c 'import sys; sys.exit(sys.version_info < tuple(map(int, sys.argv[1].split("."))))' \
+        "$GB_MIN_PYTHON" 2>/dev/null
+}
+
+# The interpreter to build .venv with: $PYTHON if it is recent enough, else the
+# newest python3.N on PATH that is.
+gb_base_python() {
+    local candidate
+    for candidate in "$PYTHON" python3 python3.14 python3.13 python3.12 python3.11; do
+        candidate=$(command -v "$candidate" 2>/dev/null) || continue
+        if gb_python_ok "$candidate"; then echo "$candidate"; return 0; fi
+    done
+    gb_die "Python >= $GB_MIN_PYTHON not found (PYTHON=${PYTHON:-unset}); install python3 (>= $GB_MIN_PYTHON)"
+}
+
+# Create $GB_VENV when it is missing or broken (its interpreter gone or too old),
+# then point PYTHON at it. Debian's python3 has no ensurepip without the
+# python3-venv package: it is installed when `-m venv` fails for that reason.
+gb_ensure_venv() {
+    if gb_python_ok "$GB_VENV/bin/python" && "$GB_VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+        PYTHON="$GB_VENV/bin/python"; export PYTHON; return 0
     fi
+    local base version
+    base=$(gb_base_python)
+    version=$("$base" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    rm -rf "$GB_VENV"
+    gb_log "creating ${GB_VENV#"$GB_ROOT"/} with $base (Python $version)"
+    if ! "$base" -c 'import ensurepip' 2>/dev/null; then
+        # Debian/Ubuntu: no venv with pip until python3-venv (python3.N-venv) is installed.
+        gb_log "$base has no ensurepip: installing its venv package"
+        gb_apt_install "python$version-venv" 2>/dev/null || gb_apt_install python3-venv
+    fi
+    if ! "$base" -m venv "$GB_VENV"; then
+        rm -rf "$GB_VENV"
+        gb_die "$base -m venv $GB_VENV failed"
+    fi
+    PYTHON="$GB_VENV/bin/python"
+    export PYTHON
+}
+
+# The project's virtual environment with requirements.txt (pinned: runtime and
+# test dependencies) and the package itself in editable mode. Skipped when the
+# environment was filled from the same requirements.txt and setup.py and
+# `import geobouncer` finds this checkout. GEOBOUNCER_NO_INSTALL=1: use $PYTHON as it is.
+gb_ensure_python_deps() {
+    if [[ ${GEOBOUNCER_NO_INSTALL:-} == 1 ]]; then
+        # The caller vouches for $PYTHON (the test suite running scripts/demo).
+        gb_python_ok "$PYTHON" || gb_die "GEOBOUNCER_NO_INSTALL=1 needs PYTHON >= $GB_MIN_PYTHON"
+        export PYTHON; return 0
+    fi
+    gb_ensure_venv
+    local stamp="$GB_VENV/.geobouncer-deps" want
+    want=$(cat "$GB_ROOT/requirements.txt" "$GB_ROOT/setup.py" | cksum)
+    if [[ -f $stamp && $(cat "$stamp") == "$want" ]] \
+            && (cd / && "$PYTHON" -c 'import sys, geobouncer; sys.exit(not geobouncer.__file__.startswith(sys.argv[1]))' \
+                "$GB_ROOT/") 2>/dev/null; then
+        return 0
+    fi
+    gb_log "pip install -r requirements.txt (into ${GB_VENV#"$GB_ROOT"/})"
+    "$PYTHON" -m pip install -q -r "$GB_ROOT/requirements.txt"
+    gb_log "pip install -e $GB_ROOT (into ${GB_VENV#"$GB_ROOT"/})"
+    "$PYTHON" -m pip install -q --no-deps -e "$GB_ROOT"
+    echo "$want" >"$stamp"
 }
 
 # The PostgreSQL server bin dir: $GEOBOUNCER_PG_BINDIR, the highest
@@ -109,6 +170,17 @@ def free(port):
         return s.getsockname()[1]
 print(free(int(sys.argv[1])) or free(0))
 PY
+}
+
+# gb_low_free_port START: the first free TCP port from START on, below the
+# ephemeral range (32768-) that outgoing connections take theirs from.
+gb_low_free_port() {
+    local port=$1
+    while ((port < 32768)); do
+        if [[ $(gb_free_port "$port") == "$port" ]]; then echo "$port"; return 0; fi
+        port=$((port + 1))
+    done
+    gb_free_port
 }
 
 # gb_pg_init DIR PORT [HBA_LINES]: initdb into DIR/data, server settings for

@@ -9,6 +9,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Mapping
 
+from .entries import DATABASE_KEYS
 from .settings import SETTINGS, Setting
 
 WIDTH = 79
@@ -21,7 +22,24 @@ SAMPLE_VALUES: Mapping[str, str] = {
     "auth_file": "userlist.txt",
 }
 
-_HEADER = """\
+#: [databases] keys that PgBouncer does not have, with what they do.
+GEOBOUNCER_DATABASE_KEYS: Mapping[str, str] = {
+    "replicas": "host[:port],... streaming replicas of this database; each gets a "
+    "pool and a database key of its own (name@host:port), is health-checked every "
+    "health_check_period and left out for replica_ban_time when it fails.",
+    "load_balance": "round_robin (default), random or least_active: how reads are "
+    "spread over the replicas.",
+    "read_write_split": "1: in transaction and statement pooling, a read (one SELECT "
+    "outside a transaction) goes to a replica, everything else to host; the hint "
+    "/* geobouncer:primary */ forces the primary. Needs replicas.",
+    "replica_max_lag": "bytes of WAL a replica may lag the primary before reads skip it.",
+    "topology_query": "fast switchover: run on host at start and on RELOAD, its rows "
+    "name the cluster's nodes (endpoint as host or host:port, or a second column "
+    "with the port); when the writer fails, clients wait while the nodes are polled "
+    "with pg_is_in_recovery() and resume on the new writer.",
+}
+
+_TOP = """\
 ;; geobouncer configuration: the pgbouncer.ini format, read the same way.
 ;;
 ;; Generated from geobouncer/config/settings.py by scripts/gen-conf; edit the
@@ -34,15 +52,19 @@ _HEADER = """\
 
 [databases]
 ;; name = connection string: libpq-style key=value pairs; quote values that
-;; contain blanks with '...'.  Keys: dbname host port user password auth_user
-;; auth_query auth_dbname pool_size min_pool_size reserve_pool_size
-;; connect_query pool_mode max_db_connections max_db_client_connections
-;; server_lifetime client_encoding datestyle timezone application_name
-;; load_balance_hosts target_session_attrs query_wait_timeout topology_query
+;; contain blanks with '...'.
+"""
+
+_EXAMPLES = """\
 ;;
 ; mydb = host=127.0.0.1 port=5432 dbname=mydb
-; replicas = host=10.0.0.2,10.0.0.3 port=5432 dbname=mydb pool_size=10
+;; several hosts: new server connections go to each in turn (load_balance_hosts)
+; spread = host=10.0.0.2,10.0.0.3 port=5432 dbname=mydb pool_size=10
 ; forced = host=/var/run/postgresql user=app password='s3cr''et'
+;; a primary with two replicas, reads sent to the replicas automatically
+; app = host=10.0.0.1 dbname=app replicas='10.0.0.2:5432,10.0.0.3:5432' load_balance=round_robin read_write_split=1 replica_max_lag=16000000
+;; a cluster whose writer may move (a table listing 'host:port' of every node)
+; ha = host=10.0.0.1 dbname=app topology_query='select endpoint from topology'
 ;; "*" serves any database name not listed, with dbname = the requested name:
 ; * = host=127.0.0.1 port=5432
 postgres = host=127.0.0.1 port=5432
@@ -57,12 +79,22 @@ postgres = host=127.0.0.1 port=5432
 """
 
 
+def _databases_doc() -> str:
+    pgbouncer_keys = [key for key in DATABASE_KEYS if key not in GEOBOUNCER_DATABASE_KEYS]
+    lines = textwrap.wrap("PgBouncer's keys: " + " ".join(pgbouncer_keys), WIDTH - 3)
+    lines.append("Keys geobouncer adds:")
+    for key, doc in GEOBOUNCER_DATABASE_KEYS.items():
+        wrapped = textwrap.wrap(f"{key}: {doc}", WIDTH - 5)
+        lines += ["  " + wrapped[0], *("    " + line for line in wrapped[1:])]
+    return "".join(f";; {line}\n" for line in lines)
+
+
 def render_default_ini(active: Mapping[str, str] = SAMPLE_VALUES) -> str:
     """The sample ini: every key commented out with its default, ``active`` set."""
     unknown = set(active) - {s.name for s in SETTINGS}
     if unknown:
         raise KeyError(f"unknown settings: {', '.join(sorted(unknown))}")
-    parts = [_HEADER]
+    parts = [_TOP, _databases_doc(), _EXAMPLES]
     group = None
     for setting in SETTINGS:
         if setting.group != group:
