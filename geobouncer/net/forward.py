@@ -29,6 +29,7 @@ _UNNAMED_ENTRIES = {ord("P"): (PARSE, False, None), ord("B"): (BIND, False, None
                     ord("D"): (DESCRIBE, False, None), ord("E"): (EXECUTE, False, None),
                     ord("S"): (SYNC, False, None)}
 _FAKE = FAKE
+_BIG = 1 << 16      # batches above this are sent in pieces, bodies sliced through views
 
 
 # Every case spelling of the heads, so the hot path needs no .lower().
@@ -252,25 +253,36 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
                     client_parses += 1
                 elif mtype == _B:
                     binds += 1
-            body = bytes(buf[start + 5:end])
             if mtype == _P:
-                if (stmts or tracker.prepared.lru) and MAY_DROP_ALL.search(body):
+                # Read in place: a Parse's text is copied once, by the tracker.
+                at = start + 5
+                if (stmts or tracker.prepared.lru) and MAY_DROP_ALL.search(buf, at, end):
                     tracker.watch_drop(stmts)
-                name_end = body.find(b"\x00")
+                name_end = buf.find(0, at, end)
                 query_at = name_end + 1
                 change = None
-                if body[query_at:query_at + 1].lower() in (b"s", b"r", b"d"):
-                    change = _session_change(body[query_at:body.find(b"\x00", query_at)])
-                if name_end == 0:
+                if _needs_inspection(bytes(buf[query_at:query_at + 3])):   # SET, RESET, DISCARD ...
+                    query_end = buf.find(0, query_at, end)
+                    change = _session_change(bytes(buf[query_at:query_end if query_end >= 0 else end]))
+                if name_end == at:
                     client.unnamed_change = change
-                elif body[:name_end] not in stmts:
-                    client.stmt_sets[body[:name_end]] = change
-            elif mtype == _B:
-                # What the bound statement will do when executed (a SET, maybe).
-                portal_end = body.find(b"\x00")
-                name = body[portal_end + 1:body.find(b"\x00", portal_end + 1)]
-                client.portal_change = client.stmt_sets.get(name) if name else client.unnamed_change
-            replaced = client_message(mtype, body, stmts, scratch)
+                else:
+                    name = bytes(buf[at:name_end])
+                    if name not in stmts:
+                        client.stmt_sets[name] = change
+                replaced = tracker.parse_at(buf, at, end, stmts, scratch)
+            else:
+                if end - start > _BIG:
+                    with memoryview(buf) as view:
+                        body = bytes(view[start + 5:end])
+                else:
+                    body = bytes(buf[start + 5:end])
+                if mtype == _B:
+                    # What the bound statement will do when executed (a SET, maybe).
+                    portal_end = body.find(b"\x00")
+                    name = body[portal_end + 1:body.find(b"\x00", portal_end + 1)]
+                    client.portal_change = client.stmt_sets.get(name) if name else client.unnamed_change
+                replaced = client_message(mtype, body, stmts, scratch)
         elif mtype == _S:
             requests += 1
             synced = True
@@ -303,7 +315,8 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
         chunk = bytes(buf[:last])
     else:
         out.append(buf[run:last])
-        chunk = b"".join(out)
+        # A large batch goes out piece by piece: joined, it would be one more copy.
+        chunk = b"".join(out) if last <= _BIG else [piece for piece in out if len(piece)]
     del buf[:last]
     if tracker.pending and tracker.pending[0][0] == _FAKE:
         # Replies answered here with nothing outstanding before them go out
@@ -311,6 +324,10 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
         fakes = tracker.first_fakes()
         if fakes:
             client.send(fakes)
+    if type(chunk) is list:
+        for piece in chunk[:-1]:
+            client._send(piece, 0, None)
+        chunk = chunk[-1] if chunk else b""
     if chunk:
         client._send(chunk, requests, synced)
     else:

@@ -35,6 +35,8 @@ from ..proto import messages as m
 
 _I32 = struct.Struct("!I")
 _H = struct.Struct("!H")
+_HDR = struct.Struct("!cI")
+_BIG = 1 << 16        # bodies above this are sliced through views, not copied
 
 # entry kinds
 PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FAKE = range(8)
@@ -124,6 +126,8 @@ def parse_locally(registry: Registry, buf, msgs: list, client_stmts: dict,
             if mtype not in _PARSE_ONLY:
                 return None
             continue
+        if end - start > _BIG:
+            return None      # a huge text: not worth a copy to look it up
         name_end = buf.index(0, start + 5, end)
         name = bytes(buf[start + 5:name_end])
         tail = bytes(buf[name_end + 1:end])
@@ -188,6 +192,14 @@ class ServerStatements:
 
 def server_name(sid: int) -> bytes:
     return b"GB_%d\x00" % sid
+
+
+def _parse_pieces(sid: int, tail: bytes, out: list) -> None:
+    """Parse of GB_<sid> with ``tail`` (text, types) as two pieces: the text
+    is not copied into a new message."""
+    sname = server_name(sid)
+    out.append(_HDR.pack(b"P", 4 + len(sname) + len(tail)) + sname)
+    out.append(tail)
 
 
 def _cstr_end(body, pos: int) -> int:
@@ -270,11 +282,16 @@ class Tracker:
             pending.append((BIND, False, sid))
             if sid is None:   # never prepared by this client: the server will say so
                 return False
-            out.append(m.message(b"B", bytes(body[:portal_end + 1]) + server_name(sid)
-                                 + bytes(body[stmt_end + 1:])))
+            # Header, portal, new name, then the rest as it came (a view when
+            # large: parameters can be big, and are not copied again here).
+            sname = server_name(sid)
+            rest = memoryview(body)[stmt_end + 1:] if len(body) > _BIG else body[stmt_end + 1:]
+            out.append(_HDR.pack(b"B", 4 + portal_end + 1 + len(sname) + len(rest))
+                       + bytes(body[:portal_end + 1]) + sname)
+            out.append(rest)
             return True
         if mtype == _P:
-            return self._parse(body, client_stmts, out)
+            return self._parse(body, 0, len(body), client_stmts, out)
         if mtype == _D:
             name = body[1:-1]
             sid = None
@@ -297,14 +314,26 @@ class Tracker:
             pending.append((QUERY, False, None))
         return False
 
-    def _parse(self, body, client_stmts: dict, out: list) -> bool:
-        name_end = _cstr_end(body, 0)
-        if name_end == 0:   # unnamed: lives until the next Parse, pass it through
+    def parse_at(self, buf, start: int, end: int, client_stmts: dict, out: list) -> bool:
+        """``client_message`` for a Parse whose body is ``buf[start:end]``: its
+        text is copied once (the copy the client's statement keeps), however
+        large, and goes out in pieces, never joined."""
+        return self._parse(buf, start, end, client_stmts, out)
+
+    def _parse(self, buf, start: int, end: int, client_stmts: dict, out: list) -> bool:
+        name_end = buf.find(b"\x00", start, end)
+        if name_end < 0:
+            raise ValueError("unterminated string")
+        if name_end == start:   # unnamed: lives until the next Parse, pass it through
             self.pending.append((PARSE, False, None))
             self.parses += 1
             return False
-        name = bytes(body[:name_end])
-        tail = bytes(body[name_end + 1:])
+        name = bytes(buf[start:name_end])
+        if type(buf) is bytes:
+            tail = buf[name_end + 1:end]
+        else:
+            with memoryview(buf) as view:
+                tail = bytes(view[name_end + 1:end])
         existing = client_stmts.get(name)
         if existing is not None:
             # The name is taken: have the server refuse it (42P05 "already exists")
@@ -312,7 +341,7 @@ class Tracker:
             old_sid, old_tail = existing
             if old_sid not in self.prepared:
                 self._send_parse(old_sid, old_tail, out, swallow=True)
-            out.append(m.message(b"P", server_name(old_sid) + old_tail))
+            _parse_pieces(old_sid, old_tail, out)
             self.exact = True
             self.pending.append((PARSE, False, name))   # the name, to say it in the error
             return True
@@ -353,7 +382,7 @@ class Tracker:
         # failing with 42P05. Closing a missing statement is not an error.
         out.append(m.message(b"C", b"S" + server_name(sid)))
         self.pending.append((CLOSE, True, None))
-        out.append(m.message(b"P", server_name(sid) + tail))
+        _parse_pieces(sid, tail, out)
         self.pending.append((PARSE, swallow, sid, owner))
         self.parses += 1
 
