@@ -15,6 +15,7 @@ setup(
         "click>=8",
         "pyOpenSSL>=24",
         "scramp>=1.4",
+        "prometheus-client>=0.20",
     ],
     extras_require={"docker": ["docker>=7"], "test": ["pytest", "psycopg[binary]", "asyncpg"]},
     entry_points={"console_scripts": ["geobouncer=geobouncer.cli:main"]},

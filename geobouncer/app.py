@@ -84,6 +84,10 @@ class Bouncer(FailoverWiring):
         self._setup_failover()
         gevent.spawn(self.janitor.run)
         gevent.spawn(self.stats.report_loop)
+        if self.settings.metrics_port:
+            from .metrics import MetricsServer   # prometheus_client only when asked for
+            self.metrics = MetricsServer(self)
+            self.metrics.start()
         for sig, handler in ((signal.SIGHUP, self.reload), (signal.SIGTERM, self.shutdown_wait_clients),
                              (signal.SIGINT, self.shutdown_safe)):
             gevent.signal_handler(sig, lambda h=handler: gevent.spawn(h))
