@@ -30,6 +30,7 @@ from .net.listener import Listeners
 from .net.release import ServerReleaser
 from .net.secrets import SecretLookup
 from .net.server import send_cancel
+from .peers import Peers
 from .pool.cancel_keys import new_cancel_key
 from .pool.pool import ConnectionCounters, Pool, PoolLimits
 from .pool.prepared import Registry
@@ -63,6 +64,7 @@ class Bouncer(FailoverWiring):
         self.janitor = Janitor(self)
         self.admin = AdminConsole(self)
         self.stats = stats.Stats(self)
+        self.peers = Peers(self)
         self.shutting_down = False
         self.stopped = Event()
         self._ids = 0
@@ -300,8 +302,12 @@ class Bouncer(FailoverWiring):
         return sum(1 for c in self.clients if c.user == user and c.pool is not None)
 
     def forward_cancel(self, pid: int, key: int) -> None:
-        """A CancelRequest: reach the server running that client's query, and only it."""
-        client = self.cancel_keys.get((pid, key))
+        """A CancelRequest: reach the server running that client's query, and only it.
+        Under peering a key another process issued is passed on to it (peers.py)."""
+        local = self.peers.resolve(pid, key)
+        if local is None:
+            return              # another peer's key: forwarded to it, or dropped (logged)
+        client = self.cancel_keys.get(local)
         if client is None:
             log.debug("cancel request for unknown key")
             return

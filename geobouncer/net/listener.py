@@ -25,6 +25,8 @@ class Listeners:
             family = pysocket.AF_INET6 if ":" in addr else pysocket.AF_INET
             sock = pysocket.socket(family, pysocket.SOCK_STREAM)
             sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
+            if s.so_reuseport:   # several processes on one port; the kernel spreads connections
+                sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEPORT, 1)
             if family == pysocket.AF_INET6:
                 sock.setsockopt(pysocket.IPPROTO_IPV6, pysocket.IPV6_V6ONLY, 1)
             sock.bind((addr, s.listen_port))
