@@ -136,6 +136,12 @@ class PoolerCollector:
         yield from _routing(app)
         yield from _switchover(app)
         yield from _replicas(app)
+        peers = CounterMetricFamily("geobouncer_peer_cancel_requests_total",
+                                    "Cancel requests for another peer's key, by what became of them",
+                                    labels=["result"])
+        peers.add_metric(["forwarded"], app.peers.forwarded)
+        peers.add_metric(["dropped"], app.peers.dropped)
+        yield peers
 
 
 def _by_name(cols, rows):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import urllib.request
 
 import psycopg2
 import psycopg2.errors
@@ -185,16 +186,18 @@ def test_libpq_cancel_through_the_shared_port_reaches_the_query_either_way(pg, b
 
 # -- TCP peers ---------------------------------------------------------------------------
 
-def tcp_pair(bouncer, tmp_path, extra_a=None, extra_b=None):
+def tcp_pair(bouncer, tmp_path, extra_a=None, extra_b=None, metrics_b=0):
     pa, pb = free_port(), free_port()
     a = start_peer(bouncer, tmp_path, 1, pa, {2: f"host=127.0.0.1 port={pb}", **(extra_a or {})})
-    b = start_peer(bouncer, tmp_path, 2, pb, {1: f"host=127.0.0.1 port={pa}", **(extra_b or {})})
+    b = start_peer(bouncer, tmp_path, 2, pb, {1: f"host=127.0.0.1 port={pa}", **(extra_b or {})},
+                   metrics_port=metrics_b)
     return a, b
 
 
 @pytest.mark.timeout(60)
 def test_tcp_peer_forwards_a_cancel(pg, bouncer, tmp_path):
-    a, b = tcp_pair(bouncer, tmp_path)
+    metrics_port = free_port()
+    a, b = tcp_pair(bouncer, tmp_path, metrics_b=metrics_port)
     rc, pid, key = raw_login(a.port)
     try:
         assert peer_of(pid, key) == 1
@@ -205,6 +208,10 @@ def test_tcp_peer_forwards_a_cancel(pg, bouncer, tmp_path):
     finally:
         rc.close()
     assert forwarded_lines(b) == 1
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert 'geobouncer_peer_cancel_requests_total{result="forwarded"} 1.0' in text
+    assert 'geobouncer_peer_cancel_requests_total{result="dropped"} 0.0' in text
 
 
 @pytest.mark.timeout(60)
