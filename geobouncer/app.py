@@ -19,7 +19,7 @@ from gevent.event import Event
 from . import stats
 from .admin.console import AdminConsole
 from .auth import AuthFileError, load_auth_file
-from .config import ConfigError, diff_configs, load_config
+from .config import ConfigError, diff_configs
 from .failover.replicas import ReplicaSet
 from .failover.switchover import Cluster
 from .failover.wiring import FailoverWiring
@@ -36,6 +36,7 @@ from .pool.pool import ConnectionCounters, Pool, PoolLimits
 from .pool.prepared import Registry
 from .routing import HookLoadError, Hooks
 from .routing.classify import Classifier
+from .workers import inherited_sockets, load_config
 
 log = logging.getLogger("geobouncer")
 
@@ -82,7 +83,7 @@ class Bouncer(FailoverWiring):
 
     # --- start / stop ----------------------------------------------------------
     def start(self) -> None:
-        self.listeners.start()
+        self.listeners.start(inherited_sockets())
         self._setup_failover()
         gevent.spawn(self.janitor.run)
         gevent.spawn(self.stats.report_loop)
@@ -268,7 +269,8 @@ class Bouncer(FailoverWiring):
     # --- clients --------------------------------------------------------------------
     def accept(self, sock, addr, unix: bool) -> None:
         client = ClientConnection(self, sock, addr, unix)
-        if self.shutting_down:
+        if self.shutting_down and self.shutting_down != "wait_for_clients":
+            # (draining for clients: one accepted just before the listeners closed is served)
             client.send_error("57P01", "pgbouncer is shutting down", fatal=True)  # PgBouncer's text
             sock.close()
             return

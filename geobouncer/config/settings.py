@@ -385,6 +385,11 @@ SETTINGS: tuple[Setting, ...] = (
         _s("metrics_listen_addr", OPT_STR, None, "Comma-separated addresses (or *) the "
            "metrics endpoint listens on; unset uses listen_addr, or 127.0.0.1 when that "
            "is unset too.", reload=False, example="*", extension=True),
+        _s("workers", INT, 1, "Serving processes to run. Above 1, a supervisor starts "
+           "them on the same listening sockets, makes them peers of one another for "
+           "cancel requests, splits the connection limits between them, passes signals "
+           "on and restarts one that exits.", reload=False, min=1, max=256,
+           extension=True),
     ),
 )
 # fmt: on

@@ -18,10 +18,15 @@ class Listeners:
         self.servers: list[StreamServer] = []
         self.unix_path: str | None = None
 
-    def start(self) -> None:
+    def start(self, shared=()) -> None:
+        """Bind and listen; ``shared``: sockets already listening (a workers supervisor's),
+        served instead of binding TCP ones; the unix socket is still this process's."""
         s = self.app.settings
         backlog = s.listen_backlog or 128
-        for addr in _listen_addrs(s.listen_addr):
+        for sock in shared:
+            self._serve(sock, unix=sock.family == pysocket.AF_UNIX)
+            log.info("accepting on the supervisor's %s", _name(sock))
+        for addr in [] if shared else _listen_addrs(s.listen_addr):
             family = pysocket.AF_INET6 if ":" in addr else pysocket.AF_INET
             sock = pysocket.socket(family, pysocket.SOCK_STREAM)
             sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
@@ -81,6 +86,11 @@ class _ClientServer(StreamServer):
 
     def do_close(self, sock, *args) -> None:
         pass
+
+
+def _name(sock) -> str:
+    name = sock.getsockname()
+    return f"unix:{name}" if isinstance(name, str) else f"{name[0]}:{name[1]}"
 
 
 def _listen_addrs(value) -> list[str]:

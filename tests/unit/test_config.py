@@ -237,6 +237,7 @@ def test_extension_keys_are_marked():
         "write_functions",
         "metrics_port",
         "metrics_listen_addr",
+        "workers",
     }
 
 
