@@ -35,6 +35,7 @@ class Peers:
     def __init__(self, app):
         self.app = app
         self._slots: dict[tuple[int, int], BoundedSemaphore] = {}
+        self._busy: dict[int, int] = {}   # peer id -> requests being sent now
         self.forwarded = 0   # cancel requests sent on to a peer
         self.dropped = 0     # cancel requests for a peer that could not be sent on
 
@@ -82,6 +83,7 @@ class Peers:
                         peer_id, entry.pool_size or s.default_pool_size)
             return False
         log.info("forwarding cancel request to peer %d", peer_id)
+        self._busy[peer_id] = self._busy.get(peer_id, 0) + 1
         try:
             send_cancel(entry.host, entry.port, pid, key - 1, timeout=timeout)
         except OSError as exc:
@@ -90,9 +92,14 @@ class Peers:
                         peer_id, entry.host, entry.port, exc)
             return False
         finally:
+            self._busy[peer_id] -= 1
             slots.release()
         self.forwarded += 1
         return True
+
+    def in_flight(self, peer_id: int) -> int:
+        """Cancel requests being sent to ``peer_id`` now (for SHOW PEER_POOLS)."""
+        return self._busy.get(peer_id, 0)
 
     def _slots_for(self, peer_id: int, size: int) -> BoundedSemaphore:
         slots = self._slots.get((peer_id, size))
