@@ -165,3 +165,18 @@ def test_rolling_restart_under_pgbench_loses_nothing(pg, bouncer, tmp_path):
     processed = int(out.split("number of transactions actually processed:")[1].split()[0])
     assert processed > 100, out
     assert b.log_text().count("process up: geobouncer") >= 4      # 2 at start + 2 replacements
+
+
+@pytest.mark.timeout(60)
+def test_each_worker_serves_its_own_metrics(bouncer):
+    import urllib.request
+
+    from fixtures.ports import free_port
+
+    port = free_port()
+    b = start_workers(bouncer, metrics_port=port, metrics_listen_addr="127.0.0.1")
+    for p in (port, port + 1):
+        wait_until(lambda p=p: urllib.request.urlopen(f"http://127.0.0.1:{p}/healthz", timeout=5).status
+                   == 200, timeout=15, message=f"metrics on {p}")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=5).read().decode()
+        assert "pgbouncer_config_max_client_connections 50.0" in text   # 100 split two ways
