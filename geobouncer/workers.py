@@ -55,7 +55,8 @@ log = logging.getLogger("geobouncer")
 WORKER_ENV = "GEOBOUNCER_WORKER"
 FDS_ENV = "GEOBOUNCER_LISTEN_FDS"
 FORWARDED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-RESPAWN_DELAY = 1.0   # a worker that died younger than this waits as long before its restart
+RESPAWN_DELAY = 1.0   # a worker that died younger than this waits before its restart,
+MAX_RESPAWN_DELAY = 30.0  # twice as long each time it dies young again, up to this
 
 SPLIT_SETTINGS = ("max_client_conn", "default_pool_size", "min_pool_size", "reserve_pool_size",
                   "max_db_connections", "max_user_connections", "max_db_client_connections",
@@ -128,6 +129,7 @@ class Supervisor:
         self.rundir = ""
         self.procs: dict[int, subprocess.Popen] = {}
         self.started: dict[int, float] = {}
+        self.delays: dict[int, float] = {}
         self.stopping = False
 
     def run(self) -> int:
@@ -190,7 +192,9 @@ class Supervisor:
         log.info("supervisor: worker %d started, pid=%d", index, self.procs[index].pid)
 
     def _watch(self) -> None:
+        due: dict[int, float] = {}   # worker index -> when to start it again
         while True:
+            now = monotonic()
             for index, proc in list(self.procs.items()):
                 code = proc.poll()
                 if code is None:
@@ -198,13 +202,22 @@ class Supervisor:
                 del self.procs[index]
                 if self.stopping:
                     continue
-                log.warning("supervisor: worker %d (pid %d) exited with %s; starting it again",
-                            index, proc.pid, code)
-                if monotonic() - self.started[index] < RESPAWN_DELAY:
-                    gevent.sleep(RESPAWN_DELAY)
-                self._spawn(index)
-            if self.stopping and not self.procs:
-                return
+                delay = 0.0
+                if now - self.started[index] < RESPAWN_DELAY:   # dying young: back off
+                    delay = self.delays[index] = min(MAX_RESPAWN_DELAY, self.delays.get(index, 0.5) * 2)
+                else:
+                    self.delays.pop(index, None)
+                log.warning("supervisor: worker %d (pid %d) exited with %s; starting it again in %.0fs",
+                            index, proc.pid, code, delay)
+                due[index] = now + delay
+            if self.stopping:
+                due.clear()
+                if not self.procs:
+                    return
+            for index, when in list(due.items()):
+                if when <= now:
+                    del due[index]
+                    self._spawn(index)
             gevent.sleep(0.1)
 
     def _forward(self, sig: int) -> None:

@@ -173,7 +173,16 @@ def test_each_worker_serves_its_own_metrics(bouncer):
 
     from fixtures.ports import free_port
 
-    port = free_port()
+    import socket
+
+    for _ in range(50):                      # two free ports in a row
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+                break
+            except OSError:
+                continue
     b = start_workers(bouncer, metrics_port=port, metrics_listen_addr="127.0.0.1")
     for p in (port, port + 1):
         wait_until(lambda p=p: urllib.request.urlopen(f"http://127.0.0.1:{p}/healthz", timeout=5).status
