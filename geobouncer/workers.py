@@ -25,9 +25,10 @@ then sees the configuration with these changes (``worker_view``):
   metrics_port + index - 1: each worker is its own scrape target.
 
 Signals to the supervisor are passed to every worker: SIGHUP (RELOAD), SIGUSR1
-(PAUSE), SIGUSR2 (RESUME), SIGINT (safe shutdown) and SIGTERM (shutdown once
-clients are gone); after SIGINT/SIGTERM the supervisor exits when the last worker
-has. A worker that exits on its own (a crash, or a SIGTERM sent to it alone, which
+(PAUSE), SIGUSR2 (RESUME), SIGINT (safe shutdown), SIGTERM (shutdown once
+clients are gone) and SIGQUIT (immediate shutdown); after the last three the
+supervisor exits when the last worker has. (The worker must handle the signal: a
+geobouncer without SIGUSR1/SIGUSR2 handling dies of them and is started again.) A worker that exits on its own (a crash, or a SIGTERM sent to it alone, which
 is how a rolling restart is done: one worker at a time) is started again.
 """
 
@@ -143,7 +144,7 @@ class Supervisor:
         self._write_pidfile()
         for sig in FORWARDED:
             gevent.signal_handler(sig, self._forward, sig)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             gevent.signal_handler(sig, self._stop, sig)
         log.info("supervisor up: pid=%d, %d workers", os.getpid(), self.count)
         try:
