@@ -369,6 +369,7 @@ class Bouncer(FailoverWiring):
             return self.shutdown_now()
         self.shutting_down = "wait_for_clients"
         self.listeners.stop()
+        gevent.sleep(0)     # connections accepted last register as clients first
         self._check_shutdown()
 
     def _check_shutdown(self) -> None:

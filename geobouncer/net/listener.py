@@ -70,6 +70,7 @@ class Listeners:
 
     def stop(self) -> None:
         for server in self.servers:
+            _take_queued(server)
             server.close()
         self.servers.clear()
         if self.unix_path:
@@ -78,6 +79,20 @@ class Listeners:
             except OSError:
                 pass
             self.unix_path = None
+
+
+def _take_queued(server) -> None:
+    """Accept what the kernel has queued already before closing: closing a listening
+    socket resets the connections still in its queue, and with so_reuseport they are
+    no other process's either (refused connections during a rolling restart)."""
+    while True:
+        try:
+            accepted = server.do_read()
+        except OSError:
+            return
+        if not accepted:
+            return
+        server.do_handle(*accepted)
 
 
 class _ClientServer(StreamServer):

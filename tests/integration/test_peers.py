@@ -262,3 +262,36 @@ def test_a_ring_of_peers_stops_after_the_ttl(pg, bouncer, tmp_path):
     rc.send(query_message("SELECT 1"))
     assert not errors_in(rc.read_until(b"Z"))
     rc.close()
+
+
+# -- rolling restart of so_reuseport peers ----------------------------------------------------
+
+@pytest.mark.timeout(180)
+def test_rolling_restart_of_reuseport_peers_under_pgbench(pg, bouncer, tmp_path):
+    import os
+    import subprocess
+    import time
+
+    a, b = reuseport_pair(bouncer, tmp_path)
+    script = tmp_path / "select.sql"
+    script.write_text("SELECT 1;\n")
+    env = {**os.environ, "PGPASSWORD": a.userlist["app"]}
+    bench = subprocess.Popen(
+        ["pgbench", "-n", "-C", "-c", "4", "-T", "20", "-f", str(script),
+         "-h", "127.0.0.1", "-p", str(a.port), "-U", "app", "app"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(2)
+        for peer in (a, b):                  # every process, one at a time
+            peer.stop()                      # SIGTERM: stop accepting, drain, exit
+            peer.start(wait=False)
+            wait_until(lambda peer=peer: peer.is_running() and peer.sock_path.exists(), timeout=15,
+                       message="peer back")
+            time.sleep(2)
+        out, _ = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    print(out)
+    assert bench.returncode == 0, out
+    assert "number of failed transactions: 0 " in out, out
