@@ -37,8 +37,8 @@ class Hook:
 
     ``calls``, ``errors``, ``slow_calls``, ``total`` (seconds) and ``last_error``
     are read by SHOW ROUTING; ``durations`` counts calls per DURATION_BOUNDS bucket
-    (one more for +Inf) for the metrics endpoint; ``routes`` counts, per database key, the queries a
-    routing hook sent there.  The caller (``Hooks``) updates ``calls``, ``total``
+    (one more for +Inf) for the metrics endpoint; ``routes`` counts, per database
+    key, the queries a routing hook sent there.  The caller (``Hooks``) updates ``calls``, ``total``
     and ``routes`` inline, and calls the methods below only when something is off.
     """
 

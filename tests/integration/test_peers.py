@@ -15,9 +15,12 @@ geobouncer only: PgBouncer 1.18 (the system's) has no peering; it came in 1.19.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import subprocess
 import threading
+import time
 import urllib.request
 
 import psycopg2
@@ -268,10 +271,6 @@ def test_a_ring_of_peers_stops_after_the_ttl(pg, bouncer, tmp_path):
 
 @pytest.mark.timeout(180)
 def test_rolling_restart_of_reuseport_peers_under_pgbench(pg, bouncer, tmp_path):
-    import os
-    import subprocess
-    import time
-
     a, b = reuseport_pair(bouncer, tmp_path)
     script = tmp_path / "select.sql"
     script.write_text("SELECT 1;\n")

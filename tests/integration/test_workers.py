@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
+import urllib.request
 
 import psycopg2
 import psycopg2.errors
 import pytest
 from fixtures.pooler import TARGET
-from fixtures.ports import wait_until
+from fixtures.ports import free_port, wait_until
 
 from geobouncer.pool.cancel_keys import peer_of
 
@@ -169,12 +171,6 @@ def test_rolling_restart_under_pgbench_loses_nothing(pg, bouncer, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_each_worker_serves_its_own_metrics(bouncer):
-    import urllib.request
-
-    from fixtures.ports import free_port
-
-    import socket
-
     for _ in range(50):                      # two free ports in a row
         port = free_port()
         with socket.socket() as probe:
@@ -183,7 +179,7 @@ def test_each_worker_serves_its_own_metrics(bouncer):
                 break
             except OSError:
                 continue
-    b = start_workers(bouncer, metrics_port=port, metrics_listen_addr="127.0.0.1")
+    start_workers(bouncer, metrics_port=port, metrics_listen_addr="127.0.0.1")
     for p in (port, port + 1):
         wait_until(lambda p=p: urllib.request.urlopen(f"http://127.0.0.1:{p}/healthz", timeout=5).status
                    == 200, timeout=15, message=f"metrics on {p}")
