@@ -23,6 +23,7 @@ setup(
         "click>=8",
         "gevent>=24",
         "pglast>=8",  # PostgreSQL's own parser for the read/write split
+        "prometheus-client>=0.20",  # metrics_port
         "scramp>=1.4",
         "sqlparse>=0.5",  # imported always; the classifier's fallback parser
     ],

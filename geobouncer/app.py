@@ -19,7 +19,7 @@ from gevent.event import Event
 from . import stats
 from .admin.console import AdminConsole
 from .auth import AuthFileError, load_auth_file
-from .config import ConfigError, diff_configs, load_config
+from .config import ConfigError, diff_configs
 from .failover.replicas import ReplicaSet
 from .failover.switchover import Cluster
 from .failover.wiring import FailoverWiring
@@ -30,11 +30,13 @@ from .net.listener import Listeners
 from .net.release import ServerReleaser
 from .net.secrets import SecretLookup
 from .net.server import send_cancel
+from .peers import Peers
 from .pool.cancel_keys import new_cancel_key
 from .pool.pool import ConnectionCounters, Pool, PoolLimits
 from .pool.prepared import Registry
 from .routing import HookLoadError, Hooks
 from .routing.classify import Classifier
+from .workers import inherited_sockets, load_config
 
 log = logging.getLogger("geobouncer")
 
@@ -63,6 +65,7 @@ class Bouncer(FailoverWiring):
         self.janitor = Janitor(self)
         self.admin = AdminConsole(self)
         self.stats = stats.Stats(self)
+        self.peers = Peers(self)
         self.shutting_down = False
         self.stopped = Event()
         self._ids = 0
@@ -80,10 +83,14 @@ class Bouncer(FailoverWiring):
 
     # --- start / stop ----------------------------------------------------------
     def start(self) -> None:
-        self.listeners.start()
+        self.listeners.start(inherited_sockets())
         self._setup_failover()
         gevent.spawn(self.janitor.run)
         gevent.spawn(self.stats.report_loop)
+        if self.settings.metrics_port:
+            from .metrics import MetricsServer   # prometheus_client only when asked for
+            self.metrics = MetricsServer(self)
+            self.metrics.start()
         for sig, handler in ((signal.SIGHUP, self.reload), (signal.SIGTERM, self.shutdown_wait_clients),
                              (signal.SIGINT, self.shutdown_safe)):
             gevent.signal_handler(sig, lambda h=handler: gevent.spawn(h))
@@ -265,7 +272,8 @@ class Bouncer(FailoverWiring):
     # --- clients --------------------------------------------------------------------
     def accept(self, sock, addr, unix: bool) -> None:
         client = ClientConnection(self, sock, addr, unix)
-        if self.shutting_down:
+        if self.shutting_down and self.shutting_down != "wait_for_clients":
+            # (draining for clients: one accepted just before the listeners closed is served)
             client.send_error("57P01", "pgbouncer is shutting down", fatal=True)  # PgBouncer's text
             sock.close()
             return
@@ -299,8 +307,12 @@ class Bouncer(FailoverWiring):
         return sum(1 for c in self.clients if c.user == user and c.pool is not None)
 
     def forward_cancel(self, pid: int, key: int) -> None:
-        """A CancelRequest: reach the server running that client's query, and only it."""
-        client = self.cancel_keys.get((pid, key))
+        """A CancelRequest: reach the server running that client's query, and only it.
+        Under peering a key another process issued is passed on to it (peers.py)."""
+        local = self.peers.resolve(pid, key)
+        if local is None:
+            return              # another peer's key: forwarded to it, or dropped (logged)
+        client = self.cancel_keys.get(local)
         if client is None:
             log.debug("cancel request for unknown key")
             return
@@ -360,6 +372,7 @@ class Bouncer(FailoverWiring):
             return self.shutdown_now()
         self.shutting_down = "wait_for_clients"
         self.listeners.stop()
+        gevent.sleep(0)     # connections accepted last register as clients first
         self._check_shutdown()
 
     def _check_shutdown(self) -> None:

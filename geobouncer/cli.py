@@ -71,6 +71,10 @@ def main(config_file, config_opt, daemon, reboot, quiet, verbose, run_as, versio
         click.echo(f"geobouncer: config error: {exc}", err=True)
         sys.exit(1)
     try:
+        if settings.workers > 1 and not os.environ.get("GEOBOUNCER_WORKER"):
+            from .workers import Supervisor   # workers = N: supervise N of these processes
+
+            sys.exit(Supervisor(path, cfg, quiet, verbose).run())
         bouncer.serve_forever()
     except OSError as exc:
         click.echo(f"geobouncer: {exc}", err=True)

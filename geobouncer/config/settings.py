@@ -378,6 +378,18 @@ SETTINGS: tuple[Setting, ...] = (
         _s("write_functions", LIST, (), "Functions (besides the built-in list: nextval, "
            "setval, advisory locks ...) whose call makes a SELECT a write for the "
            "read/write split.", extension=True),
+        _s("metrics_port", INT, 0, "Port of the HTTP endpoint serving Prometheus metrics "
+           "on /metrics (pgbouncer_exporter's names and labels, plus geobouncer_*), "
+           "/healthz and /readyz. 0 turns it off.", reload=False, min=0, max=65535,
+           extension=True),
+        _s("metrics_listen_addr", OPT_STR, None, "Comma-separated addresses (or *) the "
+           "metrics endpoint listens on; unset uses listen_addr, or 127.0.0.1 when that "
+           "is unset too.", reload=False, example="*", extension=True),
+        _s("workers", INT, 1, "Serving processes to run. Above 1, a supervisor starts "
+           "them on the same listening sockets, makes them peers of one another for "
+           "cancel requests, splits the connection limits between them, passes signals "
+           "on and restarts one that exits.", reload=False, min=1, max=256,
+           extension=True),
     ),
 )
 # fmt: on

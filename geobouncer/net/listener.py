@@ -18,13 +18,20 @@ class Listeners:
         self.servers: list[StreamServer] = []
         self.unix_path: str | None = None
 
-    def start(self) -> None:
+    def start(self, shared=()) -> None:
+        """Bind and listen; ``shared``: sockets already listening (a workers supervisor's),
+        served instead of binding TCP ones; the unix socket is still this process's."""
         s = self.app.settings
         backlog = s.listen_backlog or 128
-        for addr in _listen_addrs(s.listen_addr):
+        for sock in shared:
+            self._serve(sock, unix=sock.family == pysocket.AF_UNIX)
+            log.info("accepting on the supervisor's %s", _name(sock))
+        for addr in [] if shared else _listen_addrs(s.listen_addr):
             family = pysocket.AF_INET6 if ":" in addr else pysocket.AF_INET
             sock = pysocket.socket(family, pysocket.SOCK_STREAM)
             sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEADDR, 1)
+            if s.so_reuseport:   # several processes on one port; the kernel spreads connections
+                sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEPORT, 1)
             if family == pysocket.AF_INET6:
                 sock.setsockopt(pysocket.IPPROTO_IPV6, pysocket.IPV6_V6ONLY, 1)
             sock.bind((addr, s.listen_port))
@@ -63,6 +70,7 @@ class Listeners:
 
     def stop(self) -> None:
         for server in self.servers:
+            _take_queued(server)
             server.close()
         self.servers.clear()
         if self.unix_path:
@@ -73,12 +81,31 @@ class Listeners:
             self.unix_path = None
 
 
+def _take_queued(server) -> None:
+    """Accept what the kernel has queued already before closing: closing a listening
+    socket resets the connections still in its queue, and with so_reuseport they are
+    no other process's either (refused connections during a rolling restart)."""
+    while True:
+        try:
+            accepted = server.do_read()
+        except OSError:
+            return
+        if not accepted:
+            return
+        server.do_handle(*accepted)
+
+
 class _ClientServer(StreamServer):
     """The client owns its socket and closes it itself: a parked idle client
     (net/client.py) outlives the greenlet that accepted it."""
 
     def do_close(self, sock, *args) -> None:
         pass
+
+
+def _name(sock) -> str:
+    name = sock.getsockname()
+    return f"unix:{name}" if isinstance(name, str) else f"{name[0]}:{name[1]}"
 
 
 def _listen_addrs(value) -> list[str]:

@@ -23,19 +23,28 @@ _TEXT_LIMIT = 200  # characters of an error or a returned value kept for display
 
 _monotonic = time.monotonic  # a module global, so tests can move the clock
 
+# Upper bounds (seconds) of the call-time histogram buckets (geobouncer_routing_hook_
+# duration_seconds); a call is counted in the first bucket whose bound it does not exceed,
+# past the last one in the +Inf bucket. Cumulated only when the metrics endpoint is scraped.
+DURATION_BOUNDS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)
+
 
 class Hook:
     """``function`` loaded from ``path`` under the hook name ``name``.
 
     ``calls``, ``errors``, ``slow_calls``, ``total`` (seconds) and ``last_error``
-    are read by SHOW ROUTING; ``routes`` counts, per database key, the queries a
-    routing hook sent there.  The caller (``Hooks``) updates ``calls``, ``total``
+    are read by SHOW ROUTING; ``durations`` counts calls per DURATION_BOUNDS bucket
+    (one more for +Inf) for the metrics endpoint; ``routes`` counts, per database
+    key, the queries a routing hook sent there.  The caller (``Hooks``) updates ``calls``, ``total``
     and ``routes`` inline, and calls the methods below only when something is off.
     """
 
     __slots__ = (
         "_seen", "_slow_logged_at", "_slow_pending", "_slowest", "_suppressed",
-        "_suppressed_logged_at", "calls", "errors", "function", "last_error",
+        "_suppressed_logged_at", "calls", "durations", "errors", "function", "last_error",
         "module", "name", "path", "routes", "slow_after", "slow_calls", "three",
         "total",
     )  # fmt: skip
@@ -57,6 +66,7 @@ class Hook:
         self.slow_after = slow_after  # seconds; inf when slow-call logging is off
         self.calls = self.errors = self.slow_calls = 0
         self.total = 0.0
+        self.durations = [0] * (len(DURATION_BOUNDS) + 1)
         self.last_error = ""
         self.routes: dict[str, int] = {}
         self._seen: set[tuple] = set()
@@ -81,6 +91,7 @@ class Hook:
         self.calls, self.errors = previous.calls, previous.errors
         self.slow_calls, self.total = previous.slow_calls, previous.total
         self.last_error, self.routes = previous.last_error, previous.routes
+        self.durations = previous.durations
 
     def row(self) -> tuple:
         """``(hook, path, calls, errors, slow_calls, total_us, last_error)``."""

@@ -7,7 +7,8 @@ calls ``rewrite`` and ``route`` once per query, and only when ``has_rewrite`` /
 ``has_routing`` says the hook is there: with no hook configured, no query text is
 ever decoded for them.
 
-A call costs one ``perf_counter`` pair and one ``try`` around the user's function.
+A call costs one ``perf_counter`` pair, one ``try`` around the user's function and
+one histogram bucket bump (``bisect_left``).
 Whatever the function does wrong — raise, return junk, name a database that does
 not exist, take too long — costs the query nothing more than "no change": it is
 counted (``stats``) and logged once, never raised to the caller, except that
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 import logging
 import os
+from bisect import bisect_left
 from collections.abc import Callable
 from time import perf_counter
 
-from .hook import Hook
+from .hook import DURATION_BOUNDS, Hook
 from .loader import (
     HookLoadError,
     forget_helpers,
@@ -116,6 +118,7 @@ class Hooks:
         elapsed = perf_counter() - start
         hook.calls += 1
         hook.total += elapsed
+        hook.durations[bisect_left(DURATION_BOUNDS, elapsed)] += 1
         if elapsed > hook.slow_after:
             hook.slow(elapsed)
         if result is None or result is query:
@@ -153,6 +156,7 @@ class Hooks:
         elapsed = perf_counter() - start
         hook.calls += 1
         hook.total += elapsed
+        hook.durations[bisect_left(DURATION_BOUNDS, elapsed)] += 1
         if elapsed > hook.slow_after:
             hook.slow(elapsed)
         if target is None:
@@ -168,6 +172,10 @@ class Hooks:
         return target
 
     # -- SHOW ROUTING --------------------------------------------------------
+
+    def loaded(self) -> list[Hook]:
+        """The hooks loaded now (their counters and call-time histogram, for metrics)."""
+        return [hook for hook in self._hooks.values() if hook is not None]
 
     def stats(self) -> list[tuple]:
         """Rows of ``STATS_COLUMNS``: one per loaded hook, then one per route target.
@@ -199,6 +207,7 @@ class Hooks:
         # The success paths above inline the same three lines.
         hook.calls += 1
         hook.total += elapsed
+        hook.durations[bisect_left(DURATION_BOUNDS, elapsed)] += 1
         if elapsed > hook.slow_after:
             hook.slow(elapsed)
 

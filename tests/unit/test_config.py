@@ -235,6 +235,9 @@ def test_extension_keys_are_marked():
         "health_check_timeout",
         "replica_ban_time",
         "write_functions",
+        "metrics_port",
+        "metrics_listen_addr",
+        "workers",
     }
 
 
