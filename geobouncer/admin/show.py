@@ -68,7 +68,7 @@ def show_clients(app):
         rows.append(["C", c.user, c.dbname, "none", state, c.addr[0], c.addr[1], local[0], local[1],
                      _wall(app, c.connect_time), _wall(app, c.request_time), int(wait),
                      int((wait % 1) * 1e6), 0, repr(c), repr(c.server) if c.server else None, 0,
-                     tls_describe(c.sock) or None, c.tparams.get("application_name", ""), len(c.statements), c.id])
+                     tls_describe(c.sock), c.tparams.get("application_name", ""), len(c.statements), c.id])
     return _cols(_CONN_COLS), rows
 
 
@@ -81,7 +81,7 @@ def show_servers(app):
                          s.local_addr[1] if s.local_addr and len(s.local_addr) > 1 else 0,
                          _wall(app, s.created_at), _wall(app, s.linked_at or s.created_at), 0, 0,
                          int(s.stale), repr(s), repr(s.client) if s.client else None, s.pid,
-                         tls_describe(s.sock) or None,
+                         tls_describe(s.sock),
                          s.params.get("application_name", ""),
                          len(s.tracker.prepared) if s.tracker is not None else 0, s.id])
     return _cols(_CONN_COLS), rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import socket
 import ssl
 import struct
@@ -217,3 +218,33 @@ def test_bad_handshakes_cost_only_themselves(tls_files, bouncer):
     wait_until(lambda: "TLS handshake error" in b.log_text(), timeout=5, message="handshake errors logged")
     assert_quiet_log(b)
     assert b.is_running()
+
+
+# --- RELOAD ------------------------------------------------------------------------------
+
+def test_reload_new_certificate_for_new_handshakes(tls_files, bouncer, tmp_path):
+    cert, key = tmp_path / "live.crt", tmp_path / "live.key"
+    shutil.copy(tls_files.cert("bouncer"), cert)
+    shutil.copy(tls_files.key("bouncer"), key)
+    settings = tls_settings(tls_files, client_tls_cert_file=str(cert), client_tls_key_file=str(key))
+    b = bouncer(pgbouncer=settings)
+    kept = psycopg2.connect(b.dsn(**verify_full(tls_files, b)))
+    kept.autocommit = True
+    # A broken key at RELOAD: refused, the old files keep serving.
+    key.write_text("not a key\n")
+    b.reload()
+    wait_until(lambda: "config reload failed" in b.log_text(), timeout=10, message="reload refused")
+    assert "client_tls_key_file" in b.log_text()
+    assert psql(b.dsn(**verify_full(tls_files, b)), "SELECT 1").stdout.strip() == "1"
+    # A new certificate (for another name): new handshakes get it, the open connection goes on.
+    shutil.copy(tls_files.cert("wrongname"), cert)
+    shutil.copy(tls_files.key("wrongname"), key)
+    offset = b.log_offset()
+    b.reload()
+    wait_until(lambda: "RELOAD command issued" in b.log_text(offset), timeout=10, message="reloaded")
+    out = psql(b.dsn(**verify_full(tls_files, b)), "SELECT 1")
+    assert out.returncode != 0 and "does not match host name" in out.stderr, out.stderr
+    with kept.cursor() as cur:
+        cur.execute("SELECT 5")
+        assert cur.fetchone() == (5,)
+    kept.close()
