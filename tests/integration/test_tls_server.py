@@ -234,3 +234,30 @@ def test_bad_tls_reload_keeps_the_old_config(pg_tls, tls_files, bouncer, tmp_pat
         bouncer(databases={"app": pg_tls.conninfo("app")}, pgbouncer={
             **settings, "server_tls_cert_file": tls_files.cert("client_app"), "server_tls_key_file": missing})
     assert re.search(r"geobouncer\.ini:\d+: server_tls_key_file: cannot read", str(err.value)), str(err.value)
+
+
+def test_replicas_and_health_checks_over_tls(pg_tls, make_replica, tls_files, bouncer):
+    replica = make_replica(pg_tls, name="tlsreplica")     # same certificate, same TLS-only pg_hba.conf
+    entry = (f"host=127.0.0.1 port={pg_tls.port} dbname=app read_write_split=1 "
+             f"replicas=127.0.0.1:{replica.port}")
+    b = bouncer(databases={"app": entry}, pgbouncer={**server_tls(tls_files), "pool_mode": "transaction",
+                                                     "health_check_period": 0.5})
+    conn = b.connect(autocommit=True)
+    seen = set()
+    try:
+        with conn.cursor() as cur:
+            for _ in range(40):
+                cur.execute("SELECT pg_is_in_recovery(), ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                seen.add(cur.fetchone())
+                if (True, True) in seen:
+                    break
+                time.sleep(0.1)
+            cur.execute("CREATE TEMP TABLE IF NOT EXISTS w (x int)")
+    finally:
+        conn.close()
+    assert (True, True) in seen, seen       # a read ran on the replica, over TLS
+    # The health checks (probe connections) log in over TLS too: a plaintext one would be
+    # rejected by pg_hba.conf and ban the replica.
+    wait_until(lambda: f"replica app@127.0.0.1:{replica.port} in rotation" in b.log_text() or
+               b.log_text().count("SSL established") >= 3, timeout=10, message="health checks ran")
+    assert "banned" not in b.log_text(), b.log_text()[-3000:]
