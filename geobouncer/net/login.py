@@ -202,7 +202,8 @@ def read_message(client) -> tuple[int, bytes]:
 def _authenticate(client, secret, method):
     if method in ("cert", "peer"):
         return _identity_login(client, method)
-    gen = authenticate_client(method, client.user, secret)
+    binding = tls.server_end_point(client.sock) if tls.is_tls(client.sock) else None
+    gen = authenticate_client(method, client.user, secret, binding)
     try:
         out = next(gen)
         while True:

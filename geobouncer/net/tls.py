@@ -31,6 +31,8 @@ import ssl as _stdlib_ssl
 import struct
 import warnings
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from gevent import ssl
 from gevent.ssl import SSLSocket
 
@@ -313,6 +315,27 @@ def describe(sock) -> str:
     if group:
         text += f"/ECDH={group}"
     return text
+
+
+def server_end_point(sock) -> bytes | None:
+    """tls-server-end-point channel binding data (RFC 5929) for a client's TLS
+    connection: the hash of the certificate we presented, with its signature's
+    hash algorithm (SHA-256 for MD5 and SHA-1). None when it cannot be known
+    (then SCRAM-SHA-256-PLUS is not offered, as PostgreSQL does)."""
+    der = tls_native.own_certificate(sock)
+    if der is None:
+        return None
+    try:
+        algorithm = x509.load_der_x509_certificate(der).signature_hash_algorithm
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    if algorithm is None:
+        return None
+    name = "sha256" if algorithm.name in ("md5", "sha1") else algorithm.name
+    try:
+        return hashlib.new(name, der).digest()
+    except ValueError:
+        return None
 
 
 def is_tls(sock) -> bool:

@@ -43,6 +43,10 @@ try:
     _lib.SSL_ctrl.restype = ctypes.c_long
     _lib.OBJ_nid2sn.argtypes = (ctypes.c_int,)
     _lib.OBJ_nid2sn.restype = ctypes.c_char_p
+    _lib.SSL_get_certificate.argtypes = (ctypes.c_void_p,)
+    _lib.SSL_get_certificate.restype = ctypes.c_void_p
+    _lib.i2d_X509.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p))
+    _lib.i2d_X509.restype = ctypes.c_int
 except (OSError, AttributeError):   # another ssl library (LibreSSL, static build without symbols)
     _lib = None
 
@@ -85,8 +89,7 @@ def set_dh_auto(ctx: ssl.SSLContext) -> None:
         _lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_DH_AUTO, 1, None)
 
 
-def key_exchange_group(sock) -> str | None:
-    """The negotiated (EC)DH group of a TLS socket, e.g. ``X25519``; None if unknown."""
+def _ssl_pointer(sock) -> int | None:
     sslobj = getattr(sock, "_sslobj", None)
     context = getattr(sock, "context", None)
     if _lib is None or sslobj is None or context is None:
@@ -94,6 +97,33 @@ def key_exchange_group(sock) -> str | None:
     ctx_ptr = _ctx_pointer(context)
     ssl_ptr = ctypes.c_void_p.from_address(id(sslobj) + _HEAD + _PTR).value
     if ctx_ptr is None or not ssl_ptr or _lib.SSL_get_SSL_CTX(ssl_ptr) != ctx_ptr:
+        return None
+    return ssl_ptr
+
+
+def own_certificate(sock) -> bytes | None:
+    """DER of the certificate this end presented on a TLS socket (for
+    tls-server-end-point channel binding); None if unknown."""
+    ssl_ptr = _ssl_pointer(sock)
+    if ssl_ptr is None:
+        return None
+    cert = _lib.SSL_get_certificate(ssl_ptr)
+    if not cert:
+        return None
+    size = _lib.i2d_X509(cert, None)
+    if size <= 0:
+        return None
+    buf = ctypes.create_string_buffer(size)
+    out = ctypes.c_void_p(ctypes.addressof(buf))
+    if _lib.i2d_X509(cert, ctypes.byref(out)) != size:
+        return None
+    return buf.raw
+
+
+def key_exchange_group(sock) -> str | None:
+    """The negotiated (EC)DH group of a TLS socket, e.g. ``X25519``; None if unknown."""
+    ssl_ptr = _ssl_pointer(sock)
+    if ssl_ptr is None:
         return None
     nid = _lib.SSL_ctrl(ssl_ptr, _SSL_CTRL_GET_NEGOTIATED_GROUP, 0, None)
     if nid <= 0 or nid & 0x1000000:     # none, or a group OpenSSL has no NID for

@@ -148,3 +148,21 @@ def test_bad_hba_file_is_a_config_error(tls_files, bouncer, tmp_path):
     assert psql(tls_dsn(tls_files, b, "app", password="app_pw")).stdout.strip() == "app"
     with pytest.raises(RuntimeError, match=r"hba\.conf:8: auth_hba_file: unsupported method"):
         bouncer(pgbouncer=hba_settings(tls_files, tmp_path))    # the same file, at start
+
+
+def test_scram_channel_binding_for_tls_clients(tls_files, bouncer):
+    """SCRAM-SHA-256-PLUS (tls-server-end-point) is offered to TLS clients: libpq
+    with channel_binding=require logs in over TLS and refuses a plaintext session."""
+    import psycopg
+
+    b = bouncer(pgbouncer={"auth_type": "scram-sha-256", "client_tls_sslmode": "prefer",
+                           "client_tls_key_file": tls_files.key("bouncer"),
+                           "client_tls_cert_file": tls_files.cert("bouncer")})
+    with psycopg.connect(tls_dsn(tls_files, b, "app", password="app_pw", channel_binding="require")) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("app",)
+    out = psql(tls_dsn(tls_files, b, "app", password="wrong", channel_binding="require"))
+    assert out.returncode != 0 and "password authentication failed" in out.stderr, out.stderr
+    out = psql(b.dsn(sslmode="disable", channel_binding="require"))
+    assert out.returncode != 0 and "channel binding" in out.stderr, out.stderr
+    # Plaintext SCRAM without binding still works.
+    assert psql(b.dsn(sslmode="disable")).stdout.strip() == "app"
