@@ -122,6 +122,7 @@ def _check_client_limits(client, db) -> None:
 
 def _read_startup(client):
     buf = bytearray()
+    _maybe_direct_tls(client)
     while True:
         found = startup_packet_at(buf)
         if found is None:
@@ -174,6 +175,27 @@ def _start_tls(client) -> None:
         log.warning("%s TLS handshake error: %s", client.label(), tls.reason(exc))
         raise ClientGone() from None
     client.send = sender(client.sock, client.wlock)
+
+
+def _maybe_direct_tls(client) -> None:
+    """PostgreSQL 17's direct TLS (sslnegotiation=direct): the first byte is a
+    TLS handshake record instead of a startup packet; the client must name
+    ALPN ``postgresql``, as PostgreSQL and PgBouncer 1.25 require."""
+    side = client.app.tls.client
+    if side.context is None or client.unix:
+        return
+    first = client.sock.recv(1, pysocket.MSG_PEEK)
+    if first != tls.TLS_HANDSHAKE_RECORD:
+        return
+    try:
+        client.sock = tls.client_handshake(client.sock, side)
+    except OSError as exc:
+        log.warning("%s TLS handshake error: %s", client.label(), tls.reason(exc))
+        raise ClientGone() from None
+    client.send = sender(client.sock, client.wlock)
+    if client.sock.selected_alpn_protocol() != tls.ALPN:
+        log.warning("%s direct TLS connection without ALPN protocol postgresql", client.label())
+        raise ClientGone()
 
 
 def _negotiate(client, minor: int, params) -> None:

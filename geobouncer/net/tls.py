@@ -43,6 +43,8 @@ from .internal import ServerError
 
 SSL_REQUEST = struct.pack("!II", 8, SSL_REQUEST_CODE)
 SSL_YES = b"S"
+TLS_HANDSHAKE_RECORD = b"\x16"     # the first byte of a ClientHello: direct TLS
+ALPN = "postgresql"
 
 MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _RANK = {mode: i for i, mode in enumerate(MODES)}
@@ -207,6 +209,7 @@ def _client_side(s, resolve, where: _Located) -> TlsSide:
         _load_ca(ctx, ca, where, "client_tls_ca_file")
         ctx.verify_mode = _stdlib_ssl.CERT_REQUIRED if rank(mode) >= rank("verify-ca") else _stdlib_ssl.CERT_OPTIONAL
     ctx.options |= _stdlib_ssl.OP_NO_RENEGOTIATION
+    ctx.set_alpn_protocols([ALPN])
     identity = (mode, s.client_tls_protocols, s.client_tls_ciphers, s.client_tls13_ciphers,
                 s.client_tls_ecdhcurve, s.client_tls_dheparams, _files_identity(key, cert, ca))
     return TlsSide(ctx, mode, identity)

@@ -248,3 +248,26 @@ def test_reload_new_certificate_for_new_handshakes(tls_files, bouncer, tmp_path)
         cur.execute("SELECT 5")
         assert cur.fetchone() == (5,)
     kept.close()
+
+
+# --- direct TLS (PostgreSQL 17's sslnegotiation=direct) ------------------------------------
+
+def test_direct_tls_with_alpn(tls_files, bouncer):
+    b = bouncer(pgbouncer=tls_settings(tls_files))
+    assert psycopg.pq.version() >= 170000, "libpq 17+ needed for sslnegotiation=direct"
+    with psycopg.connect(b.dsn(**verify_full(tls_files, b, sslnegotiation="direct"))) as conn:
+        assert conn.execute("SELECT 3").fetchone() == (3,)
+        assert conn.pgconn.ssl_in_use
+    # Direct TLS without ALPN postgresql is refused, as PostgreSQL does.
+    ctx = ssl.create_default_context(cafile=tls_files.path("ca.pem"))
+    raw = ctx.wrap_socket(socket.create_connection((b.host, b.port), timeout=10), server_hostname="localhost")
+    assert _closed_within(raw, 5)
+    wait_until(lambda: "without ALPN" in b.log_text(), timeout=5, message="refusal logged")
+    # ... and an ALPN client goes on to the startup packet.
+    ctx.set_alpn_protocols(["postgresql"])
+    raw = ctx.wrap_socket(socket.create_connection((b.host, b.port), timeout=10), server_hostname="localhost")
+    body = struct.pack("!I", 196608) + b"user\0app\0database\0app\0\0"
+    raw.sendall(struct.pack("!I", len(body) + 4) + body)
+    assert raw.recv(1) == b"R"          # an authentication request
+    raw.close()
+    assert_quiet_log(b)
