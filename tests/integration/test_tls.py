@@ -17,6 +17,7 @@ import ssl
 import struct
 import subprocess
 import time
+from pathlib import Path
 
 import asyncpg
 import psycopg
@@ -271,3 +272,51 @@ def test_direct_tls_with_alpn(tls_files, bouncer):
     assert raw.recv(1) == b"R"          # an authentication request
     raw.close()
     assert_quiet_log(b)
+
+
+# --- pgjdbc and node-postgres ---------------------------------------------------------------
+
+NODE_CHECK = """
+const { Client } = require(process.argv[2]);
+const fs = require('fs');
+const client = new Client({host: '127.0.0.1', port: Number(process.argv[3]), user: 'app',
+  password: 'app_pw', database: 'app',
+  ssl: {ca: fs.readFileSync(process.argv[4]), servername: 'localhost'}});   // name and chain checked
+client.connect()
+  .then(() => client.query('SELECT 8 AS n'))
+  .then((res) => { console.log('OK ' + res.rows[0].n); return client.end(); })
+  .catch((err) => { console.log('FAIL ' + err.message); process.exit(1); });
+"""
+
+JDBC_CHECK = """
+import java.sql.*;
+public class TlsCheck {
+    public static void main(String[] args) throws Exception {
+        try (Connection c = DriverManager.getConnection(args[0], "app", "app_pw");
+             Statement s = c.createStatement(); ResultSet r = s.executeQuery("SELECT 9")) {
+            r.next();
+            System.out.println("OK " + r.getInt(1));
+        }
+    }
+}
+"""
+
+
+def test_node_postgres_and_pgjdbc_verify_full(tls_files, bouncer, tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    node_pg = repo / "tests" / "clients" / "node_modules" / "pg"
+    assert node_pg.exists(), "run scripts/install-client-deps to install node-postgres"
+    b = bouncer(pgbouncer=tls_settings(tls_files, ignore_startup_parameters="extra_float_digits"))
+    script = tmp_path / "check.js"
+    script.write_text(NODE_CHECK)
+    out = subprocess.run(["node", str(script), str(node_pg), str(b.port), tls_files.path("ca.pem")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "OK 8", out.stdout + out.stderr
+    java = tmp_path / "TlsCheck.java"
+    java.write_text(JDBC_CHECK)
+    url = (f"jdbc:postgresql://localhost:{b.port}/app?sslmode=verify-full"
+           f"&sslrootcert={tls_files.path('ca.pem')}")
+    out = subprocess.run(["java", "-cp", "/usr/share/java/postgresql.jar", str(java), url],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "OK 9", out.stdout + out.stderr
+    assert b.log_text().count("tls=TLSv1.") >= 2

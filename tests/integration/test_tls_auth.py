@@ -166,3 +166,18 @@ def test_scram_channel_binding_for_tls_clients(tls_files, bouncer):
     assert out.returncode != 0 and "channel binding" in out.stderr, out.stderr
     # Plaintext SCRAM without binding still works.
     assert psql(b.dsn(sslmode="disable")).stdout.strip() == "app"
+
+
+def test_hba_peer_with_ident_map(bouncer, tmp_path):
+    """A local peer line: the OS user at the other end of the Unix socket
+    (SO_PEERCRED), mapped through auth_ident_file."""
+    import getpass
+    me = getpass.getuser()
+    (tmp_path / "hba.conf").write_text("local all all peer map=os\nhost all all 127.0.0.1/32 reject\n")
+    (tmp_path / "ident.conf").write_text(f"os {me} trust_user\n")
+    b = bouncer(pgbouncer={"auth_type": "hba", "auth_hba_file": str(tmp_path / "hba.conf"),
+                           "auth_ident_file": str(tmp_path / "ident.conf")})
+    out = psql(b.dsn(host=str(b.workdir), user="trust_user", password=None))
+    assert out.stdout.strip() == "trust_user", out.stderr
+    out = psql(b.dsn(host=str(b.workdir), user="app", password=None))
+    assert out.returncode != 0 and 'Peer authentication failed for user "app"' in out.stderr, out.stderr
