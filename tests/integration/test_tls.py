@@ -320,3 +320,26 @@ def test_node_postgres_and_pgjdbc_verify_full(tls_files, bouncer, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "OK 9", out.stdout + out.stderr
     assert b.log_text().count("tls=TLSv1.") >= 2
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_idle_tls_clients_park_and_resume(tls_files, bouncer, mode):
+    """An idle client gives up its greenlet after a second (net/client.py); a TLS
+    client's socket is woken the same way, and its session goes on."""
+    # Session pooling keeps a server per client; transaction pooling shares two.
+    b = bouncer(pgbouncer=tls_settings(tls_files, pool_mode=mode,
+                                       default_pool_size=4 if mode == "session" else 2))
+    conns = [psycopg2.connect(b.dsn(**verify_full(tls_files, b))) for _ in range(4)]
+    try:
+        for rnd in range(2):
+            time.sleep(2.5)        # longer than the janitor's PARK_AFTER
+            for i, conn in enumerate(conns):
+                with conn.cursor() as cur:
+                    cur.execute("SELECT %s, repeat('x', 100000)", (i + rnd,))
+                    value, blob = cur.fetchone()
+                    assert value == i + rnd and len(blob) == 100000
+                conn.commit()
+    finally:
+        for conn in conns:
+            conn.close()
+    assert_quiet_log(b)
