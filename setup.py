@@ -21,6 +21,7 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         "click>=8",
+        "cryptography>=42",  # reads TLS certificates (signature algorithm for SCRAM-PLUS)
         "gevent>=24",
         "pglast>=8",  # PostgreSQL's own parser for the read/write split
         "prometheus-client>=0.20",  # metrics_port

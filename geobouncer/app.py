@@ -28,9 +28,10 @@ from .net import params as tracked_params
 from .net.client import ClientConnection
 from .net.listener import Listeners
 from .net.release import ServerReleaser
-from .net.secrets import SecretLookup
+from .net.secrets import SecretLookup, load_auth_rules
 from .net.server import send_cancel
 from .peers import Peers
+from .net.tls import TlsConfig, is_tls
 from .pool.cancel_keys import new_cancel_key
 from .pool.pool import ConnectionCounters, Pool, PoolLimits
 from .pool.prepared import Registry
@@ -48,6 +49,8 @@ class Bouncer(FailoverWiring):
         self.cfg = load_config(config_path)
         self.settings = self.cfg.pgbouncer
         self._check_supported(self.settings)
+        self.tls = TlsConfig.from_config(self.cfg)
+        self.hba, self.ident_maps = load_auth_rules(self.cfg)
         self.auth_file = self._load_auth_file(self.cfg)
         self.tracked = tracked_params.tracked_names(self.settings)
         self.pools: dict[tuple[str, str], Pool] = {}
@@ -112,15 +115,9 @@ class Bouncer(FailoverWiring):
     def _check_supported(settings) -> None:
         """Refuse settings geobouncer cannot honour yet, rather than ignore them:
         a config asking for TLS must never run unencrypted."""
-        if settings.auth_type in ("hba", "pam", "ldap", "cert"):
+        if settings.auth_type in ("pam", "ldap"):
             raise ConfigError(f"auth_type {settings.auth_type} is not supported by geobouncer yet",
                               key="auth_type")
-        if settings.client_tls_sslmode not in ("disable", "allow"):
-            raise ConfigError(f"client_tls_sslmode {settings.client_tls_sslmode}: TLS is not "
-                              "supported by geobouncer yet", key="client_tls_sslmode")
-        if settings.server_tls_sslmode in ("require", "verify-ca", "verify-full"):
-            raise ConfigError(f"server_tls_sslmode {settings.server_tls_sslmode}: TLS is not "
-                              "supported by geobouncer yet", key="server_tls_sslmode")
 
     def _load_auth_file(self, cfg) -> dict[str, str]:
         path = cfg.pgbouncer.auth_file
@@ -133,10 +130,14 @@ class Bouncer(FailoverWiring):
         try:
             new = load_config(self.config_path)
             self._check_supported(new.pgbouncer)
+            tls = TlsConfig.from_config(new)
+            hba, ident_maps = load_auth_rules(new)
             auth_file = self._load_auth_file(new)
         except (ConfigError, AuthFileError) as exc:
             log.error("config reload failed, keeping the old config: %s", exc)
             return False
+        server_tls_changed = tls.server.identity != self.tls.server.identity
+        self.tls, self.hba, self.ident_maps = tls, hba, ident_maps
         _, restart_only = diff_configs(self.cfg, new)
         for key in sorted(restart_only):
             log.warning("%s changed in the config but needs a restart to apply", key)
@@ -154,7 +155,8 @@ class Bouncer(FailoverWiring):
             pool.limits = self._limits(entry, user)
             pool.tracked = frozenset(self.tracked.values())
             self._refresh_password(pool)
-            if self._set_tracking(pool) or _server_identity(entry) != _server_identity(old_entry):
+            if (self._set_tracking(pool) or _server_identity(entry) != _server_identity(old_entry)
+                    or server_tls_changed):
                 self.releaser.reconnect_pool(pool)
         for error in self.hooks.reload(self.settings, new.resolve_path):
             log.debug("hook reload: %s", error)
@@ -321,7 +323,8 @@ class Bouncer(FailoverWiring):
             return
         server.cancelling = True
         try:
-            send_cancel(server.host, server.port, server.pid, server.key)
+            send_cancel(server.host, server.port, server.pid, server.key,
+                        tls=self.tls.server if is_tls(server.sock) else None)
         except OSError as exc:
             log.warning("cancel request to %s failed: %s", server.describe(), exc)
         finally:

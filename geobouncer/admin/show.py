@@ -9,6 +9,7 @@ import time
 from time import monotonic
 
 from .. import __version__
+from ..net.tls import describe as tls_describe
 
 T, I8, I4 = 25, 20, 23
 
@@ -66,8 +67,8 @@ def show_clients(app):
         state = "idle" if c.state == "active" and c.server is None else c.state
         rows.append(["C", c.user, c.dbname, "none", state, c.addr[0], c.addr[1], local[0], local[1],
                      _wall(app, c.connect_time), _wall(app, c.request_time), int(wait),
-                     int((wait % 1) * 1e6), 0, repr(c), repr(c.server) if c.server else None, 0, None,
-                     c.tparams.get("application_name", ""), len(c.statements), c.id])
+                     int((wait % 1) * 1e6), 0, repr(c), repr(c.server) if c.server else None, 0,
+                     tls_describe(c.sock), c.tparams.get("application_name", ""), len(c.statements), c.id])
     return _cols(_CONN_COLS), rows
 
 
@@ -79,7 +80,8 @@ def show_servers(app):
                          s.local_addr[0] if s.local_addr else None,
                          s.local_addr[1] if s.local_addr and len(s.local_addr) > 1 else 0,
                          _wall(app, s.created_at), _wall(app, s.linked_at or s.created_at), 0, 0,
-                         int(s.stale), repr(s), repr(s.client) if s.client else None, s.pid, None,
+                         int(s.stale), repr(s), repr(s.client) if s.client else None, s.pid,
+                         tls_describe(s.sock),
                          s.params.get("application_name", ""),
                          len(s.tracker.prepared) if s.tracker is not None else 0, s.id])
     return _cols(_CONN_COLS), rows

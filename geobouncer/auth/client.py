@@ -86,10 +86,13 @@ def password_failed(user: str, log_detail: str | None = None) -> AuthFailed:
     return AuthFailed(f'password authentication failed for user "{user}"', "28P01", log_detail)
 
 
-def authenticate_client(method: str, user: str, secret: str | None) -> AuthExchange:
+def authenticate_client(method: str, user: str, secret: str | None,
+                        channel_binding: bytes | None = None) -> AuthExchange:
     """Run the exchange for ``method`` (an auth_type) with the user's ``secret``
-    from auth_file or auth_query (None: no such user). Does not send
-    AuthenticationOk: the caller does, after its own checks."""
+    from auth_file or auth_query (None: no such user). ``channel_binding``:
+    tls-server-end-point data of a TLS client connection, which makes SCRAM
+    offer SCRAM-SHA-256-PLUS. Does not send AuthenticationOk: the caller does,
+    after its own checks."""
     method = method.lower()
     if method in ("trust", "any"):
         return AuthResult(method)
@@ -97,10 +100,10 @@ def authenticate_client(method: str, user: str, secret: str | None) -> AuthExcha
         return (yield from _cleartext_exchange(user, secret or None))
     if method == "md5":
         if secret and secret_kind(secret) == "scram":
-            return (yield from _scram_exchange(user, secret))
+            return (yield from _scram_exchange(user, secret, channel_binding))
         return (yield from _md5_exchange(user, secret or None))
     if method == "scram-sha-256":
-        return (yield from _scram_exchange(user, secret or None))
+        return (yield from _scram_exchange(user, secret or None, channel_binding))
     raise AuthFailed(f'unsupported auth_type "{method}"', "28000")
 
 
@@ -199,20 +202,25 @@ def _sasl_initial(body: object) -> tuple[str, bytes]:
     return mechanism, data
 
 
-def _scram_exchange(user: str, secret: str | None) -> AuthExchange:
+def _scram_exchange(user: str, secret: str | None, channel_binding: bytes | None = None) -> AuthExchange:
     scram_secret, refusal = _scram_secret_for(user, secret)
     pass_through = secret is not None and secret_kind(secret) == "scram"
-    mechanism, data = _sasl_initial((yield auth_sasl([scram.MECHANISM])))
-    if mechanism != scram.MECHANISM:
+    # PostgreSQL lists the -PLUS mechanism first when it can bind.
+    offered = [scram.MECHANISM_PLUS, scram.MECHANISM] if channel_binding else [scram.MECHANISM]
+    mechanism, data = _sasl_initial((yield auth_sasl(offered)))
+    if mechanism not in offered:
         raise AuthFailed("client selected an invalid SASL authentication mechanism", "08P01")
+    plus = mechanism == scram.MECHANISM_PLUS
     try:
-        first = scram.ClientFirst(scram.decode_message(data, "client-first-message"))
+        first = scram.ClientFirst(scram.decode_message(data, "client-first-message"), plus,
+                                  channel_binding is not None)
         server_first, nonce = scram.server_first_message(
             first.nonce, scram_secret.salt, scram_secret.iterations)
         body = yield auth_sasl_continue(server_first.encode())
         final = scram.ClientFinal(
             scram.decode_message(_message_body(body), "client-final-message"))
-        auth_message = scram.check_client_final(first, server_first, nonce, final)
+        auth_message = scram.check_client_final(first, server_first, nonce, final,
+                                                channel_binding if plus else b"")
     except scram.ScramError as exc:
         raise AuthFailed(str(exc), exc.sqlstate) from None
     client_key = scram.recover_client_key(scram_secret.stored_key, auth_message, final.proof)

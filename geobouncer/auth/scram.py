@@ -22,8 +22,11 @@ that PostgreSQL secrets may carry, and does not expose ClientKey. Hence this
 small module; scramp's SASLprep is used (secrets.py), and the tests check this
 code against scramp's client and server.
 
-Channel binding is not offered: the gs2 flag must be "n", or "y" (the client
-could bind, but we advertise no -PLUS mechanism, which is correct for "y").
+Channel binding (SCRAM-SHA-256-PLUS, tls-server-end-point) is offered when
+the caller has binding data, i.e. the client connection is TLS: then the gs2
+header is "p=tls-server-end-point,," and the client-final "c=" carries it with
+the hash of the pooler's certificate. A client that says "y" (it could bind but
+thinks we cannot) while PLUS was offered is refused: a downgrade.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import os
 from .secrets import SCRAM_KEY_LEN, b64, b64decode, hmac_sha256, sha256
 
 MECHANISM = "SCRAM-SHA-256"
+MECHANISM_PLUS = "SCRAM-SHA-256-PLUS"
+CHANNEL_BINDING_TYPE = "tls-server-end-point"
 NONCE_RAW_LEN = 18  # PostgreSQL's SCRAM_RAW_NONCE_LEN
 
 
@@ -86,15 +91,25 @@ def split_attributes(text: str, what: str) -> list[tuple[str, str]]:
 class ClientFirst:
     """A parsed client-first-message."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, plus: bool = False, plus_offered: bool = False):
         flag, sep1, rest = text.partition(",")
         authzid, sep2, bare = rest.partition(",")
         if not (sep1 and sep2):
             raise malformed("gs2 header expected in client-first-message")
-        if flag.startswith("p="):
+        if plus:
+            if not flag.startswith("p="):
+                raise malformed("The client selected SCRAM-SHA-256-PLUS, but the SCRAM message "
+                                "does not include channel binding data.")
+            if flag[2:] != CHANNEL_BINDING_TYPE:
+                raise malformed(f"unsupported SCRAM channel-binding type {flag[2:][:30]!r}")
+        elif flag.startswith("p="):
             raise malformed("The client selected SCRAM-SHA-256 without channel binding, "
                             "but the SCRAM message includes channel binding data.")
-        if flag not in ("n", "y"):
+        elif flag == "y" and plus_offered:
+            raise ScramError("SCRAM channel binding negotiation error",
+                             "The client supports SCRAM channel binding but thinks the server "
+                             "does not. However, this server does support channel binding.")
+        elif flag not in ("n", "y"):
             raise malformed(f"unexpected channel-binding flag {flag[:10]!r}")
         if authzid:
             raise ScramError("client uses authorization identity, but it is not supported",
@@ -137,9 +152,10 @@ def server_first_message(client_nonce: str, salt: bytes, iterations: int) -> tup
 
 
 def check_client_final(first: ClientFirst, server_first: str, nonce: str,
-                       final: ClientFinal) -> str:
-    """Check binding and nonce; return the AuthMessage for the proof."""
-    if final.channel_binding != b64(first.gs2_header.encode()):
+                       final: ClientFinal, binding_data: bytes = b"") -> str:
+    """Check binding (``binding_data``: tls-server-end-point hash under PLUS)
+    and nonce; return the AuthMessage for the proof."""
+    if final.channel_binding != b64(first.gs2_header.encode() + binding_data):
         raise ScramError("SCRAM channel binding check failed")
     if final.nonce != nonce:
         raise malformed("Nonce does not match.")

@@ -274,14 +274,16 @@ SETTINGS: tuple[Setting, ...] = (
         _s("client_tls_protocols", STR, "secure", "TLS versions allowed with clients: "
            "tlsv1.0, tlsv1.1, tlsv1.2, tlsv1.3, all, or secure (tlsv1.2,tlsv1.3)."),
         _s("client_tls_ciphers", STR, "default", "Ciphers for TLS 1.2 and older with "
-           "clients, in OpenSSL syntax; default, secure, fast and normal mean OpenSSL's "
-           "defaults."),
+           "clients, in OpenSSL syntax, or a PgBouncer name: default and normal keep "
+           "OpenSSL's list, secure and fast mean forward-secret AEAD suites, compat and "
+           "legacy allow older ones."),
         _s("client_tls13_ciphers", OPT_STR, None, "TLS 1.3 cipher suites with clients "
            "(e.g. TLS_AES_256_GCM_SHA384); unset follows client_tls_ciphers."),
-        _s("client_tls_ecdhcurve", STR, "auto", "Curve for ECDH key exchange: none, auto "
-           "or a curve name."),
-        _s("client_tls_dheparams", ENUM, "auto", "DHE key exchange: none, auto (2048-bit) "
-           "or legacy (1024-bit).", choices=DH_PARAMS),
+        _s("client_tls_ecdhcurve", STR, "auto", "Curve for ECDH key exchange: none (no "
+           "ECDHE suites for TLS 1.2), auto, a curve name, or a list (X25519:P-256)."),
+        _s("client_tls_dheparams", ENUM, "auto", "DHE key exchange: none (no DHE suites), "
+           "auto (parameters sized to the key, 2048-bit or more) or legacy (accepted; "
+           "OpenSSL 3 gives the same as auto).", choices=DH_PARAMS),
         _s("server_tls_sslmode", ENUM, "prefer", "TLS towards servers: disable, allow, "
            "prefer (try TLS, fall back to plain), require (TLS, certificate unchecked), "
            "verify-ca (certificate checked against server_tls_ca_file), verify-full (and "

@@ -25,7 +25,7 @@ from ..proto.scan import ClientScanner
 from . import params as tracked_params
 from .checkout import ClientError, acquire_server
 from .fastio import Parked, plain as _plain_socket, sender
-from . import forward, login, stream
+from . import forward, login, stream, tls
 from .login import ClientGone
 from .server import ServerError
 
@@ -207,6 +207,8 @@ class ClientConnection:
         try:
             if _plain_socket(self.sock):
                 self.sock._sock.send(data)       # non-blocking: all of it, or nothing useful
+            elif fatal:
+                tls.send_now(self.sock, data)    # the same for TLS: the close follows
             else:
                 self.send(data)
         except OSError:

@@ -14,7 +14,10 @@ watcher on the closed — possibly reused — descriptor aborts the whole proces
 inside libev ("I/O watcher with invalid fd found in epoll_ctl").
 
 Only plain gevent sockets take the fast path: a TLS socket's ``_sock`` is the
-encrypted stream, so anything else uses the public API.
+encrypted stream, so anything else uses the public API. A gevent TLS socket
+shut down by another greenlet (``shutdown()`` drops its SSL object) raises
+ValueError or AttributeError from a read or write already under way: that is
+the same event as a closed plain socket, so it becomes OSError here.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def receiver(gsock, size: int, owner=None):
                 except Parked:
                     if owner is not None and owner.parkable:
                         raise
+                except (ValueError, AttributeError):
+                    raise OSError(EBADF, "socket closed") from None
         return public_recv
     wait = gsock._wait
 
@@ -78,12 +83,18 @@ def sender(gsock, lock=None):
     greenlet switch happens) and takes no lock."""
     slow = gsock.sendall
     if not _plain(gsock):
+        def public_sendall(data) -> None:
+            try:
+                slow(data)
+            except (ValueError, AttributeError):
+                raise OSError(EBADF, "socket closed") from None
+
         if lock is None:
-            return slow
+            return public_sendall
 
         def locked(data) -> None:
             with lock:
-                slow(data)
+                public_sendall(data)
         return locked
 
     def sendall(data) -> None:

@@ -1,13 +1,17 @@
-"""The client's way in: the startup packet (SSL/GSSENC refused, cancel requests
-passed on, protocol version negotiated), startup parameters, database lookup,
-limits, and authentication. Functions over a ClientConnection (net/client.py)."""
+"""The client's way in: the startup packet (SSLRequest answered with the TLS
+handshake when client TLS is on, GSSENCRequest refused, cancel requests passed
+on, protocol version negotiated), startup parameters, database lookup, limits,
+and authentication. Functions over a ClientConnection (net/client.py)."""
 
 from __future__ import annotations
 
 import logging
+import pwd
+import socket as pysocket
 import struct
 
 from ..auth import AuthFailed, authenticate_client
+from ..auth.hba import cert_login
 from ..pool.states import CL_ACTIVE
 from ..proto import messages as m
 from ..proto.framing import (
@@ -20,7 +24,9 @@ from ..proto.framing import (
     startup_packet_at,
 )
 from . import params as tracked_params
+from . import tls
 from .checkout import ClientError, acquire_server
+from .fastio import sender
 
 log = logging.getLogger("geobouncer")
 
@@ -44,8 +50,10 @@ def login(client) -> bool:
     client.dbname = params.pop("database", "") or user
     client.startup = params
     app = client.app
+    _check_tls_required(client)
     if app.settings.log_connections:
-        log.info("%s login attempt: db=%s user=%s tls=no", client.label(), client.dbname, user)
+        log.info("%s login attempt: db=%s user=%s tls=%s", client.label(), client.dbname, user,
+                 tls.describe(client.sock) or "no")
     # The console is a database of its own: a `*` entry must not hide it.
     console = client.dbname == "pgbouncer" and "pgbouncer" not in app.cfg.databases
     db = None if console else app.database_for(client.dbname)
@@ -57,9 +65,10 @@ def login(client) -> bool:
     elif db.name in app.disabled:
         raise ClientError("08P01", f'database "{db.name}" does not allow connections')
     _check_client_limits(client, db)
-    secret = app.secrets.lookup_secret(user, db)
-    _check_trust_rules(client, db, secret)
-    result = _authenticate(client, secret)
+    method = app.secrets.auth_method(client)
+    secret = app.secrets.lookup_secret(user, db) if method not in ("cert", "peer", "reject") else None
+    _check_trust_rules(client, db, secret, method)
+    result = _authenticate(client, secret, method)
     client.auth_result = result
     if client.admin:
         welcome = app.admin.welcome_params()
@@ -82,10 +91,17 @@ def login(client) -> bool:
     return True
 
 
-def _check_trust_rules(client, db, secret) -> None:
+def _check_tls_required(client) -> None:
+    """client_tls_sslmode require and stricter: a TCP client that did not ask
+    for TLS is refused (PgBouncer's text); Unix sockets are not encrypted."""
+    if tls.rank(client.app.tls.client.mode) >= tls.rank("require") and not client.unix \
+            and not tls.is_tls(client.sock):
+        raise ClientError("08P01", "SSL required")
+
+
+def _check_trust_rules(client, db, secret, method) -> None:
     """PgBouncer's rules: trust still needs the user in auth_file (or found by
     auth_query); any ignores the user name, so every database must force one."""
-    method = client.app.secrets.auth_method(client)
     if method == "trust" and secret is None:
         raise ClientError("28000", '"trust" authentication failed')
     if method == "any" and db is not None and not db.user:
@@ -106,6 +122,7 @@ def _check_client_limits(client, db) -> None:
 
 def _read_startup(client):
     buf = bytearray()
+    _maybe_direct_tls(client)
     while True:
         found = startup_packet_at(buf)
         if found is None:
@@ -117,9 +134,13 @@ def _read_startup(client):
         code, end = found
         body = bytes(buf[8:end])
         del buf[:end]
-        if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
+        if code == SSL_REQUEST_CODE:
             if buf:
-                raise ProtocolError("data after SSLRequest")
+                raise ProtocolError("received unencrypted data after SSL request")
+            _start_tls(client)
+        elif code == GSSENC_REQUEST_CODE:
+            if buf:
+                raise ProtocolError("data after GSSENCRequest")
             client.sock.sendall(m.SSL_NO)
         elif code == CANCEL_REQUEST_CODE:
             if len(body) >= 8:
@@ -135,6 +156,46 @@ def _read_startup(client):
             return params
         else:
             raise ClientError("08P01", f"unsupported protocol version: {code >> 16}.{code & 0xFFFF}")
+
+
+def _start_tls(client) -> None:
+    """Answer an SSLRequest: ``N`` when client TLS is off (or on a Unix
+    socket), else ``S`` and the handshake, inside client_login_timeout. A
+    failed handshake ends this client quietly (a log line, no traceback)."""
+    side = client.app.tls.client
+    if tls.is_tls(client.sock):
+        raise ProtocolError("SSL req inside SSL")
+    if side.context is None or client.unix:
+        client.sock.sendall(m.SSL_NO)
+        return
+    client.sock.sendall(tls.SSL_YES)
+    try:
+        client.sock = tls.client_handshake(client.sock, side)
+    except OSError as exc:
+        log.warning("%s TLS handshake error: %s", client.label(), tls.reason(exc))
+        raise ClientGone() from None
+    client.send = sender(client.sock, client.wlock)
+
+
+def _maybe_direct_tls(client) -> None:
+    """PostgreSQL 17's direct TLS (sslnegotiation=direct): the first byte is a
+    TLS handshake record instead of a startup packet; the client must name
+    ALPN ``postgresql``, as PostgreSQL and PgBouncer 1.25 require."""
+    side = client.app.tls.client
+    if side.context is None or client.unix:
+        return
+    first = client.sock.recv(1, pysocket.MSG_PEEK)
+    if first != tls.TLS_HANDSHAKE_RECORD:
+        return
+    try:
+        client.sock = tls.client_handshake(client.sock, side)
+    except OSError as exc:
+        log.warning("%s TLS handshake error: %s", client.label(), tls.reason(exc))
+        raise ClientGone() from None
+    client.send = sender(client.sock, client.wlock)
+    if client.sock.selected_alpn_protocol() != tls.ALPN:
+        log.warning("%s direct TLS connection without ALPN protocol postgresql", client.label())
+        raise ClientGone()
 
 
 def _negotiate(client, minor: int, params) -> None:
@@ -160,9 +221,11 @@ def read_message(client) -> tuple[int, bytes]:
         buf += data
 
 
-def _authenticate(client, secret):
-    method = client.app.secrets.auth_method(client)
-    gen = authenticate_client(method, client.user, secret)
+def _authenticate(client, secret, method):
+    if method in ("cert", "peer"):
+        return _identity_login(client, method)
+    binding = tls.server_end_point(client.sock) if tls.is_tls(client.sock) else None
+    gen = authenticate_client(method, client.user, secret, binding)
     try:
         out = next(gen)
         while True:
@@ -180,6 +243,31 @@ def _authenticate(client, secret):
         if client.app.settings.log_pooler_errors:
             log.warning("%s %s", client.label(), exc.message)
         raise ClientError(exc.sqlstate, exc.message) from None
+
+
+def _identity_login(client, method):
+    """auth_type cert (the client certificate's CN) or an hba ``peer`` line
+    (the Unix user at the other end of the socket); ident maps may apply."""
+    if method == "cert":
+        identity = tls.peer_common_name(client.sock) if tls.is_tls(client.sock) else None
+    else:
+        identity = peer_user(client.sock) if client.unix else None
+    try:
+        return cert_login(client.user, identity, method, client.app.secrets.ident_map(client))
+    except AuthFailed as exc:
+        if client.app.settings.log_pooler_errors:
+            log.warning("%s %s", client.label(), exc.log_detail or exc.message)
+        raise ClientError(exc.sqlstate, exc.message) from None
+
+
+def peer_user(sock) -> str | None:
+    """The OS user name of a Unix-socket peer (SO_PEERCRED), or None."""
+    try:
+        creds = sock.getsockopt(pysocket.SOL_SOCKET, pysocket.SO_PEERCRED, struct.calcsize("3i"))
+        uid = struct.unpack("3i", creds)[1]
+        return pwd.getpwuid(uid).pw_name
+    except (OSError, KeyError, AttributeError, struct.error):
+        return None
 
 
 def _learn_server_defaults(client) -> None:

@@ -3,12 +3,35 @@ through auth_user's pool (PgBouncer's order). Owned by the Bouncer (app.py)."""
 
 from __future__ import annotations
 
+from ..auth.hba import AS_AUTH_TYPE, HbaError, load_hba, load_ident
+from ..config import ConfigError
 from ..proto import messages as m
+from . import tls
 from .checkout import ClientError, acquire_server
 from .server import ServerError
 
 DEFAULT_AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
                       "FROM pg_authid WHERE rolname=$1 AND rolcanlogin")
+
+
+def load_auth_rules(cfg):
+    """(HbaRules or None, IdentMaps or None) from auth_hba_file and
+    auth_ident_file; a ConfigError naming the file and line otherwise."""
+    s = cfg.pgbouncer
+    hba = ident = None
+    key = "auth_hba_file"
+    try:
+        if s.auth_type == "hba":
+            path = cfg.resolve_path(s.auth_hba_file)
+            if not path:
+                raise ConfigError("auth_type=hba requires auth_hba_file", file=cfg.path, key="auth_type")
+            hba = load_hba(path)
+        key = "auth_ident_file"
+        if s.auth_ident_file:
+            ident = load_ident(cfg.resolve_path(s.auth_ident_file))
+    except HbaError as exc:
+        raise ConfigError(exc.msg, file=exc.path, line=exc.line, key=key) from None
+    return hba, ident
 
 
 class SecretLookup:
@@ -18,10 +41,37 @@ class SecretLookup:
         self.app = app   # the Bouncer: settings, pools, clients, shutdown state
 
     def auth_method(self, client) -> str:
+        """The method for this client: auth_type, or with auth_type = hba the
+        first matching line of auth_hba_file (no line, or reject: refused)."""
         method = self.app.settings.auth_type
+        if method == "hba":
+            rule = self._hba_rule(client)
+            encrypted = tls.is_tls(client.sock)
+            where = (f'host "{client.addr[0]}", user "{client.user}", database "{client.dbname}", '
+                     f'{"SSL encryption" if encrypted else "no encryption"}')
+            if rule is None:
+                raise ClientError("28000", f"no pg_hba.conf entry for {where}")
+            if rule.method == "reject":
+                raise ClientError("28000", f"pg_hba.conf rejects connection for {where}")
+            return AS_AUTH_TYPE.get(rule.method, rule.method)
         if client.unix and method == "peer":
             return "trust"
         return method
+
+    def ident_map(self, client):
+        """(IdentMaps, map name) for the client's hba line, or None."""
+        if self.app.settings.auth_type != "hba":
+            return None
+        rule = self._hba_rule(client)
+        if rule is None or not rule.map:
+            return None
+        return (self.app.ident_maps, rule.map)
+
+    def _hba_rule(self, client):
+        hba = self.app.hba
+        if hba is None:
+            return None
+        return hba.decide(client.unix, tls.is_tls(client.sock), client.addr[0], client.dbname, client.user)
 
     def lookup_secret(self, user: str, db):
         secret = self.app.auth_file.get(user)

@@ -1,11 +1,14 @@
-"""Opening a server connection and logging in to PostgreSQL (startup,
-authentication, ParameterStatus, BackendKeyData); cancel requests. Functions
-over a ServerConnection (net/server.py)."""
+"""Opening a server connection and logging in to PostgreSQL (TLS as
+server_tls_sslmode says, startup, authentication, ParameterStatus,
+BackendKeyData); cancel requests. Functions over a ServerConnection
+(net/server.py)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket as pysocket
+import sys
 
 import gevent
 from gevent import socket
@@ -13,18 +16,25 @@ from gevent import socket
 from ..auth import AuthFailed, ServerAuthenticator
 from ..proto import messages as m
 from ..proto.framing import message_at
+from . import tls as tls_
 from .fastio import sender
 from .internal import ServerError
+
+log = logging.getLogger("geobouncer")
 
 RECV_SIZE = 65536
 _E, _S, _Z = (ord(c) for c in "ESZ")
 
 
 def connect(server, startup: dict[str, str], password, scram_keys, timeout: float,
-            tracked: frozenset) -> None:
-    """Open the socket and log in. Raises ServerError or OSError."""
+            tracked: frozenset, tls=None) -> None:
+    """Open the socket, start TLS (``tls``: the server side's net.tls.TlsSide)
+    and log in. Raises ServerError or OSError."""
     with gevent.Timeout(timeout or None, ServerError("08006", "server connect timeout")):
         server.sock = _open_socket(server.host, server.port)
+        server.sock = tls_.server_handshake(server.sock, tls, server.host)
+        if tls_.is_tls(server.sock):
+            log.info("%r: %s SSL established: %s", server, server.describe(), tls_.describe(server.sock))
         try:
             server.local_addr = server.sock.getsockname()
         except OSError:
@@ -83,10 +93,16 @@ def _open_socket(host: str, port: int):
     return sock
 
 
-def send_cancel(host: str, port: int, pid: int, key: int, timeout: float = 5.0) -> None:
-    """Forward a cancel request to a server (a fresh connection, as libpq does)."""
+def send_cancel(host: str, port: int, pid: int, key: int, timeout: float = 5.0, tls=None) -> None:
+    """Forward a cancel request to a server (a fresh connection, as libpq
+    does: over TLS when ``tls`` is given, i.e. the server connection is TLS)."""
     with gevent.Timeout(timeout, False):
         sock = _open_socket(host, port)
+        try:
+            sock = tls_.server_handshake(sock, tls, host)
+        except ServerError:
+            sock.close()
+            raise OSError(f"cancel request: {sys.exc_info()[1].text}") from None
         try:
             sock.sendall(m.cancel_request(pid, key))
             sock.recv(1)   # the server closes when done
