@@ -7,6 +7,7 @@ calls back into it for decisions that need that global view.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -52,7 +53,9 @@ class Bouncer(FailoverWiring):
         self.counters = ConnectionCounters()
         self.clients: set[ClientConnection] = set()
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
-        self.paused = False
+        self.paused = False               # PAUSE / SUSPEND: no server assignments
+        self.paused_dbs: set[str] = set()  # PAUSE db, KILL db
+        self.suspended = False
         self.resumed = Event()
         self.resumed.set()
         self.disabled: set[str] = set()
@@ -133,6 +136,25 @@ class Bouncer(FailoverWiring):
         _, restart_only = diff_configs(self.cfg, new)
         for key in sorted(restart_only):
             log.warning("%s changed in the config but needs a restart to apply", key)
+        self._apply_config(new, auth_file)
+        log.info("RELOAD command issued")
+        return True
+
+    def set_setting(self, name: str, value) -> str | None:
+        """Console SET of one reloadable key: applied like a RELOAD that changes
+        only it. Returns the reason it was refused, or None."""
+        values = self.settings.as_dict()
+        values[name] = value
+        new = dataclasses.replace(self.cfg, pgbouncer=type(self.settings)(values))
+        try:
+            self._check_supported(new.pgbouncer)
+            auth_file = self._load_auth_file(new) if name == "auth_file" else self.auth_file
+        except (ConfigError, AuthFileError) as exc:
+            return str(exc)
+        self._apply_config(new, auth_file)
+        return None
+
+    def _apply_config(self, new, auth_file) -> None:
         self.cfg = new
         self.settings = new.pgbouncer
         self.auth_file = auth_file
@@ -153,8 +175,6 @@ class Bouncer(FailoverWiring):
             log.debug("hook reload: %s", error)
         self.classifier = Classifier(self.settings.write_functions)
         self._reload_failover(new)
-        log.info("RELOAD command issued")
-        return True
 
     def database_for(self, name: str):
         if name not in self.cfg.databases and name in self.extra_entries:
@@ -200,6 +220,7 @@ class Bouncer(FailoverWiring):
             self._set_tracking(pool)
             pool.tracked = frozenset(self.tracked.values())
             pool.on_server_closed = self._server_closed
+            pool.paused = db.name in self.paused_dbs
             self._refresh_password(pool)
             self.pools[key] = pool
         if auth_result is not None and server_user == user:
@@ -301,6 +322,9 @@ class Bouncer(FailoverWiring):
         if client is None:
             log.debug("cancel request for unknown key")
             return
+        if client.admin:
+            self.admin.cancel(client)
+            return
         server = client.server
         if server is None or server.closed or server.outstanding <= 0:
             return
@@ -319,28 +343,64 @@ class Bouncer(FailoverWiring):
                 return
 
     def pause(self, dbname: str | None = None) -> None:
+        """PAUSE (every pool) or PAUSE db: no new server assignments until RESUME."""
         if dbname is None:
             self.paused = True
-        for pool in self.pools.values():
-            if dbname is None or pool.db.name == dbname:
-                pool.paused = True
+        else:
+            self.paused_dbs.add(dbname)
+            for pool in self.pools.values():
+                if pool.db.name == dbname:
+                    pool.paused = True
         self.resumed.clear()
 
     def resume(self, dbname: str | None = None) -> None:
+        """RESUME (the global pause) or RESUME db (that database's own pause)."""
         if dbname is None:
             self.paused = False
-        for pool in self.pools.values():
-            if dbname is None or pool.db.name == dbname:
-                pool.paused = False
-        if not self.paused and not any(p.paused for p in self.pools.values()):
-            self.resumed.set()
+            self._resume_listeners()
         else:
-            # wake waiters of resumed pools; they re-check their own pool
-            self.resumed.set()
+            self.paused_dbs.discard(dbname)
+            for pool in self.pools.values():
+                if pool.db.name == dbname:
+                    pool.paused = False
+        # wake every waiter; each re-checks its own pool
+        self.resumed.set()
+        if self.paused or self.paused_dbs:
             self.resumed.clear()
+
+    def resume_all(self) -> None:
+        """RESUME after PAUSE or SUSPEND, or a cancel request while one waits."""
+        self.suspended = False
+        self.resume(None)
 
     def pause_done(self, dbname: str | None = None) -> bool:
         return all(not p.active for p in self.pools.values() if dbname is None or p.db.name == dbname)
+
+    def suspend(self) -> None:
+        """SUSPEND: stop accepting (connections queue in the backlog) and hand out
+        no server; requests already sent are let through (see suspend_flushed)."""
+        self.suspended = True
+        self.paused = True
+        self.resumed.clear()
+        for server in self.listeners.servers:
+            server.stop_accepting()
+
+    def suspend_flushed(self) -> bool:
+        return not any(s.outstanding > 0 for p in self.pools.values() for s in list(p.active))
+
+    def suspend_close_busy(self) -> None:
+        """suspend_timeout ran out: close what still holds data, as PgBouncer does."""
+        for pool in self.pools.values():
+            for server in list(pool.active):
+                if server.outstanding > 0:
+                    if server.client is not None:
+                        server.client.shutdown("08P01", "suspend_timeout")
+                    server.close("suspend_timeout")
+
+    def _resume_listeners(self) -> None:
+        if not self.shutting_down:
+            for server in self.listeners.servers:
+                server.start_accepting()
 
     def shutdown_safe(self) -> None:
         """SIGINT: stop accepting, wait for servers to be released, then exit."""

@@ -102,7 +102,7 @@ def show_databases(app):
                      app.counters.per_db.get(name, 0),
                      db.max_db_client_connections or s.max_db_client_connections,
                      app.client_count_for_db(name),
-                     int(app.paused or any(p.paused for p in app.pools.values() if p.db.name == name)),
+                     int(name in app.paused_dbs),
                      int(name in app.disabled)])
     rows.append(["pgbouncer", None, s.listen_port, "pgbouncer", "pgbouncer", 2, 0, 0, 0, "statement",
                  None, 0, 0, 0, 0, 0, 0])
@@ -185,8 +185,11 @@ def show_version(app):
 
 
 def show_state(app):
-    return _cols("key:t value:t"), [["active", "no" if app.paused else "yes"],
-                                    ["paused", "yes" if app.paused else "no"], ["suspended", "no"]]
+    suspended = app.suspended
+    paused = app.paused and not suspended
+    return _cols("key:t value:t"), [["active", "yes" if not (paused or suspended) else "no"],
+                                    ["paused", "yes" if paused else "no"],
+                                    ["suspended", "yes" if suspended else "no"]]
 
 
 HELP_TEXT = """Console usage
