@@ -18,7 +18,7 @@ from time import time
 from .. import __version__
 from ..proto import messages as m
 from . import set as admin_set
-from . import show
+from . import show, show_sockets, show_stats
 from .control import Control
 from .errors import AdminError
 
@@ -32,6 +32,7 @@ _WORD = r'("(?:[^"]|"")+"|[0-9a-z_]+)'
 _COMMAND = re.compile(rf"^{_WS0}{_WORD}(?:{_WS1}{_WORD})?{_WS0}(?:;{_WS0})?$", re.IGNORECASE)
 _TX_VERBS = ("BEGIN", "COMMIT", "ROLLBACK")    # geobouncer tolerates them: drivers send them
 _SO_PEERCRED = getattr(pysocket, "SO_PEERCRED", 17)
+BUILDERS = {**show.BUILDERS, **show_stats.BUILDERS, **show_sockets.BUILDERS}
 
 
 class AdminConsole:
@@ -132,7 +133,7 @@ class AdminConsole:
             return m.notice_response(show.HELP_TEXT) + m.command_complete("SHOW")
         if what == "fds" and client.stats_only:
             raise AdminError("admin access needed")
-        builder = show.BUILDERS.get(what)
+        builder = BUILDERS.get(what)
         if builder is None:
             raise AdminError(f"invalid command '{sql}', use SHOW HELP;")
         columns, rows = builder(self.app)
