@@ -52,13 +52,13 @@ class Control:
 
     def _wait(self, client, done, limit: float | None = None) -> bool:
         """Wait in this greenlet until ``done()``; False if ``limit`` seconds ran
-        out or a cancel request / RESUME ended the wait."""
+        out. A cancel request (psql's ^C) ends the wait with PostgreSQL's error."""
         deadline = None if limit is None else monotonic() + limit
         self.waiting.add(client)
         try:
             while not done():
                 if client not in self.waiting:
-                    return False
+                    raise AdminError("canceling statement due to user request", "57014")
                 if deadline is not None and monotonic() >= deadline:
                     return False
                 gevent.sleep(_POLL)
