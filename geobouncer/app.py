@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import socket as pysocket
 from time import monotonic
 
@@ -36,6 +35,7 @@ from .pool.pool import ConnectionCounters, Pool, PoolLimits
 from .pool.prepared import Registry
 from .routing import HookLoadError, Hooks
 from .routing.classify import Classifier
+from .signals import Signals
 
 log = logging.getLogger("geobouncer")
 
@@ -65,6 +65,7 @@ class Bouncer(FailoverWiring):
         self.secrets = SecretLookup(self)
         self.janitor = Janitor(self)
         self.admin = AdminConsole(self)
+        self.signals = Signals(self)
         self.stats = stats.Stats(self)
         self.shutting_down = False
         self.stopped = Event()
@@ -83,13 +84,11 @@ class Bouncer(FailoverWiring):
 
     # --- start / stop ----------------------------------------------------------
     def start(self) -> None:
+        self.signals.install()        # before listening: a signal must never find the default action
         self.listeners.start()
         self._setup_failover()
         gevent.spawn(self.janitor.run)
         gevent.spawn(self.stats.report_loop)
-        for sig, handler in ((signal.SIGHUP, self.reload), (signal.SIGTERM, self.shutdown_wait_clients),
-                             (signal.SIGINT, self.shutdown_safe)):
-            gevent.signal_handler(sig, lambda h=handler: gevent.spawn(h))
         self._write_pidfile()
         log.info("process up: geobouncer, pid=%d", os.getpid())
 
@@ -409,6 +408,7 @@ class Bouncer(FailoverWiring):
         self.shutting_down = "safe"
         self.listeners.stop()
         self.pause()
+        self.signals.watch_shutdown()
         self._check_shutdown()
 
     def shutdown_wait_clients(self) -> None:
@@ -417,17 +417,18 @@ class Bouncer(FailoverWiring):
             return self.shutdown_now()
         self.shutting_down = "wait_for_clients"
         self.listeners.stop()
+        self.signals.watch_shutdown()
         self._check_shutdown()
 
     def _check_shutdown(self) -> None:
         if self.shutting_down == "safe" and all(not p.active for p in self.pools.values()) or self.shutting_down == "wait_for_clients" and not self.clients:
             self.shutdown_now()
 
-    def shutdown_now(self) -> None:
+    def shutdown_now(self, reason: str = "pgbouncer is shutting down") -> None:
         self.shutting_down = self.shutting_down or "now"
         self.listeners.stop()
         for client in list(self.clients):
-            client.shutdown("57P01", "pgbouncer is shutting down")
+            client.shutdown("57P01", reason)
         for pool in self.pools.values():
             for server in list(pool.idle) + list(pool.active):
                 server.close("shutdown")

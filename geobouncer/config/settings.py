@@ -378,6 +378,11 @@ SETTINGS: tuple[Setting, ...] = (
         _s("write_functions", LIST, (), "Functions (besides the built-in list: nextval, "
            "setval, advisory locks ...) whose call makes a SELECT a write for the "
            "read/write split.", extension=True),
+        _s("shutdown_timeout", TIME, 0.0, "Longest a graceful shutdown (SIGTERM or SHUTDOWN "
+           "WAIT_FOR_CLIENTS, SIGINT or SHUTDOWN WAIT_FOR_SERVERS) waits; then the "
+           "remaining clients get an error and the process exits (set it below a "
+           "Kubernetes terminationGracePeriodSeconds). 0 waits as long as it takes, as "
+           "PgBouncer does.", extension=True),
     ),
 )
 # fmt: on

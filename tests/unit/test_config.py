@@ -235,6 +235,7 @@ def test_extension_keys_are_marked():
         "health_check_timeout",
         "replica_ban_time",
         "write_functions",
+        "shutdown_timeout",
     }
 
 
