@@ -92,8 +92,10 @@ class Bouncer(FailoverWiring):
         self._write_pidfile()
         log.info("process up: geobouncer, pid=%d", os.getpid())
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, on_ready=None) -> None:
         self.start()
+        if on_ready is not None:
+            on_ready()            # -d: the waiting parent may exit now (cli.py)
         self.stopped.wait()
         self._remove_pidfile()
         log.info("shutting down")
