@@ -87,7 +87,8 @@ def client_row(app, c, state: str, now: float) -> list:
             c.addr[1] if not c.unix else app.settings.listen_port, local[0], local[1],
             _wall(app, c.connect_time), _wall(app, c.request_time), int(wait), int((wait % 1) * 1e6), 0,
             repr(c), repr(c.server) if c.server else "", _peer_pid(c.sock) if c.unix else 0,
-            _tls(c.sock), c.tparams.get("application_name", ""), len(c.statements), c.id]
+            _tls(c.sock), c.tparams.get("application_name") or c.startup.get("application_name", ""),
+            len(c.statements), c.id]
 
 
 def server_row(app, s, state: str) -> list:
@@ -183,10 +184,16 @@ def show_stats(app):
     return cols, rows
 
 
+def user_names(app) -> set[str]:
+    """PgBouncer's user list: auth_file users, [users] entries, pool users and the
+    console's own ``pgbouncer``."""
+    return set(app.auth_file) | set(app.cfg.users) | {p.user for p in app.pools.values()} | {"pgbouncer"}
+
+
 def show_users(app):
     cols = _cols("name:t pool_size:i reserve_pool_size:i pool_mode:t max_user_connections:i "
                  "current_connections:i max_user_client_connections:i current_client_connections:i")
-    names = set(app.cfg.users) | {p.user for p in app.pools.values()}
+    names = user_names(app)
     rows = []
     for name in sorted(names):
         u = app.cfg.users.get(name)
@@ -226,7 +233,7 @@ def show_lists(app):
     pools = app.pools.values()
     servers = sum(p.server_count() for p in pools)
     # the admin console's own database and pool count, as in PgBouncer
-    rows = [["databases", len(app.cfg.databases) + 1], ["users", len({p.user for p in pools})],
+    rows = [["databases", len(app.cfg.databases) + 1], ["users", len(user_names(app))],
             ["peers", len(app.cfg.peers)], ["pools", len(app.pools) + 1],
             ["peer_pools", len(app.cfg.peers)],
             ["free_clients", 0], ["used_clients", len(app.clients)], ["login_clients",

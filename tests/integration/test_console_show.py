@@ -219,3 +219,22 @@ def test_peers_and_peer_pools_list_the_peers(pg, bouncer):
     assert [r["peer_id"] for r in show(b, "PEER_POOLS")[1]] == [1, 2]
     lists = {r["list"]: r["items"] for r in show(b, "LISTS")[1]}
     assert lists["peers"] == 2 and lists["peer_pools"] == 2
+
+
+def test_show_users_lists_auth_file_users_and_pgbouncer(b):
+    names = {r["name"] for r in show(b, "USERS")[1]}
+    assert set(b.userlist) | {"pgbouncer"} <= names, names
+    lists = {r["list"]: r["items"] for r in show(b, "LISTS")[1]}
+    assert lists["users"] == len(show(b, "USERS")[1])
+
+
+def test_show_clients_application_name_of_a_console_client(b):
+    conn = psycopg2.connect(b.dsn("pgbouncer", "postgres", application_name="ops-script"))
+    conn.autocommit = True
+    try:
+        with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+            cur.execute("SHOW CLIENTS")
+            mine = [r for r in cur.fetchall() if r["database"] == "pgbouncer"]
+        assert "ops-script" in {r["application_name"] for r in mine}, mine
+    finally:
+        conn.close()
