@@ -14,7 +14,6 @@ import subprocess
 import threading
 import time
 
-import psycopg2
 import pytest
 from fixtures.bouncer import TARGET
 from fixtures.pooler import REPO_ROOT
