@@ -16,6 +16,7 @@ from time import monotonic
 import gevent
 from gevent.event import Event
 
+from . import log as logsetup
 from . import stats
 from .admin.console import AdminConsole
 from .auth import AuthFileError, load_auth_file
@@ -138,6 +139,7 @@ class Bouncer(FailoverWiring):
         for key in sorted(restart_only):
             log.warning("%s changed in the config but needs a restart to apply", key)
         self._apply_config(new, auth_file)
+        logsetup.reopen(new.resolve_path(self.settings.logfile))   # log rotation, as PgBouncer
         log.info("RELOAD command issued")
         return True
 

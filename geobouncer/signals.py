@@ -138,3 +138,4 @@ class Signals:
                 log.warning("shutdown_timeout (%gs) reached, closing %d remaining clients", timeout, clients)
                 app.shutdown_now(reason="server shutdown: shutdown_timeout reached")
                 return
+

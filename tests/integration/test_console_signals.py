@@ -213,3 +213,25 @@ def test_signals_work_when_started_with_sigint_ignored(b, sig, line):
             proc.kill()
             proc.wait()
     assert "process up" in b.log_text(mark)
+
+
+def test_sighup_reopens_a_rotated_logfile(b):
+    rotated = b.logfile.with_name("geobouncer.log.1")
+    b.logfile.rename(rotated)
+    b.signal(signal.SIGHUP)
+    wait_until(lambda: "got SIGHUP, re-reading config" in rotated.read_text(), timeout=10,
+               message="SIGHUP handled")
+
+    def login_logged_in_new_file() -> bool:
+        _one_shot(b)
+        return b.logfile.exists() and "login attempt" in b.logfile.read_text()
+
+    wait_until(login_logged_in_new_file, timeout=10, message="logging goes to the new logfile")
+
+
+def _one_shot(b) -> None:
+    conn = b.connect("app", "app", autocommit=True)
+    try:
+        _one(conn, "SELECT 1")
+    finally:
+        conn.close()
