@@ -157,9 +157,9 @@ class Control:
             gevent.spawn(app.shutdown_safe)
         else:
             log.info("SHUTDOWN command issued")
-            # PgBouncer does not answer: the connection stays open until the process exits.
-            app.shutdown_now()
-            gevent.sleep(60)
+            # PgBouncer does not answer and exits; geobouncer answers first (scripts
+            # then see a success, not a lost connection) and exits right after.
+            gevent.spawn_later(0.05, app.shutdown_now)
         return m.command_complete("SHUTDOWN")
 
     # --- databases and clients ------------------------------------------------------
