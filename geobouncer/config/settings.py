@@ -214,7 +214,8 @@ SETTINGS: tuple[Setting, ...] = (
     *_block(
         CONSOLE,
         _s("admin_users", LIST, (), "Users allowed every command of the admin console "
-           "(database pgbouncer). With auth_type any, every user is admin."),
+           "(database pgbouncer). With auth_type any, other users get in with the "
+           "rights of stats_users."),
         _s("stats_users", LIST, (), "Users allowed the read-only SHOW commands of the "
            "admin console."),
     ),
