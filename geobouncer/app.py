@@ -7,15 +7,16 @@ calls back into it for decisions that need that global view.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import signal
 import socket as pysocket
 from time import monotonic
 
 import gevent
 from gevent.event import Event
 
+from . import log as logsetup
 from . import stats
 from .admin.console import AdminConsole
 from .auth import AuthFileError, load_auth_file
@@ -30,13 +31,14 @@ from .net.listener import Listeners
 from .net.release import ServerReleaser
 from .net.secrets import SecretLookup, load_auth_rules
 from .net.server import send_cancel
-from .peers import Peers
 from .net.tls import TlsConfig, is_tls
+from .peers import Peers
 from .pool.cancel_keys import new_cancel_key
 from .pool.pool import ConnectionCounters, Pool, PoolLimits
 from .pool.prepared import Registry
 from .routing import HookLoadError, Hooks
 from .routing.classify import Classifier
+from .signals import Signals
 from .workers import inherited_sockets, load_config
 
 log = logging.getLogger("geobouncer")
@@ -57,7 +59,9 @@ class Bouncer(FailoverWiring):
         self.counters = ConnectionCounters()
         self.clients: set[ClientConnection] = set()
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
-        self.paused = False
+        self.paused = False               # PAUSE / SUSPEND: no server assignments
+        self.paused_dbs: set[str] = set()  # PAUSE db, KILL db
+        self.suspended = False
         self.resumed = Event()
         self.resumed.set()
         self.disabled: set[str] = set()
@@ -67,6 +71,7 @@ class Bouncer(FailoverWiring):
         self.secrets = SecretLookup(self)
         self.janitor = Janitor(self)
         self.admin = AdminConsole(self)
+        self.signals = Signals(self)
         self.stats = stats.Stats(self)
         self.peers = Peers(self)
         self.shutting_down = False
@@ -86,22 +91,22 @@ class Bouncer(FailoverWiring):
 
     # --- start / stop ----------------------------------------------------------
     def start(self) -> None:
+        self.signals.install()        # before listening: a signal must never find the default action
         self.listeners.start(inherited_sockets())
         self._setup_failover()
         gevent.spawn(self.janitor.run)
         gevent.spawn(self.stats.report_loop)
         if self.settings.metrics_port:
-            from .metrics import MetricsServer   # prometheus_client only when asked for
+            from .metrics import MetricsServer  # prometheus_client only when asked for
             self.metrics = MetricsServer(self)
             self.metrics.start()
-        for sig, handler in ((signal.SIGHUP, self.reload), (signal.SIGTERM, self.shutdown_wait_clients),
-                             (signal.SIGINT, self.shutdown_safe)):
-            gevent.signal_handler(sig, lambda h=handler: gevent.spawn(h))
         self._write_pidfile()
         log.info("process up: geobouncer, pid=%d", os.getpid())
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, on_ready=None) -> None:
         self.start()
+        if on_ready is not None:
+            on_ready()            # -d: the waiting parent may exit now (cli.py)
         self.stopped.wait()
         self._remove_pidfile()
         log.info("shutting down")
@@ -141,6 +146,30 @@ class Bouncer(FailoverWiring):
         _, restart_only = diff_configs(self.cfg, new)
         for key in sorted(restart_only):
             log.warning("%s changed in the config but needs a restart to apply", key)
+        self._apply_config(new, auth_file, server_tls_changed)
+        logsetup.reopen(new.resolve_path(self.settings.logfile))   # log rotation, as PgBouncer
+        log.info("RELOAD command issued")
+        return True
+
+    def set_setting(self, name: str, value) -> str | None:
+        """Console SET of one reloadable key: applied like a RELOAD that changes
+        only it. Returns the reason it was refused, or None."""
+        values = self.settings.as_dict()
+        values[name] = value
+        new = dataclasses.replace(self.cfg, pgbouncer=type(self.settings)(values))
+        try:
+            self._check_supported(new.pgbouncer)
+            auth_file = self._load_auth_file(new) if name == "auth_file" else self.auth_file
+            tls = TlsConfig.from_config(new) if "tls" in name else self.tls
+            rules = load_auth_rules(new) if name.startswith("auth_") else (self.hba, self.ident_maps)
+        except (ConfigError, AuthFileError) as exc:
+            return str(exc)
+        server_tls_changed = tls.server.identity != self.tls.server.identity
+        self.tls, (self.hba, self.ident_maps) = tls, rules
+        self._apply_config(new, auth_file, server_tls_changed)
+        return None
+
+    def _apply_config(self, new, auth_file, server_tls_changed: bool = False) -> None:
         self.cfg = new
         self.settings = new.pgbouncer
         self.auth_file = auth_file
@@ -162,8 +191,6 @@ class Bouncer(FailoverWiring):
             log.debug("hook reload: %s", error)
         self.classifier = Classifier(self.settings.write_functions)
         self._reload_failover(new)
-        log.info("RELOAD command issued")
-        return True
 
     def database_for(self, name: str):
         if name not in self.cfg.databases and name in self.extra_entries:
@@ -210,6 +237,7 @@ class Bouncer(FailoverWiring):
             self._set_tracking(pool)
             pool.tracked = frozenset(self.tracked.values())
             pool.on_server_closed = self._server_closed
+            pool.paused = db.name in self.paused_dbs
             self._refresh_password(pool)
             self.pools[key] = pool
         if auth_result is not None and server_user == user:
@@ -318,6 +346,9 @@ class Bouncer(FailoverWiring):
         if client is None:
             log.debug("cancel request for unknown key")
             return
+        if client.admin:
+            self.admin.cancel(client)
+            return
         server = client.server
         if server is None or server.closed or server.outstanding <= 0:
             return
@@ -337,28 +368,64 @@ class Bouncer(FailoverWiring):
                 return
 
     def pause(self, dbname: str | None = None) -> None:
+        """PAUSE (every pool) or PAUSE db: no new server assignments until RESUME."""
         if dbname is None:
             self.paused = True
-        for pool in self.pools.values():
-            if dbname is None or pool.db.name == dbname:
-                pool.paused = True
+        else:
+            self.paused_dbs.add(dbname)
+            for pool in self.pools.values():
+                if pool.db.name == dbname:
+                    pool.paused = True
         self.resumed.clear()
 
     def resume(self, dbname: str | None = None) -> None:
+        """RESUME (the global pause) or RESUME db (that database's own pause)."""
         if dbname is None:
             self.paused = False
-        for pool in self.pools.values():
-            if dbname is None or pool.db.name == dbname:
-                pool.paused = False
-        if not self.paused and not any(p.paused for p in self.pools.values()):
-            self.resumed.set()
+            self._resume_listeners()
         else:
-            # wake waiters of resumed pools; they re-check their own pool
-            self.resumed.set()
+            self.paused_dbs.discard(dbname)
+            for pool in self.pools.values():
+                if pool.db.name == dbname:
+                    pool.paused = False
+        # wake every waiter; each re-checks its own pool
+        self.resumed.set()
+        if self.paused or self.paused_dbs:
             self.resumed.clear()
+
+    def resume_all(self) -> None:
+        """RESUME after PAUSE or SUSPEND, or a cancel request while one waits."""
+        self.suspended = False
+        self.resume(None)
 
     def pause_done(self, dbname: str | None = None) -> bool:
         return all(not p.active for p in self.pools.values() if dbname is None or p.db.name == dbname)
+
+    def suspend(self) -> None:
+        """SUSPEND: stop accepting (connections queue in the backlog) and hand out
+        no server; requests already sent are let through (see suspend_flushed)."""
+        self.suspended = True
+        self.paused = True
+        self.resumed.clear()
+        for server in self.listeners.servers:
+            server.stop_accepting()
+
+    def suspend_flushed(self) -> bool:
+        return not any(s.outstanding > 0 for p in self.pools.values() for s in list(p.active))
+
+    def suspend_close_busy(self) -> None:
+        """suspend_timeout ran out: close what still holds data, as PgBouncer does."""
+        for pool in self.pools.values():
+            for server in list(pool.active):
+                if server.outstanding > 0:
+                    if server.client is not None:
+                        server.client.shutdown("08P01", "suspend_timeout")
+                    server.close("suspend_timeout")
+
+    def _resume_listeners(self) -> None:
+        if not self.shutting_down:
+            for server in self.listeners.servers:
+                server.start_accepting()
 
     def shutdown_safe(self) -> None:
         """SIGINT: stop accepting, wait for servers to be released, then exit."""
@@ -367,6 +434,7 @@ class Bouncer(FailoverWiring):
         self.shutting_down = "safe"
         self.listeners.stop()
         self.pause()
+        self.signals.watch_shutdown()
         self._check_shutdown()
 
     def shutdown_wait_clients(self) -> None:
@@ -376,17 +444,18 @@ class Bouncer(FailoverWiring):
         self.shutting_down = "wait_for_clients"
         self.listeners.stop()
         gevent.sleep(0)     # connections accepted last register as clients first
+        self.signals.watch_shutdown()
         self._check_shutdown()
 
     def _check_shutdown(self) -> None:
         if self.shutting_down == "safe" and all(not p.active for p in self.pools.values()) or self.shutting_down == "wait_for_clients" and not self.clients:
             self.shutdown_now()
 
-    def shutdown_now(self) -> None:
+    def shutdown_now(self, reason: str = "pgbouncer is shutting down") -> None:
         self.shutting_down = self.shutting_down or "now"
         self.listeners.stop()
         for client in list(self.clients):
-            client.shutdown("57P01", "pgbouncer is shutting down")
+            client.shutdown("57P01", reason)
         for pool in self.pools.values():
             for server in list(pool.idle) + list(pool.active):
                 server.close("shutdown")

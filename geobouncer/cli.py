@@ -8,6 +8,7 @@ from gevent import monkey
 # that do network I/O yield instead of blocking every client.
 monkey.patch_all()
 
+import logging
 import os
 import sys
 
@@ -20,7 +21,7 @@ from . import __version__
 @click.argument("config_file", required=False, type=click.Path(dir_okay=False))
 @click.option("-c", "--config", "config_opt", type=click.Path(dir_okay=False), help="Configuration file.")
 @click.option("-d", "--daemon", is_flag=True, help="Run in the background (needs logfile and pidfile).")
-@click.option("-R", "--reboot", is_flag=True, hidden=True, help="Not supported (PgBouncer online restart).")
+@click.option("-R", "--reboot", is_flag=True, hidden=True, help="Refused: removed in PgBouncer 1.26.")
 @click.option("-q", "--quiet", is_flag=True, help="Do not log to stderr.")
 @click.option("-v", "--verbose", count=True, help="Increase verbosity (repeatable).")
 @click.option("-u", "--user", "run_as", help="Switch to this OS user at start-up.")
@@ -31,11 +32,11 @@ def main(config_file, config_opt, daemon, reboot, quiet, verbose, run_as, versio
     if version:
         click.echo(f"geobouncer {__version__}")
         return
+    if reboot:
+        _refuse_reboot()
     path = config_opt or config_file
     if not path:
         raise click.UsageError("a configuration file is required (geobouncer -c FILE)")
-    if reboot:
-        raise click.UsageError("-R (online restart) is not supported")
     from . import log as logsetup
     from .auth import AuthFileError
     from .config import ConfigError, load_config
@@ -53,43 +54,62 @@ def main(config_file, config_opt, daemon, reboot, quiet, verbose, run_as, versio
         sys.exit(1)
     settings = cfg.pgbouncer
     logfile = cfg.resolve_path(settings.logfile) if settings.logfile else None
+    detach = None
     if daemon:
         if not logfile or not settings.pidfile:
             click.echo("geobouncer: -d needs logfile and pidfile in the config", err=True)
             sys.exit(1)
-        _daemonize()
+        from .daemon import Detach
+
+        detach = Detach()
+        detach.fork()
         quiet = True
-    run_as = run_as or settings.user
-    if run_as and os.geteuid() == 0:
-        _switch_user(run_as)
-    logsetup.setup(logfile, quiet, verbose)
-    from .app import Bouncer
+
+    def fail(text: str) -> None:
+        """A start-up failure: in the log, and on stderr (the launcher's, with -d)."""
+        log = logging.getLogger("geobouncer")
+        logged = bool(log.handlers)
+        if logged:
+            log.critical("%s", text)
+        if detach is not None:
+            detach.failed(f"geobouncer: {text}")
+        if quiet or not logged:      # otherwise the log line just went to stderr
+            click.echo(f"geobouncer: {text}", err=True)
+        sys.exit(1)
 
     try:
+        run_as = run_as or settings.user
+        if run_as and os.geteuid() == 0:
+            _switch_user(run_as)
+        logsetup.setup(logfile, quiet, verbose)
+        from .app import Bouncer
+
         bouncer = Bouncer(path)
-    except (ConfigError, AuthFileError) as exc:
-        click.echo(f"geobouncer: config error: {exc}", err=True)
-        sys.exit(1)
-    try:
         if settings.workers > 1 and not os.environ.get("GEOBOUNCER_WORKER"):
-            from .workers import Supervisor   # workers = N: supervise N of these processes
+            from .workers import (
+                Supervisor,  # workers = N: supervise N of these processes
+            )
 
+            if detach is not None:
+                detach.ready()
             sys.exit(Supervisor(path, cfg, quiet, verbose).run())
-        bouncer.serve_forever()
+        bouncer.serve_forever(on_ready=detach.ready if detach is not None else None)
+    except (ConfigError, AuthFileError) as exc:
+        fail(f"config error: {exc}")
     except OSError as exc:
-        click.echo(f"geobouncer: {exc}", err=True)
-        sys.exit(1)
+        fail(exc.strerror if exc.errno and exc.strerror else str(exc))
 
 
-def _daemonize() -> None:
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
+def _refuse_reboot() -> None:
+    """PgBouncer 1.26 removed online restart (-R); it is refused the same way.
+    A rolling restart of processes sharing the port (so_reuseport) replaces it."""
+    long_form = any(arg.startswith("--reb") for arg in sys.argv[1:])
+    click.echo("geobouncer: unrecognized option '--reboot'" if long_form
+               else "geobouncer: invalid option -- 'R'", err=True)
+    click.echo('Try "geobouncer --help" for more information.', err=True)
+    click.echo("(online restart was removed in PgBouncer 1.26: use a rolling restart with "
+               "so_reuseport, see README)", err=True)
+    sys.exit(1)
 
 
 def _switch_user(name: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -38,3 +39,17 @@ def setup(logfile: str | None, quiet: bool, verbose: int) -> None:
         handler = logging.FileHandler(logfile)
         handler.setFormatter(formatter)
         logger.addHandler(handler)
+
+
+def reopen(logfile: str | None) -> None:
+    """After SIGHUP or RELOAD, as PgBouncer: the logfile is opened anew (log
+    rotation), at the path the config now names."""
+    for handler in logging.getLogger("geobouncer").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            continue
+        with handler.lock:
+            if handler.stream is not None:
+                handler.stream.close()
+                handler.stream = None        # the next emit() opens it again, appending
+            if logfile:
+                handler.baseFilename = os.path.abspath(logfile)

@@ -1,56 +1,85 @@
-"""The ``pgbouncer`` admin database: SHOW ..., PAUSE, RESUME, RELOAD, KILL ...
+"""The ``pgbouncer`` admin database: SHOW ..., SET, PAUSE, RESUME, RELOAD, KILL ...
 
-Simple query protocol only, as in PgBouncer. Column names and order follow
-PgBouncer 1.25 so tools that read them keep working.
+Simple query protocol only, as in PgBouncer. The grammar, the messages and
+their SQLSTATE (08P01 for every refusal, as PgBouncer's ``admin_error``) follow
+PgBouncer; column names and order follow PgBouncer 1.25 so tools that read them
+keep working. The process-control commands live in ``admin/control.py``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
-from time import monotonic, time
-
-import gevent
+import socket as pysocket
+import struct
+from time import time
 
 from .. import __version__
 from ..proto import messages as m
-from . import show
+from . import set as admin_set
+from . import show, show_sockets, show_stats
+from .control import Control
+from .errors import AdminError
 
 log = logging.getLogger("geobouncer")
 
-_T, _I8, _I4 = 25, 20, 23
-_COMMAND = re.compile(r"^\s*(\w+)(?:\s+(.*?))?\s*;?\s*$", re.DOTALL)
+__all__ = ["AdminConsole", "AdminError", "table"]
 
-
-class AdminError(Exception):
-    def __init__(self, text: str, sqlstate: str = "08P01"):
-        super().__init__(text)
-        self.text = text
-        self.sqlstate = sqlstate
+# PgBouncer's grammar: CMD [arg] [;] where both are words ([0-9a-z_]+ or "quoted").
+_WS0, _WS1 = r"[ \t\n\r]*", r"[ \t\n\r]+"
+_WORD = r'("(?:[^"]|"")+"|[0-9a-z_]+)'
+_COMMAND = re.compile(rf"^{_WS0}{_WORD}(?:{_WS1}{_WORD})?{_WS0}(?:;{_WS0})?$", re.IGNORECASE)
+_TX_VERBS = ("BEGIN", "COMMIT", "ROLLBACK")    # geobouncer tolerates them: drivers send them
+_SO_PEERCRED = getattr(pysocket, "SO_PEERCRED", 17)
+BUILDERS = {**show.BUILDERS, **show_stats.BUILDERS, **show_sockets.BUILDERS}
 
 
 class AdminConsole:
     def __init__(self, app):
         self.app = app
         self.started_wall = time()
+        self.control = Control(app)
 
     # --- login -----------------------------------------------------------------
-    def authorize(self, client) -> None:
+    def authorize(self, client) -> bool:
+        """PgBouncer's admin_pre_login/post_login. True when the client is
+        already authenticated (``pgbouncer`` over the unix socket from the
+        pooler's own OS user: no password, as PgBouncer)."""
         from ..net.checkout import ClientError
 
         s = self.app.settings
-        if client.user not in s.admin_users and client.user not in s.stats_users:
-            raise ClientError("28000", "not allowed")
-        client.stats_only = client.user not in s.admin_users
+        user = client.user
+        if client.unix and user == "pgbouncer" and peer_uid(client.sock) == os.getuid():
+            client.stats_only = False
+            if s.log_connections:
+                log.info("%s pgbouncer access from unix socket", client.label())
+            return True
+        if user in s.admin_users:
+            client.stats_only = False
+        elif user in s.stats_users:
+            client.stats_only = True
+        elif s.auth_type == "any":
+            # PgBouncer lets every auth_type=any login in (admin_post_login);
+            # only admin_users get control rights: the others may only SHOW.
+            client.stats_only = True
+        else:
+            raise ClientError("08P01", "not allowed")
+        return False
 
     def welcome_params(self) -> dict[str, str]:
         return {"server_version": f"1.25.0/geobouncer {__version__}", "client_encoding": "UTF8",
-                "server_encoding": "UTF8", "DateStyle": "ISO", "TimeZone": "UTC",
-                "standard_conforming_strings": "on", "integer_datetimes": "on",
-                "is_superuser": "on", "application_name": ""}
+                "server_encoding": "UTF8", "DateStyle": "ISO", "TimeZone": "GMT",
+                "standard_conforming_strings": "on", "is_superuser": "on"}
 
     # --- the loop ----------------------------------------------------------------
     def serve(self, client) -> None:
+        try:
+            self._serve(client)
+        finally:
+            self.control.admin_gone(client)
+
+    def _serve(self, client) -> None:
         from ..net.client import ClientGone
 
         while True:
@@ -58,129 +87,84 @@ class AdminConsole:
             if mtype == ord("X"):
                 raise ClientGone()
             if mtype != ord("Q"):
-                client.send_error("08P01", "admin console supports only the simple query protocol")
+                client.send_error("08P01", _bad_packet_text(mtype))
+                log.error("%s", _bad_packet_text(mtype))
                 raise ClientGone()
             sql = m.parse_query(body)
             try:
                 out = self.execute(client, sql)
             except AdminError as exc:
+                log.error("%s", exc.text)
                 out = m.error_response(exc.sqlstate, exc.text)
+            except admin_set.SetFailed as exc:
+                log.error("%s", exc)
+                log.error("SET failed")
+                out = m.error_response("08P01", "SET failed")
             client.sock.sendall(out + m.READY_IDLE)
 
     def execute(self, client, sql: str) -> bytes:
-        text = sql.strip().rstrip(";").strip()
-        if not text:
-            return m.EMPTY_QUERY
-        match = _COMMAND.match(text)
-        if not match:
-            raise AdminError(f"invalid command '{text}', use SHOW HELP;", "42601")
+        match = _COMMAND.match(sql)
+        if match is None:
+            pair = admin_set.parse_set(sql)
+            if pair is None:
+                raise AdminError(f"invalid command '{sql}', use SHOW HELP;")
+            if client.stats_only and not admin_set.is_fake(pair[0]):
+                raise AdminError("admin access needed")
+            return admin_set.execute_set(self.app, *pair)
         verb = match.group(1).upper()
-        arg = (match.group(2) or "").strip()
-        if verb == "SHOW":
-            return self._show(client, arg)
-        if verb in ("SET", "BEGIN", "COMMIT", "ROLLBACK"):
-            if verb == "SET":
-                raise AdminError("SET is not supported by geobouncer's console yet; edit the config and RELOAD")
+        arg = _unquote(match.group(2) or "")
+        if verb in _TX_VERBS and not arg:
             return m.command_complete(verb)
-        if getattr(client, "stats_only", False):
-            raise AdminError("admin access needed", "42501")
-        handler = getattr(self, f"_cmd_{verb.lower()}", None)
+        if verb in ("SHOW", "SELECT"):
+            return self._show(client, sql, arg)
+        handler = self.control.handler(verb)
         if handler is None:
-            raise AdminError(f"invalid command '{text}', use SHOW HELP;", "42601")
-        return handler(client, arg)
+            raise AdminError(f"invalid command '{sql}', use SHOW HELP;")
+        return handler(client, arg, sql)
 
     # --- SHOW ----------------------------------------------------------------------
-    def _show(self, client, arg: str) -> bytes:
-        what = arg.split()[0].lower() if arg else ""
+    def _show(self, client, sql: str, arg: str) -> bytes:
+        what = arg.lower()
+        fake = admin_set.FAKE_PARAMS.get(what)
+        if fake is not None:
+            return table([(arg, show.T)], [[fake]], "SHOW")
         if what == "help":
             # PgBouncer answers SHOW HELP with a NOTICE, not a result set.
             return m.notice_response(show.HELP_TEXT) + m.command_complete("SHOW")
-        builder = show.BUILDERS.get(what)
+        if what == "fds" and client.stats_only:
+            raise AdminError("admin access needed")
+        builder = BUILDERS.get(what)
         if builder is None:
-            raise AdminError(f"invalid command 'SHOW {arg}', use SHOW HELP;", "42601")
+            raise AdminError(f"invalid command '{sql}', use SHOW HELP;")
         columns, rows = builder(self.app)
         return table(columns, rows, "SHOW")
 
-    # --- commands ------------------------------------------------------------------
-    def _cmd_pause(self, client, arg):
-        db = _dbarg(arg)
-        self.app.pause(db)
-        # PAUSE returns once every server of the paused pools has been released.
-        while not self.app.pause_done(db):
-            gevent.sleep(0.05)
-        return m.command_complete("PAUSE")
-
-    def _cmd_resume(self, client, arg):
-        self.app.resume(_dbarg(arg))
-        return m.command_complete("RESUME")
-
-    def _cmd_reload(self, client, arg):
-        if self.app.reload() is False:
-            raise AdminError("RELOAD failed, see the log; the old configuration stays in use", "F0000")
-        return m.command_complete("RELOAD")
-
-    def _cmd_shutdown(self, client, arg):
-        mode = arg.upper()
-        if mode == "WAIT_FOR_CLIENTS":
-            gevent.spawn(self.app.shutdown_wait_clients)
-        elif mode == "WAIT_FOR_SERVERS":
-            gevent.spawn(self.app.shutdown_safe)
-        else:
-            gevent.spawn_later(0.05, self.app.shutdown_now)
-        return m.command_complete("SHUTDOWN")
-
-    def _cmd_kill(self, client, arg):
-        db = _dbarg(arg)
-        if not db:
-            raise AdminError("KILL needs a database name")
-        self.app.pause(db)
-        for c in list(self.app.clients):
-            if c.pool is not None and c.pool.db.name == db:
-                c.shutdown("08P01", "database removed")
-        for pool in self.app.pools.values():
-            if pool.db.name == db:
-                for server in list(pool.idle) + list(pool.active):
-                    server.close("KILL command")
-        return m.command_complete("KILL")
-
-    def _cmd_kill_client(self, client, arg):
-        target = next((c for c in self.app.clients if str(c.id) == arg.strip()), None)
-        if target is None:
-            raise AdminError(f"client {arg} not found")
-        target.shutdown("08P01", "client killed by admin")
-        return m.command_complete("KILL_CLIENT")
-
-    def _cmd_disable(self, client, arg):
-        db = _dbarg(arg)
-        self.app.disabled.add(db)
-        return m.command_complete("DISABLE")
-
-    def _cmd_enable(self, client, arg):
-        self.app.disabled.discard(_dbarg(arg))
-        return m.command_complete("ENABLE")
-
-    def _cmd_reconnect(self, client, arg):
-        db = _dbarg(arg)
-        for pool in self.app.pools.values():
-            if not db or pool.db.name == db:
-                self.app.releaser.reconnect_pool(pool)
-        return m.command_complete("RECONNECT")
-
-    def _cmd_wait_close(self, client, arg):
-        db = _dbarg(arg)
-        deadline = monotonic() + 600
-        while monotonic() < deadline and any(
-                any(s.stale for s in p.active) for p in self.app.pools.values() if not db or p.db.name == db):
-            gevent.sleep(0.05)
-        return m.command_complete("WAIT_CLOSE")
-
-    def _cmd_suspend(self, client, arg):
-        raise AdminError("SUSPEND is not supported (no online restart)")
+    def cancel(self, client) -> None:
+        """A cancel request on an admin connection (^C in psql while PAUSE or
+        SUSPEND waits): PgBouncer resumes fully."""
+        self.control.cancel(client)
 
 
-def _dbarg(arg: str) -> str | None:
-    arg = arg.strip().strip('"')
-    return arg or None
+def peer_uid(sock) -> int | None:
+    """The OS user id of a unix-socket peer (SO_PEERCRED), or None."""
+    try:
+        raw = sock.getsockopt(pysocket.SOL_SOCKET, _SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    return uid
+
+
+def _bad_packet_text(mtype: int) -> str:
+    if mtype in (ord("P"), ord("B"), ord("E")):
+        return "extended query protocol not supported by admin console"
+    return f"unsupported packet type for admin console: {chr(mtype)}"
+
+
+def _unquote(arg: str) -> str:
+    if len(arg) >= 2 and arg[0] == '"' and arg[-1] == '"':
+        return arg[1:-1].replace('""', '"')
+    return arg
 
 
 def table(columns: list[tuple[str, int]], rows: list[list], tag: str) -> bytes:

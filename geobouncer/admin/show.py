@@ -29,6 +29,18 @@ def _wall(app, mono: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
 
 
+def server_state(app, server, now: float) -> str:
+    """A server's state as PgBouncer lists it: active, idle, used or tested."""
+    if server in server.pool.active:
+        if server.client is None and server.internal is not None:
+            return "tested"              # running server_reset_query / server_check_query
+        return "active"
+    settings = app.settings
+    if settings.server_check_query and now - server.idle_since > settings.server_check_delay:
+        return "used"                    # to be checked with server_check_query before reuse
+    return "idle"
+
+
 def show_pools(app):
     cols = _cols("database:t user:t cl_active:i cl_waiting:i cl_active_cancel_req:i "
                  "cl_waiting_cancel_req:i sv_active:i sv_active_cancel:i sv_being_canceled:i "
@@ -36,55 +48,86 @@ def show_pools(app):
                  "load_balance_hosts:t")
     rows = []
     now = monotonic()
-    for pool in app.pools.values():
+    for pool in list(app.pools.values()):
         waiting = [c for c in pool.clients if c.state == "waiting"]
         active = len(pool.clients) - len(waiting)
         maxwait = max((now - c.wait_started for c in waiting), default=0.0)
-        idle = sum(1 for s in pool.idle if s.state == "idle")
-        used = len(pool.idle) - idle
-        rows.append([pool.db.name, pool.user, active, len(waiting), 0, 0, len(pool.active), 0, 0,
-                     idle, used, 0, pool.connecting, int(maxwait), int((maxwait % 1) * 1e6),
-                     pool.mode, pool.db.load_balance_hosts or None])
+        servers = list(pool.active) + list(pool.idle)
+        states = [server_state(app, s, now) for s in servers]
+        cancels = sum(1 for s in servers if s.cancelling)
+        rows.append([pool.db.name, pool.user, active, len(waiting), cancels, 0,
+                     states.count("active"), cancels, 0, states.count("idle"), states.count("used"),
+                     states.count("tested"), pool.connecting, int(maxwait), int((maxwait % 1) * 1e6),
+                     pool.mode, _load_balance(pool.db)])
     rows.append(["pgbouncer", "pgbouncer", sum(1 for c in app.clients if c.admin), 0, 0, 0, 0, 0, 0,
                  0, 0, 0, 0, 0, 0, "statement", None])
     return cols, rows
 
 
-_CONN_COLS = ("type:t user:t database:t replication:t state:t addr:t port:i local_addr:t local_port:i "
-              "connect_time:t request_time:t wait:i wait_us:i close_needed:i ptr:t link:t remote_pid:i "
-              "tls:t application_name:t prepared_statements:i id:i")
+def _load_balance(db):
+    """PgBouncer shows load_balance_hosts only for a database with several hosts."""
+    if db.hosts and len(db.hosts) > 1:
+        return db.load_balance_hosts or "round-robin"
+    return None
+
+
+CONN_COLS = ("type:t user:t database:t replication:t state:t addr:t port:i local_addr:t local_port:i "
+             "connect_time:t request_time:t wait:i wait_us:i close_needed:i ptr:t link:t remote_pid:i "
+             "tls:t application_name:t prepared_statements:i id:i")
+
+
+def client_row(app, c, state: str, now: float) -> list:
+    wait = now - c.wait_started if c.state == "waiting" else 0.0
+    local = _sockname(c.sock)
+    if c.unix:
+        local = ("unix", app.settings.listen_port)
+    # PgBouncer prints an active client with no server linked as idle.
+    if state == "active" and c.server is None:
+        state = "idle"
+    return ["C", c.user or "(nouser)", c.dbname or "(nodb)", "none", state, c.addr[0],
+            c.addr[1] if not c.unix else app.settings.listen_port, local[0], local[1],
+            _wall(app, c.connect_time), _wall(app, c.request_time), int(wait), int((wait % 1) * 1e6), 0,
+            repr(c), repr(c.server) if c.server else "", _peer_pid(c.sock) if c.unix else 0,
+            tls_describe(c.sock), c.tparams.get("application_name") or c.startup.get("application_name", ""),
+            len(c.statements), c.id]
+
+
+def server_row(app, s, state: str) -> list:
+    client = s.client
+    app_name = client.tparams.get("application_name", "") if client is not None else ""
+    if state == "active" and client is None:
+        state = "idle"
+    return ["S", s.pool.user, s.pool.db.name, "none", state, s.host, s.port,
+            s.local_addr[0] if s.local_addr else None,
+            s.local_addr[1] if s.local_addr and len(s.local_addr) > 1 else 0,
+            _wall(app, s.created_at), _wall(app, s.linked_at or s.created_at), 0, 0,
+            int(s.stale), repr(s), repr(client) if client else "", s.pid, tls_describe(s.sock), app_name,
+            len(s.tracker.prepared) if s.tracker is not None else 0, s.id]
 
 
 def show_clients(app):
-    rows = []
     now = monotonic()
-    for c in app.clients:
-        if c.state == "login":
-            continue
-        wait = now - c.wait_started if c.state == "waiting" else 0.0
-        local = _sockname(c.sock)
-        # PgBouncer prints an active client with no server linked as idle.
-        state = "idle" if c.state == "active" and c.server is None else c.state
-        rows.append(["C", c.user, c.dbname, "none", state, c.addr[0], c.addr[1], local[0], local[1],
-                     _wall(app, c.connect_time), _wall(app, c.request_time), int(wait),
-                     int((wait % 1) * 1e6), 0, repr(c), repr(c.server) if c.server else None, 0,
-                     tls_describe(c.sock), c.tparams.get("application_name", ""), len(c.statements), c.id])
-    return _cols(_CONN_COLS), rows
+    rows = [client_row(app, c, c.state, now) for c in list(app.clients) if c.state != "login"]
+    return _cols(CONN_COLS), rows
 
 
 def show_servers(app):
-    rows = []
-    for pool in app.pools.values():
-        for s in list(pool.active) + list(pool.idle):
-            rows.append(["S", pool.user, pool.db.name, "none", s.state, s.host, s.port,
-                         s.local_addr[0] if s.local_addr else None,
-                         s.local_addr[1] if s.local_addr and len(s.local_addr) > 1 else 0,
-                         _wall(app, s.created_at), _wall(app, s.linked_at or s.created_at), 0, 0,
-                         int(s.stale), repr(s), repr(s.client) if s.client else None, s.pid,
-                         tls_describe(s.sock),
-                         s.params.get("application_name", ""),
-                         len(s.tracker.prepared) if s.tracker is not None else 0, s.id])
-    return _cols(_CONN_COLS), rows
+    now = monotonic()
+    rows = [server_row(app, s, server_state(app, s, now))
+            for pool in list(app.pools.values()) for s in list(pool.active) + list(pool.idle)]
+    return _cols(CONN_COLS), rows
+
+
+def _peer_pid(sock) -> int:
+    import socket as pysocket
+    import struct
+
+    try:
+        raw = sock.getsockopt(pysocket.SOL_SOCKET, getattr(pysocket, "SO_PEERCRED", 17),
+                              struct.calcsize("3i"))
+        return struct.unpack("3i", raw)[0]
+    except (OSError, AttributeError):
+        return 0
 
 
 def show_databases(app):
@@ -99,12 +142,12 @@ def show_databases(app):
                      db.pool_size if db.pool_size is not None else s.default_pool_size,
                      db.min_pool_size if db.min_pool_size is not None else s.min_pool_size,
                      db.reserve_pool_size if db.reserve_pool_size is not None else s.reserve_pool_size,
-                     int(db.server_lifetime or s.server_lifetime), db.pool_mode, db.load_balance_hosts,
+                     int(db.server_lifetime or s.server_lifetime), db.pool_mode, _load_balance(db),
                      db.max_db_connections or s.max_db_connections,
                      app.counters.per_db.get(name, 0),
                      db.max_db_client_connections or s.max_db_client_connections,
                      app.client_count_for_db(name),
-                     int(app.paused or any(p.paused for p in app.pools.values() if p.db.name == name)),
+                     int(name in app.paused_dbs),
                      int(name in app.disabled)])
     rows.append(["pgbouncer", None, s.listen_port, "pgbouncer", "pgbouncer", 2, 0, 0, 0, "statement",
                  None, 0, 0, 0, 0, 0, 0])
@@ -130,10 +173,16 @@ def show_stats(app):
     return cols, rows
 
 
+def user_names(app) -> set[str]:
+    """PgBouncer's user list: auth_file users, [users] entries, pool users and the
+    console's own ``pgbouncer``."""
+    return set(app.auth_file) | set(app.cfg.users) | {p.user for p in app.pools.values()} | {"pgbouncer"}
+
+
 def show_users(app):
     cols = _cols("name:t pool_size:i reserve_pool_size:i pool_mode:t max_user_connections:i "
                  "current_connections:i max_user_client_connections:i current_client_connections:i")
-    names = set(app.cfg.users) | {p.user for p in app.pools.values()}
+    names = user_names(app)
     rows = []
     for name in sorted(names):
         u = app.cfg.users.get(name)
@@ -173,8 +222,9 @@ def show_lists(app):
     pools = app.pools.values()
     servers = sum(p.server_count() for p in pools)
     # the admin console's own database and pool count, as in PgBouncer
-    rows = [["databases", len(app.cfg.databases) + 1], ["users", len({p.user for p in pools})],
-            ["peers", 0], ["pools", len(app.pools) + 1], ["peer_pools", 0],
+    rows = [["databases", len(app.cfg.databases) + 1], ["users", len(user_names(app))],
+            ["peers", len(app.cfg.peers)], ["pools", len(app.pools) + 1],
+            ["peer_pools", len(app.cfg.peers)],
             ["free_clients", 0], ["used_clients", len(app.clients)], ["login_clients",
              sum(1 for c in app.clients if c.state == "login")],
             ["free_servers", 0], ["used_servers", servers], ["dns_names", 0], ["dns_zones", 0],
@@ -187,25 +237,33 @@ def show_version(app):
 
 
 def show_state(app):
-    return _cols("key:t value:t"), [["active", "no" if app.paused else "yes"],
-                                    ["paused", "yes" if app.paused else "no"], ["suspended", "no"]]
+    suspended = app.suspended
+    paused = app.paused and not suspended
+    return _cols("key:t value:t"), [["active", "yes" if not (paused or suspended) else "no"],
+                                    ["paused", "yes" if paused else "no"],
+                                    ["suspended", "yes" if suspended else "no"]]
 
 
 HELP_TEXT = """Console usage
-	SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION|STATE|ROUTING
-	SHOW STATS|LISTS|FDS|TOPOLOGY|REPLICAS
-	SET key = arg (not yet supported: edit the config and RELOAD)
+	SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION
+	SHOW PEERS|PEER_POOLS
+	SHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE
+	SHOW DNS_HOSTS|DNS_ZONES
+	SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS
+	SHOW ROUTING|TOPOLOGY|REPLICAS
+	SET key = arg
 	RELOAD
 	PAUSE [<db>]
 	RESUME [<db>]
 	DISABLE <db>
 	ENABLE <db>
 	RECONNECT [<db>]
-	KILL <db>
+	KILL [<db>]
 	KILL_CLIENT <client_id>
-	WAIT_CLOSE [<db>]
+	SUSPEND
 	SHUTDOWN
-	SHUTDOWN WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS"""
+	SHUTDOWN WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS
+	WAIT_CLOSE [<db>]"""
 
 
 def show_routing(app):
@@ -214,10 +272,6 @@ def show_routing(app):
 
     cols = [(name, T if name in ("kind", "name", "last_error") else I8) for name in STATS_COLUMNS]
     return cols, [list(row) for row in app.hooks.stats()]
-
-
-def show_fds(app):
-    return _cols("fd:i task:t user:t database:t addr:t port:i cancel:i link:i"), []
 
 
 def _sockname(sock):
@@ -246,6 +300,6 @@ BUILDERS = {
     "pools": show_pools, "clients": show_clients, "servers": show_servers,
     "databases": show_databases, "stats": show_stats, "users": show_users,
     "config": show_config, "lists": show_lists, "version": show_version, "state": show_state,
-    "routing": show_routing, "fds": show_fds,
+    "routing": show_routing,
 }
 

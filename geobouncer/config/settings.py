@@ -214,7 +214,8 @@ SETTINGS: tuple[Setting, ...] = (
     *_block(
         CONSOLE,
         _s("admin_users", LIST, (), "Users allowed every command of the admin console "
-           "(database pgbouncer). With auth_type any, every user is admin."),
+           "(database pgbouncer). With auth_type any, other users get in with the "
+           "rights of stats_users."),
         _s("stats_users", LIST, (), "Users allowed the read-only SHOW commands of the "
            "admin console."),
     ),
@@ -392,6 +393,11 @@ SETTINGS: tuple[Setting, ...] = (
            "cancel requests, splits the connection limits between them, passes signals "
            "on and restarts one that exits.", reload=False, min=1, max=256,
            extension=True),
+        _s("shutdown_timeout", TIME, 0.0, "Longest a graceful shutdown (SIGTERM or SHUTDOWN "
+           "WAIT_FOR_CLIENTS, SIGINT or SHUTDOWN WAIT_FOR_SERVERS) waits; then the "
+           "remaining clients get an error and the process exits (set it below a "
+           "Kubernetes terminationGracePeriodSeconds). 0 waits as long as it takes, as "
+           "PgBouncer does.", extension=True),
     ),
 )
 # fmt: on

@@ -34,7 +34,7 @@ class Listeners:
                 sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_REUSEPORT, 1)
             if family == pysocket.AF_INET6:
                 sock.setsockopt(pysocket.IPPROTO_IPV6, pysocket.IPV6_V6ONLY, 1)
-            sock.bind((addr, s.listen_port))
+            _bind(sock, (addr, s.listen_port), f"{addr}:{s.listen_port}")
             sock.listen(backlog)
             self._serve(sock, unix=False)
             log.info("listening on %s:%d", addr, s.listen_port)
@@ -43,7 +43,7 @@ class Listeners:
             if os.path.exists(path):
                 os.unlink(path)
             sock = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
-            sock.bind(path)
+            _bind(sock, path, f"unix:{path}")
             os.chmod(path, s.unix_socket_mode)
             sock.listen(backlog)
             self.unix_path = path
@@ -106,6 +106,13 @@ class _ClientServer(StreamServer):
 def _name(sock) -> str:
     name = sock.getsockname()
     return f"unix:{name}" if isinstance(name, str) else f"{name[0]}:{name[1]}"
+def _bind(sock, address, name: str) -> None:
+    """bind(), failing with PgBouncer's words: 'cannot listen on ADDR:PORT: bind(): ...'."""
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {name}: bind(): {exc.strerror}") from None
 
 
 def _listen_addrs(value) -> list[str]:

@@ -57,18 +57,22 @@ def login(client) -> bool:
     # The console is a database of its own: a `*` entry must not hide it.
     console = client.dbname == "pgbouncer" and "pgbouncer" not in app.cfg.databases
     db = None if console else app.database_for(client.dbname)
+    peer = False   # the console's own OS user over the unix socket: no password
     if console:
         client.admin = True
-        app.admin.authorize(client)
+        peer = app.admin.authorize(client)
     elif db is None:
         raise ClientError("3D000", f"no such database: {client.dbname}")
     elif db.name in app.disabled:
-        raise ClientError("08P01", f'database "{db.name}" does not allow connections')
+        raise ClientError("08P01", f'database "{db.name}" is disabled')
     _check_client_limits(client, db)
-    method = app.secrets.auth_method(client)
-    secret = app.secrets.lookup_secret(user, db) if method not in ("cert", "peer", "reject") else None
-    _check_trust_rules(client, db, secret, method)
-    result = _authenticate(client, secret, method)
+    if peer:
+        secret = result = None
+    else:
+        method = app.secrets.auth_method(client)
+        secret = app.secrets.lookup_secret(user, db) if method not in ("cert", "peer", "reject") else None
+        _check_trust_rules(client, db, secret, method)
+        result = _authenticate(client, secret, method)
     client.auth_result = result
     if client.admin:
         welcome = app.admin.welcome_params()

@@ -259,3 +259,80 @@ def test_verbose_flag_accepted(pg, tmp_path):
         assert "LOG" in err
     finally:
         proc.kill()
+
+
+# --- -d failures are never silent; -R is refused -----------------------------------
+
+def busy_port():
+    """A port held by a plain listening socket (the caller closes it)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", free_port()))
+    sock.listen(1)
+    return sock, sock.getsockname()[1]
+
+
+def test_daemon_on_a_busy_port_fails_loudly(pg, tmp_path):
+    sock, port = busy_port()
+    try:
+        logfile, pidfile = tmp_path / "geobouncer.log", tmp_path / "geobouncer.pid"
+        path = write_config(tmp_path, pg, port=port, logfile=str(logfile), pidfile=str(pidfile))
+        result = run("-d", str(path), timeout=30)
+        text = f"cannot listen on 127.0.0.1:{port}: bind(): Address already in use"
+        assert result.returncode != 0, result
+        assert text in result.stderr, result.stderr
+        assert f"FATAL {text}" in logfile.read_text()
+        assert not pidfile.exists()
+    finally:
+        sock.close()
+
+
+def test_daemon_with_an_unreadable_auth_file_fails_loudly(pg, tmp_path):
+    logfile = tmp_path / "geobouncer.log"
+    path = write_config(tmp_path, pg, logfile=str(logfile), pidfile=str(tmp_path / "geobouncer.pid"))
+    path.write_text(path.read_text().replace("auth_file = userlist.txt", "auth_file = missing.txt"))
+    result = run("-d", str(path), timeout=30)
+    assert result.returncode != 0, result
+    assert "could not open auth_file" in result.stderr and "missing.txt" in result.stderr, result.stderr
+    assert "could not open auth_file" in logfile.read_text()
+    assert not port_is_open("127.0.0.1", listen_port(path))
+
+
+def test_daemon_launcher_returns_once_listening(pg, tmp_path):
+    pidfile = tmp_path / "geobouncer.pid"
+    path = write_config(tmp_path, pg, logfile=str(tmp_path / "geobouncer.log"), pidfile=str(pidfile))
+    result = run("-d", str(path), timeout=30)
+    pid = int(pidfile.read_text()) if pidfile.exists() else None
+    try:
+        assert result.returncode == 0, result
+        assert result.stderr == ""
+        assert pid is not None and port_is_open("127.0.0.1", listen_port(path))   # no waiting
+    finally:
+        if pid is not None and pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: not pid_alive(pid), timeout=15, message="daemon exited")
+
+
+def test_foreground_on_a_busy_port_names_address_and_port(pg, tmp_path):
+    sock, port = busy_port()
+    try:
+        path = write_config(tmp_path, pg, port=port)
+        result = run("-q", str(path), timeout=30)
+        assert result.returncode != 0
+        assert f"cannot listen on 127.0.0.1:{port}: bind(): Address already in use" in result.stderr
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("flag", ["-R", "--reboot"])
+def test_reboot_is_refused_as_pgbouncer_1_26(pg, tmp_path, flag):
+    path = write_config(tmp_path, pg)
+    result = run(flag, str(path), timeout=30)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    first = "geobouncer: unrecognized option '--reboot'" if flag == "--reboot" else \
+        "geobouncer: invalid option -- 'R'"                    # getopt's words, as PgBouncer prints them
+    assert lines[:2] == [first, 'Try "geobouncer --help" for more information.']
+    assert "rolling restart" in result.stderr
+    assert not port_is_open("127.0.0.1", listen_port(path))

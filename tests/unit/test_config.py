@@ -238,6 +238,7 @@ def test_extension_keys_are_marked():
         "metrics_port",
         "metrics_listen_addr",
         "workers",
+        "shutdown_timeout",
     }
 
 
