@@ -135,6 +135,8 @@ def test_changed_auth_file(pg, bouncer, how):
     assert "authentication failed" in str(err.value)
 
 
+@pytest.mark.xfail(TARGET == "pgbouncer", strict=True, reason="PgBouncer applies the lines before the broken one"
+                   " (pgbouncer issue #1482): default_pool_size becomes 9")
 def test_broken_config_keeps_the_old_one_sighup(pg, bouncer):
     b = bouncer(pgbouncer={"default_pool_size": 5})
     offset = b.log_offset()
@@ -176,6 +178,8 @@ def test_broken_config_keeps_the_old_one_admin(pg, bouncer):
         conn.close()
 
 
+@pytest.mark.xfail(TARGET == "pgbouncer", strict=True, reason="PgBouncer 1.18 drops the users of the old file"
+                   " on a broken auth file: md5_user is refused")
 def test_broken_auth_file_keeps_the_old_users(pg, bouncer):
     b = bouncer(userlist={"postgres": "postgres_pw", "md5_user": "md5_user_pw"})
     offset = b.log_offset()
