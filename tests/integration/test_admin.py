@@ -59,6 +59,8 @@ LIST_NAMES = ["databases", "users", "peers", "pools", "peer_pools", "free_client
               "dns_pending"]
 
 
+NEWER_SHOW = pytest.mark.geobouncer_only("SHOW columns of PgBouncer 1.25")
+
 # --- helpers ----------------------------------------------------------------------
 
 def admin_conn(b, user: str = "postgres"):
@@ -291,7 +293,8 @@ def test_show_stats_traffic_and_server_assignments(admin_bouncer):
         assert stats["total_sent"] > 3000, stats   # three 1000-byte rows went back
         assert stats["total_query_time"] > 0, stats
         assert stats["total_xact_time"] > 0, stats
-        assert stats["total_server_assignment_count"] == 1, stats
+        if TARGET != "pgbouncer":  # a column PgBouncer 1.18 lacks
+            assert stats["total_server_assignment_count"] == 1, stats
     finally:
         conn.close()
 
@@ -326,7 +329,9 @@ def test_show_databases_values(pg, admin_bouncer):
     try:
         query(conn, "SELECT 1")
         app = one(b, "DATABASES", name="app")
-        assert (app["current_connections"], app["current_client_connections"]) == (1, 1)
+        assert app["current_connections"] == 1
+        if TARGET != "pgbouncer":  # a column PgBouncer 1.18 lacks
+            assert app["current_client_connections"] == 1
         conn.commit()
     finally:
         conn.close()
@@ -354,7 +359,8 @@ def test_show_lists_values(admin_bouncer):
         query(conn, "SELECT 1")
         names, found = show(b, "LISTS")
         lists = {r["list"]: r["items"] for r in found}
-        assert [r["list"] for r in found] == LIST_NAMES
+        # PgBouncer 1.18 has no peers (1.19+)
+        assert [r["list"] for r in found] == [n for n in LIST_NAMES if TARGET != "pgbouncer" or "peer" not in n]
         # PgBouncer counts the admin database and its pool like any other.
         assert lists["databases"] == len(show(b, "DATABASES")[1])
         assert lists["pools"] == len(show(b, "POOLS")[1])
@@ -369,8 +375,9 @@ def test_show_version_and_state(admin_bouncer):
     b = admin_bouncer
     (version,) = show(b, "VERSION")[1]
     assert re.search(r"\d+\.\d+", version["version"])
-    state = {r["key"]: r["value"] for r in show(b, "STATE")[1]}
-    assert state == {"active": "yes", "paused": "no", "suspended": "no"}
+    if TARGET != "pgbouncer":  # no SHOW STATE in PgBouncer 1.18
+        state = {r["key"]: r["value"] for r in show(b, "STATE")[1]}
+        assert state == {"active": "yes", "paused": "no", "suspended": "no"}
 
 
 # --- process control -------------------------------------------------------------------

@@ -33,6 +33,9 @@ import pytest
 from _util_pool import BackendSampler, wait_no_backends
 from psycopg import pq
 
+pytestmark = pytest.mark.geobouncer_only(
+    "per-client SETs and prepared statements in transaction mode (PgBouncer 1.21+ has the statements only)")
+
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS_DIR = REPO / "tests" / "clients"
 JDBC_JAR = Path("/usr/share/java/postgresql.jar")

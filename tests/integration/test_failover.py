@@ -43,6 +43,8 @@ import pytest
 from _util_pool import close_quietly
 from fixtures.ports import wait_until
 
+pytestmark = pytest.mark.geobouncer_only("fast switchover (topology_query, switchover_timeout)")
+
 TOPOLOGY_QUERY = "select endpoint from topo"
 LOST = "08006"   # the pooler's "server connection lost (switchover in progress)"
 

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures.bouncer import TARGET
 from fixtures.cluster import ROLE_PASSWORDS
 from fixtures.ports import free_port
 
@@ -25,7 +24,7 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "count_calls.py"
 CEILINGS = {"simple": 23, "extended": 30, "prepared": 41}
 
 
-@pytest.mark.skipif(TARGET == "pgbouncer", reason="counts geobouncer's own Python calls")
+@pytest.mark.geobouncer_only("geobouncer's own Python call counts")
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", sorted(CEILINGS))
 def test_python_calls_per_transaction(pg, tmp_path, mode):

@@ -25,6 +25,7 @@ from _util_pool import (
     terminate_backends,
     wait_no_backends,
 )
+from fixtures.pooler import pooler_sqlstate
 from fixtures.ports import wait_until
 
 
@@ -253,7 +254,7 @@ def test_max_client_conn(pg, bouncer):
             more = raw.read_until_close()
         errs = errors_in(replies + more)
         assert errs, replies
-        assert errs[0]["C"] == "53300", errs
+        assert errs[0]["C"] == pooler_sqlstate("53300"), errs
         assert errs[0]["M"] == "no more connections allowed (max_client_conn)", errs
         assert errs[0]["S"] == "FATAL"
         with pytest.raises(psycopg2.OperationalError, match=r"no more connections allowed \(max_client_conn\)"):

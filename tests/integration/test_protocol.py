@@ -72,7 +72,8 @@ def bench_db(pg):
 # tpcb-like is ~10x slower than -S on two cores: fewer transactions keep the file fast.
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("script, per_client", [("tpcb-like", 100), ("select-only", 200)])
-@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
+@pytest.mark.parametrize("mode", ["simple", "extended", pytest.param("prepared", marks=pytest.mark.geobouncer_only(
+    "prepared statements in transaction mode (PgBouncer 1.21+)"))])
 def test_pgbench_transaction_pooling(pg, bouncer, bench_db, script, per_client, mode):
     """50 clients on 10 servers, two pgbench threads. With -M prepared each
     thread prepares with a blocking PQprepare while its other clients may hold
@@ -520,6 +521,7 @@ TRACKED_SQL = ("SELECT current_setting('TimeZone'), current_setting('DateStyle')
                " to_char(timestamptz '2024-01-01 12:00:00+00', 'HH24'), 'é', pg_backend_pid()")
 
 
+@pytest.mark.geobouncer_only("the options startup parameter and IntervalStyle tracking (PgBouncer 1.20+)")
 def test_tracked_parameters_per_client_in_transaction_mode(pg, bouncer, monkeypatch):
     # psycopg 3, not psycopg2: psycopg2 forces DateStyle to ISO right after connecting.
     b = tx_bouncer(bouncer, pg, default_pool_size=1)

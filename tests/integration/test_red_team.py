@@ -26,9 +26,13 @@ from _util_pool import (
     query_one,
     run_in_thread,
 )
+from fixtures.pooler import TARGET
 from fixtures.ports import wait_until
 
 APP = ("app", "app_pw", "app")
+# The statement tracker (PgBouncer 1.21+ has prepared statements in transaction mode; 1.18 none).
+PREPARED_IN_TX = pytest.mark.geobouncer_only("prepared statements in transaction mode (PgBouncer 1.21+)")
+KILL_CLIENT = pytest.mark.geobouncer_only("KILL_CLIENT (newer PgBouncer)")
 H = struct.Struct("!H").pack
 I32 = struct.Struct("!i").pack
 
@@ -272,7 +276,8 @@ PARK_CONFIGS = {
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("config", list(PARK_CONFIGS))
+@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.geobouncer_only("routing hooks"))
+                                    if PARK_CONFIGS[c].get("routing") else c for c in PARK_CONFIGS])
 def test_parking_races_many_clients(pg, bouncer, tmp_path, config):
     spec = dict(PARK_CONFIGS[config])
     clients, rounds = 12, 4          # kept small: the whole suite stays well under 15 minutes
@@ -294,6 +299,7 @@ def test_parking_races_many_clients(pg, bouncer, tmp_path, config):
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.geobouncer_only("the read/write split")
 def test_parking_races_rw_split(pg, pg_replica, bouncer):
     db = {**pg.conninfo("app"), "read_write_split": 1, "replicas": f"127.0.0.1:{pg_replica.port}"}
     b = bouncer(databases={"app": db, "postgres": pg.conninfo("postgres")},
@@ -336,20 +342,29 @@ def _expect_fatal_close(raw: RawClient, sqlstate: str, within: float = 10.0) -> 
     return msgs
 
 
+def _shutdown(b) -> None:
+    """SHUTDOWN from the console; PgBouncer 1.18 exits without answering it."""
+    try:
+        b.admin("SHUTDOWN")
+    except psycopg2.OperationalError:
+        if TARGET != "pgbouncer":
+            raise
+
+
 def _query_ok(raw: RawClient, v: int) -> None:
     raw.sock.sendall(query_message(f"SELECT {v}"))
     replies = read_n_ready(raw, 1)
     assert rows_of(replies) == [[str(v)]] and replies[-1] == (b"Z", b"I"), describe_msgs(replies)
 
 
-PARKED_EVENTS = ["rst", "kill_client", "client_idle_timeout", "shutdown", "reload", "pause_resume",
-                 "cancel", "terminate", "burst", "server_lost", "kill_db", "half_close"]
+PARKED_EVENTS = ["rst", pytest.param("kill_client", marks=KILL_CLIENT), "client_idle_timeout", "shutdown",
+                 "reload", "pause_resume", "cancel", "terminate", "burst", "server_lost", "kill_db", "half_close"]
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("pool_mode", ["transaction", "session"])
 @pytest.mark.parametrize("event", PARKED_EVENTS)
-def test_parked_clients_and_events(pg, bouncer, pool_mode, event):
+def test_parked_clients_and_events(pg, bouncer, pool_mode, event, request):
     n = 30 if event == "burst" else 6
     settings = {"pool_mode": pool_mode, "auth_type": "md5", "max_client_conn": 200,
                 "default_pool_size": n + 2 if pool_mode == "session" else 3}
@@ -388,9 +403,13 @@ def test_parked_clients_and_events(pg, bouncer, pool_mode, event):
                 _expect_fatal_close(raw, "08P01", within=8)
             wait_until(lambda: not _clients_rows(b), timeout=10, message="timed-out clients forgotten")
         elif event == "shutdown":
-            b.admin("SHUTDOWN")
+            _shutdown(b)
             for raw in clients:
-                _expect_fatal_close(raw, "57P01")
+                if TARGET == "pgbouncer":   # PgBouncer 1.18 closes its clients without a message
+                    raw.sock.settimeout(10)
+                    assert raw.read_until_close() == []
+                else:
+                    _expect_fatal_close(raw, "57P01")
             assert b.wait_exit(15) == 0 or True
             return
         elif event == "kill_db":
@@ -413,6 +432,11 @@ def test_parked_clients_and_events(pg, bouncer, pool_mode, event):
                 replies = read_n_ready(raw, 1)
                 assert rows_of(replies) == [[str(200 + i)]], describe_msgs(replies)
         elif event == "cancel":
+            if TARGET == "pgbouncer":
+                request.applymarker(pytest.mark.xfail(strict=False, reason=(
+                    "PgBouncer 1.18 defect: a cancel whose connection closes right after sending it is dropped "
+                    "(the query runs on), or its freed slot is reused and that client closed with 'successfully "
+                    "sent cancel request'")))
             for raw in clients:
                 with socket.create_connection((b.host, b.port), timeout=5) as c:
                     c.sendall(struct.pack("!II", 16, 80877102) + raw.backend_key)
@@ -544,6 +568,7 @@ def _ok_rows(replies) -> list:
 
 
 @pytest.mark.timeout(60)
+@PREPARED_IN_TX
 def test_failed_parse_leaves_the_name_free(pg, bouncer):
     """On PostgreSQL a Parse that fails creates no statement: the client may Parse
     the same name again (after fixing the text, or creating the table)."""
@@ -569,6 +594,7 @@ def test_failed_parse_leaves_the_name_free(pg, bouncer):
 
 
 @pytest.mark.timeout(60)
+@PREPARED_IN_TX
 def test_parse_skipped_after_error_in_pipeline_can_be_retried(pg, bouncer):
     b = _tx_bouncer(bouncer)
     with raw_login(b) as raw:
@@ -584,6 +610,7 @@ def test_parse_skipped_after_error_in_pipeline_can_be_retried(pg, bouncer):
 
 
 @pytest.mark.timeout(60)
+@PREPARED_IN_TX
 def test_eviction_skipped_after_error_does_not_hurt_another_client(pg, bouncer):
     """max_prepared_statements=2, one server. Client A's batch errors before the
     Close that evicts a statement: PostgreSQL skips the Close. Client B then uses
@@ -607,6 +634,7 @@ def test_eviction_skipped_after_error_does_not_hurt_another_client(pg, bouncer):
 @pytest.mark.timeout(60)
 
 @pytest.mark.parametrize("dropper", ["SELECT 1; DEALLOCATE ALL", "DISCARD ALL", "DEALLOCATE ALL"])
+@PREPARED_IN_TX
 def test_drop_all_pipelined_before_a_parse(pg, bouncer, dropper):
     """A query that drops every statement then, in the same send, a new named
     statement: PostgreSQL drops the old statements, then prepares the new one."""
@@ -697,6 +725,7 @@ def _psycopg3_worker(b, idx: int, rounds: int, seed: int):
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("max_prepared", [2, 100])
+@PREPARED_IN_TX
 def test_prepared_mix_many_clients_small_cache(pg, bouncer, max_prepared):
     b = _tx_bouncer(bouncer, pool_size=2, max_prepared=max_prepared)
     failures = run_all([_psycopg3_worker(b, i, 150, 7000 + i) for i in range(4)], timeout=120)
@@ -707,6 +736,7 @@ def test_prepared_mix_many_clients_small_cache(pg, bouncer, max_prepared):
 # -- Parse-only batches answered without a server --------------------------------------
 
 @pytest.mark.timeout(60)
+@PREPARED_IN_TX
 def test_parse_locally_other_database(pg, bouncer):
     """A text that parsed in database app must not be 'parsed' for a client of
     database postgres, where its table does not exist."""
@@ -725,6 +755,7 @@ def test_parse_locally_other_database(pg, bouncer):
 
 
 @pytest.mark.timeout(60)
+@PREPARED_IN_TX
 def test_parse_locally_after_drop_table(pg, bouncer):
     """A statement shared on a server whose table is then dropped: a new
     client's Parse of it may be answered from what the server has (as PgBouncer
@@ -751,6 +782,7 @@ def test_parse_locally_after_drop_table(pg, bouncer):
 
 
 @pytest.mark.timeout(60)
+@PREPARED_IN_TX
 def test_shared_statement_after_table_recreated(pg, bouncer):
     """Client A used 'SELECT * FROM rt_re' when it had one column; the table is
     recreated with two. The server's shared copy of the statement is stale: the
@@ -780,6 +812,7 @@ def test_shared_statement_after_table_recreated(pg, bouncer):
 
 
 @pytest.mark.timeout(60)
+@PREPARED_IN_TX
 def test_parse_locally_flush_close_describe(pg, bouncer):
     b = _tx_bouncer(bouncer, pool_size=1)
     t1, t2 = "SELECT $1::int * 10 AS tens", "SELECT $1::text || '!' AS bang"
@@ -828,6 +861,7 @@ def test_parse_locally_flush_close_describe(pg, bouncer):
 
 
 @pytest.mark.timeout(60)
+@PREPARED_IN_TX
 def test_name_used_by_another_client(pg, bouncer):
     b = _tx_bouncer(bouncer, pool_size=1)
     with raw_login(b) as a, raw_login(b) as c:
@@ -853,8 +887,10 @@ def _big_literal_query(n: int = BIG, tag: str = "") -> str:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("pool_mode", MODES)
-@pytest.mark.parametrize("named", [False, True], ids=["unnamed", "named"])
+@pytest.mark.parametrize("named, pool_mode", [
+    pytest.param(named, mode, id=f"{'named' if named else 'unnamed'}-{mode}",
+                 marks=[PREPARED_IN_TX] if named and mode == "transaction" else [])
+    for named in (False, True) for mode in MODES])
 def test_large_parse_pipelined_split(pg, bouncer, pool_mode, named):
     b = bouncer(pgbouncer={"pool_mode": pool_mode, "auth_type": "md5", "default_pool_size": 1})
     rng = random.Random(5 if named else 6)
@@ -1018,7 +1054,11 @@ def _health(b) -> str | None:
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("pool_mode", ["transaction", "session", "transaction-untracked"])
+@pytest.mark.parametrize("pool_mode", [
+    pytest.param(mode, marks=pytest.mark.xfail(TARGET == "pgbouncer", strict=False, reason=(
+        "PgBouncer 1.18 defect: after a client's bad message type it pools the server with the rest of"
+        " the batch's replies unread; the next client reads them")) if mode != "session" else [])
+    for mode in ["transaction", "session", "transaction-untracked"]])
 def test_mutated_bytes_at_every_offset(pg, bouncer, pool_mode):
     extra = {"max_prepared_statements": 0} if pool_mode == "transaction-untracked" else {}
     b = bouncer(pgbouncer={"pool_mode": pool_mode.split("-")[0], "auth_type": "md5", "default_pool_size": 1,
@@ -1101,7 +1141,8 @@ def _app_clients(b) -> int:
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("via", ["tcp", "unix"])
-@pytest.mark.parametrize("how", ["query_timeout", "kill_client", "kill_db", "shutdown"])
+@pytest.mark.parametrize("how", ["query_timeout", pytest.param("kill_client", marks=KILL_CLIENT), "kill_db",
+                                 "shutdown"])
 def test_close_client_while_its_result_is_stuck(pg, bouncer, how, via):
     settings = {"pool_mode": "transaction", "auth_type": "md5", "default_pool_size": 2}
     if how == "query_timeout":
@@ -1119,7 +1160,7 @@ def test_close_client_while_its_result_is_stuck(pg, bouncer, how, via):
         elif how == "kill_db":
             b.admin("KILL app")
         elif how == "shutdown":
-            b.admin("SHUTDOWN")
+            _shutdown(b)
             try:
                 code = b.wait_exit(15)
             except Exception as exc:  # noqa: BLE001
@@ -1144,7 +1185,7 @@ def test_close_client_while_its_result_is_stuck(pg, bouncer, how, via):
 @pytest.mark.timeout(90)
 @pytest.mark.xfail(reason="the FATAL lands inside a DataRow; PgBouncer 1.18's query_timeout does no "
                    "better (GEOBOUNCER_TEST_TARGET=pgbouncer): not a regression", strict=False)
-@pytest.mark.parametrize("how", ["query_timeout", "kill_client"])
+@pytest.mark.parametrize("how", ["query_timeout", pytest.param("kill_client", marks=KILL_CLIENT)])
 def test_fatal_to_a_client_mid_result_is_at_a_message_boundary(pg, bouncer, how):
     """The FATAL sent to a client whose result is being written must not land in
     the middle of a DataRow: the client must be able to read it."""
@@ -1299,6 +1340,7 @@ def test_many_parked_clients_wake_together_repeatedly(pg, bouncer, pool_mode):
 
 
 @pytest.mark.timeout(120)
+@PREPARED_IN_TX
 def test_lean_reply_then_injected_parse_pipelined(pg, bouncer):
     """A large unnamed result (matched leanly) still streaming when the client
     pipelines a named Bind whose statement must be prepared (and another one
@@ -1325,6 +1367,7 @@ def test_lean_reply_then_injected_parse_pipelined(pg, bouncer):
 
 
 @pytest.mark.timeout(120)
+@PREPARED_IN_TX
 def test_lean_reply_then_faked_replies_pipelined(pg, bouncer):
     b = _tx_bouncer(bouncer, pool_size=1, max_prepared=10)
     rng = random.Random(19)
@@ -1374,6 +1417,7 @@ def _prepare_distinct(b, start: int, count: int, pad: str) -> None:
 
 
 @pytest.mark.timeout(200)
+@PREPARED_IN_TX
 def test_statements_of_departed_clients_are_forgotten(pg, bouncer):
     """Clients that prepare (and close) many distinct texts, then leave: the
     pooler's memory must not keep growing with every text ever seen."""

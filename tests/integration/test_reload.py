@@ -13,6 +13,7 @@ import threading
 
 import psycopg2
 import pytest
+from fixtures.bouncer import TARGET
 from fixtures.ports import wait_until
 
 
@@ -134,13 +135,15 @@ def test_changed_auth_file(pg, bouncer, how):
     assert "authentication failed" in str(err.value)
 
 
+@pytest.mark.xfail(TARGET == "pgbouncer", strict=True, reason="PgBouncer applies the lines before the broken one"
+                   " (pgbouncer issue #1482): default_pool_size becomes 9")
 def test_broken_config_keeps_the_old_one_sighup(pg, bouncer):
     b = bouncer(pgbouncer={"default_pool_size": 5})
     offset = b.log_offset()
     b.rewrite(pgbouncer={"default_pool_size": 9}, extra_ini="no_such_setting = 1", reload=True)
-    log = wait_until(lambda: re.search(r"ERROR.*no_such_setting.*", b.log_text(offset)), timeout=15,
-                     message="reload error logged").group(0)
-    assert str(b.ini_path) in log or "geobouncer.ini" in log
+    # The error names the setting and the file (PgBouncer: on its second line, "invalid value ... (FILE:14)").
+    wait_until(lambda: re.search(r"ERROR.*(no_such_setting.*geobouncer\.ini|geobouncer\.ini.*no_such_setting)",
+                                 b.log_text(offset)), timeout=15, message="reload error logged")
     assert b.is_running()
     assert config_value(b, "default_pool_size") == "5"  # nothing of the broken file applied
     conn = b.connect("app", "app", autocommit=True)
@@ -158,9 +161,12 @@ def test_broken_config_keeps_the_old_one_admin(pg, bouncer):
     offset = b.log_offset()
     b.rewrite(databases={"app": "host=127.0.0.1 port=notaport dbname=app"}, pgbouncer={"default_pool_size": 9},
               reload=False)
-    with pytest.raises(psycopg2.Error) as err:
+    if TARGET == "pgbouncer":  # PgBouncer answers "RELOAD failed" from 1.24 (PR #1231); 1.18 says RELOAD
         b.admin("RELOAD")
-    assert "RELOAD failed" in str(err.value)
+    else:
+        with pytest.raises(psycopg2.Error) as err:
+            b.admin("RELOAD")
+        assert "RELOAD failed" in str(err.value)
     assert re.search(r"ERROR.*port", b.log_text(offset))
     assert config_value(b, "default_pool_size") == "5"
     app_row = next(r for r in b.admin("SHOW DATABASES") if r.name == "app")
@@ -172,13 +178,16 @@ def test_broken_config_keeps_the_old_one_admin(pg, bouncer):
         conn.close()
 
 
+@pytest.mark.xfail(TARGET == "pgbouncer", strict=True, reason="PgBouncer 1.18 drops the users of the old file"
+                   " on a broken auth file: md5_user is refused")
 def test_broken_auth_file_keeps_the_old_users(pg, bouncer):
     b = bouncer(userlist={"postgres": "postgres_pw", "md5_user": "md5_user_pw"})
     offset = b.log_offset()
     b.userlist_path.write_text('"postgres" "postgres_pw"\n"scram_user" "scram_user_pw\n')  # unterminated
     b.reload()
     wait_until(lambda: "ERROR" in b.log_text(offset), timeout=15, message="auth_file error logged")
-    assert "userlist.txt" in b.log_text(offset)
+    # PgBouncer 1.18 logs only "broken auth file"; geobouncer names the file and line.
+    assert ("broken auth file" if TARGET == "pgbouncer" else "userlist.txt") in b.log_text(offset)
     b.connect("app", "md5_user", password="md5_user_pw").close()
     with pytest.raises(psycopg2.OperationalError):
         b.connect("app", "scram_user", password="scram_user_pw")

@@ -44,6 +44,8 @@ from _util_pool import close_quietly
 from fixtures.pg import make_primary, make_standby
 from fixtures.ports import wait_until
 
+pytestmark = pytest.mark.geobouncer_only("replica balancing and the read/write split")
+
 WHERE = "SELECT pg_is_in_recovery(), inet_server_port()"
 
 

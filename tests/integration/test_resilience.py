@@ -30,6 +30,7 @@ from _util_pool import (
     startup_packet,
     terminate_backends,
 )
+from fixtures.pooler import TARGET, pooler_sqlstate
 from fixtures.ports import wait_until
 
 
@@ -254,9 +255,17 @@ def case_bad_startup_packets(b, _):
         _startup_raw(1 << 16, b"user\x00app\x00\x00"),                     # protocol 1.0
         _startup_raw(80877102, b"\x00\x00"),                            # a truncated CancelRequest
     ]
-    for packet in bad:
+    # PgBouncer 1.18 takes three of them leniently (no terminating NUL, odd number of fields,
+    # a non-UTF-8 user name: an unknown user) and asks for a password; PostgreSQL and
+    # geobouncer refuse them with 08P01.
+    lenient = {3, 4, 6} if TARGET == "pgbouncer" else set()
+    for i, packet in enumerate(bad):
         with RawClient(b.host, b.port) as raw:
             raw.send(packet)
+            if i in lenient:
+                first = raw.read_message()
+                assert first and first[0] == b"R", (packet, first)   # a password request, nothing ran
+                continue
             _expect_error_or_close(raw, codes=("08P01", "28000"))
 
 
@@ -312,7 +321,7 @@ def case_unknown_database(b, _):
         replies += raw.read_until_close()
         errs = errors_in(replies)
         assert len(errs) == 1, replies
-        assert errs[0]["C"] == "3D000", errs
+        assert errs[0]["C"] == pooler_sqlstate("3D000"), errs
         assert "no_such_db_here" in errs[0]["M"], errs
         assert not [m for m in replies if m[0] == b"Z"]
 

@@ -44,6 +44,8 @@ import pytest
 from fixtures.ports import wait_until
 from psycopg.types.numeric import Int8
 
+pytestmark = pytest.mark.geobouncer_only("routing and rewrite hooks (pgbouncer-rr)")
+
 CONF = Path(__file__).resolve().parents[2] / "conf"
 DB = "rr_dev"  # the dbname behind dev / dev.1 / dev.2 on both servers
 
