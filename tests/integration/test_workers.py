@@ -142,7 +142,7 @@ def test_rolling_restart_under_pgbench_loses_nothing(pg, bouncer, tmp_path):
     script.write_text("SELECT 1;\n")
     env = {**os.environ, "PGPASSWORD": b.userlist["app"]}
     bench = subprocess.Popen(
-        ["pgbench", "-n", "-C", "-c", "4", "-T", "20", "-f", str(script),
+        ["pgbench", "-n", "-C", "-c", "4", "-T", "12", "-f", str(script),
          "-h", "127.0.0.1", "-p", str(b.port), "-U", "app", "app"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
