@@ -371,3 +371,67 @@ def test_forged_cancels_every_peer_and_ttl_and_a_black_hole_peer(bouncer):
         assert_healthy(b)
     finally:
         hole.close()
+
+
+# --- cert and hba ----------------------------------------------------------------------------
+
+def _cert_login(b, files, crt: str, key: str, user: str) -> bytes:
+    sock = socket.create_connection((b.host, b.port), timeout=10)
+    sock.sendall(SSL_REQUEST)
+    assert sock.recv(1) == b"S"
+    ctx = ssl.create_default_context(cafile=files.path("ca.pem"))
+    ctx.load_cert_chain(crt, key)
+    sock = ctx.wrap_socket(sock, server_hostname="localhost")
+    sock.sendall(startup(user=user))
+    data = read_until_z(sock)
+    sock.close()
+    return data
+
+
+@pytest.mark.timeout(60)
+def test_odd_certificate_common_names_under_auth_type_cert(tls_files, bouncer, tmp_path):
+    b = bouncer(pgbouncer={"auth_type": "cert", "client_tls_sslmode": "verify-full",
+                           "client_tls_key_file": tls_files.key("bouncer"),
+                           "client_tls_cert_file": tls_files.cert("bouncer"),
+                           "client_tls_ca_file": tls_files.path("ca.pem"), "log_pooler_errors": 1})
+    forged = "app\n2026-01-01 00:00:00.000 UTC [1] LOG forged line"
+    for i, cn in enumerate(["app\0evil", "app ", "ａｐｐ", forged, "%s%n%x", "x" * 64]):
+        leaf = tls_files.ca.issue_cert(f"odd{i}.client.test", common_name=cn)
+        crt, key = tmp_path / f"odd{i}.crt", tmp_path / f"odd{i}.key"
+        crt.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(key))
+        data = _cert_login(b, tls_files, str(crt), str(key), "app")
+        assert data[:1] == b"E" and b"28000" in data, (cn, data[:80])
+    wait_until(lambda: b.log_text().count("TLS certificate name mismatch") >= 6 or
+               b.log_text().count("is not user") >= 6, timeout=10, message="refusals logged")
+    # a CN cannot write a line of its own into the log
+    assert not any(line.startswith("2026-01-01") for line in b.log_text().splitlines()), b.log_text()[-2000:]
+    assert_healthy(b)
+
+
+@pytest.mark.timeout(60)
+def test_hba_at_file_removed_before_reload_keeps_the_old_rules(bouncer, tmp_path):
+    (tmp_path / "users").write_text("app\n")
+    (tmp_path / "hba.conf").write_text("host all @users 0.0.0.0/0 md5\nhost all all ::/0 reject\n")
+    b = bouncer(pgbouncer={"auth_type": "hba", "auth_hba_file": str(tmp_path / "hba.conf")})
+    good_query(b)
+    (tmp_path / "users").unlink()
+    b.reload()
+    wait_until(lambda: "config reload failed" in b.log_text(), timeout=10, message="reload refused")
+    good_query(b)
+    assert_healthy(b)
+
+
+@pytest.mark.timeout(60)
+def test_user_name_and_application_name_cannot_forge_log_lines(bouncer):
+    b = bouncer(pgbouncer={"auth_type": "md5", "log_pooler_errors": 1})
+    forged = "2026-01-01 00:00:00.000 UTC [1] LOG forged line"
+    for user, db in ((f"app\n{forged}", "app"), ("app", f"nodb\r\n{forged}")):
+        sock = socket.create_connection((b.host, b.port), timeout=10)
+        sock.sendall(startup(user=user, db=db))
+        assert sock.recv(1) in (b"R", b"E")      # a password asked for, or refused
+        sock.close()
+    wait_until(lambda: b.log_text().count("forged line") >= 2, timeout=10, message="attempts logged")
+    assert not any(line.startswith("2026-01-01") for line in b.log_text().splitlines()), b.log_text()[-2000:]
+    good_query(b)
+    assert_healthy(b)
