@@ -186,9 +186,15 @@ def test_half_open_handshakes_cost_only_themselves(tls_files, bouncer):
 
 
 @pytest.mark.timeout(60)
-def test_many_tls_clients_leave_mid_large_result_together(tls_files, bouncer):
-    b = bouncer(pgbouncer=tls_settings(tls_files, pool_mode="transaction", default_pool_size=30,
-                                       max_client_conn=200))
+@pytest.mark.parametrize("server_side", ["plain", "tls"])
+def test_many_tls_clients_leave_mid_large_result_together(tls_files, bouncer, request, server_side):
+    settings = tls_settings(tls_files, pool_mode="transaction", default_pool_size=30, max_client_conn=200)
+    if server_side == "tls":         # TLS to PostgreSQL too: the server sockets are SSL sockets
+        pg_tls = request.getfixturevalue("pg_tls")
+        settings.update(server_tls_sslmode="verify-full", server_tls_ca_file=tls_files.path("ca.pem"))
+        b = bouncer(databases={"app": pg_tls.conninfo("app")}, pgbouncer=settings)
+    else:
+        b = bouncer(pgbouncer=settings)
     ctx = _client_ctx()
     big = query("SELECT repeat('x', 2000) FROM generate_series(1, 20000)")
     socks = []
@@ -434,4 +440,32 @@ def test_user_name_and_application_name_cannot_forge_log_lines(bouncer):
     wait_until(lambda: b.log_text().count("forged line") >= 2, timeout=10, message="attempts logged")
     assert not any(line.startswith("2026-01-01") for line in b.log_text().splitlines()), b.log_text()[-2000:]
     good_query(b)
+    assert_healthy(b)
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+
+
+@pytest.mark.timeout(60)
+def test_tls_client_that_never_reads_a_large_result_does_not_grow_memory(tls_files, bouncer):
+    b = bouncer(pgbouncer=tls_settings(tls_files, pool_mode="transaction"))
+    good_query(b, tls_files)
+    base = _rss_kb(b.pid)
+    raw = socket.create_connection((b.host, b.port), timeout=15)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.sendall(SSL_REQUEST)
+    assert raw.recv(1) == b"S"
+    tls = _client_ctx().wrap_socket(raw)
+    tls.sendall(startup())
+    assert read_until_z(tls).startswith(b"R")
+    tls.sendall(query("SELECT repeat('x', 10000) FROM generate_series(1, 30000)"))   # 300 MB
+    time.sleep(4)
+    for _ in range(3):
+        good_query(b, tls_files)
+    grown = _rss_kb(b.pid) - base
+    assert grown < 64 * 1024, f"RSS grew by {grown} kB for one client that does not read"
+    tls.close()
+    good_query(b, tls_files)
     assert_healthy(b)
