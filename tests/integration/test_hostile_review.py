@@ -42,8 +42,8 @@ def query(sql: str) -> bytes:
 
 def assert_healthy(b) -> None:
     assert b.is_running(), b.diagnostics()
-    text = b.log_text()
-    assert "Traceback" not in text and "internal error" not in text, text[-4000:]
+    for text in (b.log_text(), b.output_text()):      # the logfile, and stderr (gevent's own reports)
+        assert "Traceback" not in text and "internal error" not in text, text[-4000:]
 
 
 def good_query(b, files=None) -> None:
