@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 
 _LEVEL_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "LOG", logging.WARNING: "WARNING",
                 logging.ERROR: "ERROR", logging.CRITICAL: "FATAL"}
+
+
+# Control characters (newline, NUL, escape ...) in what a client chose (a user
+# name, a certificate CN, an application_name) would let it forge log lines.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _escape(match: re.Match) -> str:
+    return f"\\x{ord(match.group()):02x}"
+
+
+def _clean(arg):
+    return _CONTROL.sub(_escape, arg) if isinstance(arg, str) else arg
 
 
 class PgBouncerFormatter(logging.Formatter):
@@ -17,7 +31,14 @@ class PgBouncerFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record.created))
         level = _LEVEL_NAMES.get(record.levelno, record.levelname)
-        text = f"{stamp}.{int(record.msecs):03d} UTC [{record.process}] {level} {record.getMessage()}"
+        message = record.getMessage()
+        if _CONTROL.search(message):      # the format string is ours: escape what was put into it
+            args = record.args
+            if isinstance(args, tuple):
+                message = record.msg % tuple(_clean(a) for a in args) if args else _clean(message)
+            else:
+                message = _clean(message)
+        text = f"{stamp}.{int(record.msecs):03d} UTC [{record.process}] {level} {message}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text

@@ -23,7 +23,7 @@ from time import monotonic
 import gevent
 from gevent import socket
 from gevent.pool import Pool as GreenletPool
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -260,6 +260,25 @@ def _replicas(app):
     yield from (up, rotation, lag, failures)
 
 
+class _QuietHandler(WSGIHandler):
+    """Hostile HTTP input is the client's problem: a 400 and a debug line, never
+    gevent's traceback on stderr; REQUEST_TIMEOUT ends the connection wherever
+    it fires (gevent would report it as an internal error and try a 500)."""
+
+    def _handle_client_error(self, ex):
+        log.debug("metrics: bad HTTP request from %s: %s", self.client_address, ex)
+        if not isinstance(ex, ValueError):      # gevent prints a traceback for anything else
+            ex = ValueError(str(ex) or type(ex).__name__)
+        return super()._handle_client_error(ex)
+
+    def handle_error(self, t, v, tb):
+        if isinstance(v, gevent.Timeout):
+            raise v
+        log.error("metrics: HTTP request from %s failed: %s", self.client_address,
+                  f"{t.__name__}: {v}")
+        self._send_error_response_if_possible(500)
+
+
 class _BoundedServer(WSGIServer):
     """Each HTTP connection gets REQUEST_TIMEOUT seconds, whatever the client does."""
 
@@ -294,6 +313,7 @@ class MetricsServer:
             sock.bind((addr, s.metrics_port))
             sock.listen(64)
             server = _BoundedServer(sock, self.wsgi, spawn=pool, log=None, error_log=None,
+                                    handler_class=_QuietHandler,
                                     environ={"SERVER_NAME": addr, "SERVER_PORT": str(s.metrics_port)})
             server.start()
             self.servers.append(server)
