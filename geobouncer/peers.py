@@ -27,6 +27,9 @@ from .net.server_login import send_cancel
 from .pool.cancel_keys import TTL_MASK, peer_of
 
 log = logging.getLogger("geobouncer")
+# Longest one forwarded cancel may take even with cancel_wait_timeout = 0 (no limit
+# on waiting for a slot): a peer that accepts and never answers cannot hold it for ever.
+_SEND_LIMIT = 10.0
 
 
 class Peers:
@@ -85,7 +88,7 @@ class Peers:
         log.info("forwarding cancel request to peer %d", peer_id)
         self._busy[peer_id] = self._busy.get(peer_id, 0) + 1
         try:
-            send_cancel(entry.host, entry.port, pid, key - 1, timeout=timeout)
+            send_cancel(entry.host, entry.port, pid, key - 1, timeout=timeout or _SEND_LIMIT)
         except OSError as exc:
             self.dropped += 1
             log.warning("forwarding a cancel request to peer %d (%s:%d) failed: %s",

@@ -96,7 +96,9 @@ def _open_socket(host: str, port: int):
 def send_cancel(host: str, port: int, pid: int, key: int, timeout: float = 5.0, tls=None) -> None:
     """Forward a cancel request to a server (a fresh connection, as libpq
     does: over TLS when ``tls`` is given, i.e. the server connection is TLS)."""
-    with gevent.Timeout(timeout, False):
+    timer = gevent.Timeout(timeout)
+    timer.start()
+    try:
         sock = _open_socket(host, port)
         try:
             sock = tls_.server_handshake(sock, tls, host)
@@ -108,3 +110,10 @@ def send_cancel(host: str, port: int, pid: int, key: int, timeout: float = 5.0, 
             sock.recv(1)   # the server closes when done
         finally:
             sock.close()
+    except gevent.Timeout as exc:
+        if exc is not timer:
+            raise
+        # Not silent: the callers log it (and a peer forward counts as dropped).
+        raise OSError(f"cancel request to {host}:{port} timed out after {timeout:g} s") from None
+    finally:
+        timer.close()
