@@ -173,6 +173,11 @@ def _start_tls(client) -> None:
         client.sock.sendall(m.SSL_NO)
         return
     client.sock.sendall(tls.SSL_YES)
+    _handshake(client, side)
+
+
+def _handshake(client, side) -> None:
+    """The TLS handshake on the client's socket; a failure costs only this client."""
     try:
         client.sock = tls.client_handshake(client.sock, side)
     except OSError as exc:
@@ -191,12 +196,7 @@ def _maybe_direct_tls(client) -> None:
     first = client.sock.recv(1, pysocket.MSG_PEEK)
     if first != tls.TLS_HANDSHAKE_RECORD:
         return
-    try:
-        client.sock = tls.client_handshake(client.sock, side)
-    except OSError as exc:
-        log.warning("%s TLS handshake error: %s", client.label(), tls.reason(exc))
-        raise ClientGone() from None
-    client.send = sender(client.sock, client.wlock)
+    _handshake(client, side)
     if client.sock.selected_alpn_protocol() != tls.ALPN:
         log.warning("%s direct TLS connection without ALPN protocol postgresql", client.label())
         raise ClientGone()
