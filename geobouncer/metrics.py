@@ -10,7 +10,7 @@ histogram bucket per routing-hook call (routing/hooks.py).
 
 The HTTP server is gevent's WSGI server inside the pooler process. A slow or
 hostile HTTP client holds one greenlet of a small pool, for at most
-``REQUEST_TIMEOUT`` seconds; it never blocks the hub, so it never delays a query.
+``metrics_request_timeout`` seconds; it never blocks the hub, so it never delays a query.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from .routing.hook import DURATION_BOUNDS
 
 log = logging.getLogger("geobouncer")
 
-REQUEST_TIMEOUT = 10.0     # seconds one HTTP connection may take, reading and writing
 MAX_HTTP_CONNECTIONS = 32  # concurrent HTTP connections; more wait in the backlog
 
 # SHOW POOLS column -> (pgbouncer_pools_* name, help)
@@ -262,7 +261,7 @@ def _replicas(app):
 
 class _QuietHandler(WSGIHandler):
     """Hostile HTTP input is the client's problem: a 400 and a debug line, never
-    gevent's traceback on stderr; REQUEST_TIMEOUT ends the connection wherever
+    gevent's traceback on stderr; the request timeout ends the connection wherever
     it fires (gevent would report it as an internal error and try a 500)."""
 
     def _handle_client_error(self, ex):
@@ -280,10 +279,12 @@ class _QuietHandler(WSGIHandler):
 
 
 class _BoundedServer(WSGIServer):
-    """Each HTTP connection gets REQUEST_TIMEOUT seconds, whatever the client does."""
+    """Each HTTP connection gets ``request_timeout`` seconds, whatever the client does."""
+
+    request_timeout = 10.0
 
     def handle(self, sock, address):
-        with gevent.Timeout(REQUEST_TIMEOUT, False):
+        with gevent.Timeout(self.request_timeout, False):
             super().handle(sock, address)
 
 
@@ -315,6 +316,7 @@ class MetricsServer:
             server = _BoundedServer(sock, self.wsgi, spawn=pool, log=None, error_log=None,
                                     handler_class=_QuietHandler,
                                     environ={"SERVER_NAME": addr, "SERVER_PORT": str(s.metrics_port)})
+            server.request_timeout = s.metrics_request_timeout
             server.start()
             self.servers.append(server)
             log.info("metrics on http://%s:%d/metrics", addr, s.metrics_port)

@@ -388,6 +388,9 @@ SETTINGS: tuple[Setting, ...] = (
         _s("metrics_listen_addr", OPT_STR, None, "Comma-separated addresses (or *) the "
            "metrics endpoint listens on; unset uses listen_addr, or 127.0.0.1 when that "
            "is unset too.", reload=False, example="*", extension=True),
+        _s("metrics_request_timeout", TIME, 10.0, "Seconds one HTTP connection to the "
+           "metrics endpoint may take, reading the request and writing the answer; a "
+           "slower client is disconnected.", reload=False, min=0.1, extension=True),
         _s("workers", INT, 1, "Serving processes to run. Above 1, a supervisor starts "
            "them on the same listening sockets, makes them peers of one another for "
            "cancel requests, splits the connection limits between them, passes signals "

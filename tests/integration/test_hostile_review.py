@@ -242,7 +242,8 @@ def _http(port: int, data: bytes, timeout: float = 10) -> bytes:
 @pytest.mark.timeout(60)
 def test_metrics_odd_requests(bouncer):
     port = free_port()
-    b = bouncer(pgbouncer={"metrics_port": port, "metrics_listen_addr": "127.0.0.1"})
+    b = bouncer(pgbouncer={"metrics_port": port, "metrics_listen_addr": "127.0.0.1",
+                           "metrics_request_timeout": 3})
     wait_until(lambda: _http(port, b"GET /healthz HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200"),
                timeout=10, message="metrics up")
     odd = [
@@ -272,7 +273,8 @@ def test_metrics_odd_requests(bouncer):
 @pytest.mark.timeout(60)
 def test_metrics_connection_flood_does_not_delay_queries(bouncer):
     port = free_port()
-    b = bouncer(pgbouncer={"metrics_port": port, "metrics_listen_addr": "127.0.0.1"})
+    b = bouncer(pgbouncer={"metrics_port": port, "metrics_listen_addr": "127.0.0.1",
+                           "metrics_request_timeout": 3})
     wait_until(lambda: _http(port, b"GET /healthz HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200"),
                timeout=10, message="metrics up")
     flood = []

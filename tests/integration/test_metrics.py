@@ -267,7 +267,7 @@ def test_readyz_503_while_shutting_down(bouncer):
 
 @pytest.mark.timeout(90)
 def test_stuck_http_clients_do_not_block_the_pooler(bouncer):
-    b, port = metrics_bouncer(bouncer)
+    b, port = metrics_bouncer(bouncer, metrics_request_timeout=3)
     stuck = []
     for _ in range(40):                          # more than the endpoint serves at once
         s = socket.create_connection(("127.0.0.1", port))
@@ -282,7 +282,7 @@ def test_stuck_http_clients_do_not_block_the_pooler(bouncer):
                     assert cur.fetchone() == (i,)
         finally:
             conn.close()
-        # the endpoint cuts them off after its request timeout (10 s) and serves again
+        # the endpoint cuts them off after metrics_request_timeout and serves again
         stuck[0].settimeout(30)
         assert stuck[0].recv(100) == b""
         wait_until(lambda: http_get(port, "/healthz", timeout=2)[0] == 200, timeout=20,
