@@ -18,7 +18,7 @@ from time import time
 from .. import __version__
 from ..proto import messages as m
 from . import set as admin_set
-from . import show, show_sockets, show_stats
+from . import show, show_sockets, show_stats, workers_view
 from .control import Control
 from .errors import AdminError
 
@@ -32,7 +32,8 @@ _WORD = r'("(?:[^"]|"")+"|[0-9a-z_]+)'
 _COMMAND = re.compile(rf"^{_WS0}{_WORD}(?:{_WS1}{_WORD})?{_WS0}(?:;{_WS0})?$", re.IGNORECASE)
 _TX_VERBS = ("BEGIN", "COMMIT", "ROLLBACK")    # geobouncer tolerates them: drivers send them
 _SO_PEERCRED = getattr(pysocket, "SO_PEERCRED", 17)
-BUILDERS = {**show.BUILDERS, **show_stats.BUILDERS, **show_sockets.BUILDERS}
+BUILDERS = {**show.BUILDERS, **show_stats.BUILDERS, **show_sockets.BUILDERS,
+            **workers_view.BUILDERS}
 
 
 class AdminConsole:
