@@ -53,15 +53,20 @@ def _address(entry):
     return socket.AF_INET, (entry.host, entry.port)
 
 
-def ask_peer(entry, sql: str) -> list[list]:
-    """Run one admin command on a peer; its data rows (text values, None for NULL)."""
+def ask_peer(entry, sql: str, application_name: str = "", timeout: float | None = TIMEOUT) -> list[list]:
+    """Run one admin command on a peer; its data rows (text values, None for NULL).
+    ``timeout`` bounds every read (None: PAUSE and SUSPEND wait as long as they must)."""
     family, address = _address(entry)
+    params = {"user": "pgbouncer", "database": "pgbouncer"}
+    if application_name:
+        params["application_name"] = application_name
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(TIMEOUT)
         sock.connect(address)
-        sock.sendall(m.startup_message({"user": "pgbouncer", "database": "pgbouncer"}))
+        sock.sendall(m.startup_message(params))
         reader = _Reader(sock)
         _until_ready(reader, None)
+        sock.settimeout(timeout)
         sock.sendall(m.query(sql))
         rows: list[list] = []
         _until_ready(reader, rows)
