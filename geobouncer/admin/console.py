@@ -18,7 +18,7 @@ from time import time
 from .. import __version__
 from ..proto import messages as m
 from . import set as admin_set
-from . import show, show_sockets, show_stats
+from . import fanout, show, show_sockets, show_stats, workers_view
 from .control import Control
 from .errors import AdminError
 
@@ -32,7 +32,8 @@ _WORD = r'("(?:[^"]|"")+"|[0-9a-z_]+)'
 _COMMAND = re.compile(rf"^{_WS0}{_WORD}(?:{_WS1}{_WORD})?{_WS0}(?:;{_WS0})?$", re.IGNORECASE)
 _TX_VERBS = ("BEGIN", "COMMIT", "ROLLBACK")    # geobouncer tolerates them: drivers send them
 _SO_PEERCRED = getattr(pysocket, "SO_PEERCRED", 17)
-BUILDERS = {**show.BUILDERS, **show_stats.BUILDERS, **show_sockets.BUILDERS}
+BUILDERS = {**show.BUILDERS, **show_stats.BUILDERS, **show_sockets.BUILDERS,
+            **workers_view.BUILDERS}
 
 
 class AdminConsole:
@@ -120,7 +121,14 @@ class AdminConsole:
         handler = self.control.handler(verb)
         if handler is None:
             raise AdminError(f"invalid command '{sql}', use SHOW HELP;")
-        return handler(client, arg, sql)
+        if verb == "SHUTDOWN" and not client.stats_only and arg.upper() in fanout.SHUTDOWN_SIGNALS \
+                and fanout.shutdown_all(arg.upper()):
+            return m.command_complete("SHUTDOWN")
+        out = handler(client, arg, sql)
+        if verb in fanout.FORWARDED and self.app.cfg.peers and fanout.supervisor_pid() \
+                and not fanout.is_forwarded(client):
+            fanout.forward(self.app, sql)
+        return out
 
     # --- SHOW ----------------------------------------------------------------------
     def _show(self, client, sql: str, arg: str) -> bytes:

@@ -1,0 +1,65 @@
+"""``workers = N``: a process-control command on one worker's console applies to all.
+
+RELOAD, PAUSE and RESUME (with or without a database) run here, then
+are sent on to every other worker's console over its unix socket (the
+``pgbouncer`` OS-user login of ``workers_view.ask_peer``), marked with
+``application_name = geobouncer-worker`` so the receiving worker does not send
+them on again. A peer's refusal (e.g. "already suspended/paused") is logged,
+not returned: the command did what it could everywhere. SHUTDOWN in any mode
+goes to the supervisor as the signal it passes on to every worker (SIGQUIT,
+SIGINT for WAIT_FOR_SERVERS, SIGTERM for WAIT_FOR_CLIENTS), since a worker
+exiting alone would just be started again. SUSPEND is not sent on: it lasts
+only as long as the console connection that gave it (PgBouncer resumes when that
+connection closes), so it would need a held connection to every peer (open).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import gevent
+
+from . import workers_view
+
+log = logging.getLogger("geobouncer")
+
+__all__ = ["FORWARDED", "MARK", "forward", "is_forwarded", "supervisor_pid"]
+
+FORWARDED = ("RELOAD", "PAUSE", "RESUME")
+MARK = "geobouncer-worker"
+SHUTDOWN_SIGNALS = {"": signal.SIGQUIT, "WAIT_FOR_SERVERS": signal.SIGINT,
+                    "WAIT_FOR_CLIENTS": signal.SIGTERM}
+
+
+def supervisor_pid() -> int | None:
+    """The supervisor's pid when this process is one of its workers."""
+    return os.getppid() if os.environ.get("GEOBOUNCER_WORKER") else None
+
+
+def is_forwarded(client) -> bool:
+    return (getattr(client, "startup", None) or {}).get("application_name") == MARK
+
+
+def forward(app, sql: str) -> None:
+    """Run ``sql`` on every peer's console, all at once; refusals are logged."""
+    jobs = [gevent.spawn(_one, peer_id, entry, sql) for peer_id, entry in sorted(app.cfg.peers.items())]
+    gevent.joinall(jobs)
+
+
+def _one(peer_id: int, entry, sql: str) -> None:
+    try:
+        workers_view.ask_peer(entry, sql, MARK, timeout=None)
+    except (OSError, workers_view.PeerUnreachable) as exc:
+        log.warning("worker %d: %s: %s", peer_id, sql.strip(), exc)
+
+
+def shutdown_all(mode: str) -> bool:
+    """Ask the supervisor to shut every worker down; False when not a worker."""
+    pid = supervisor_pid()
+    if pid is None or pid <= 1:
+        return False
+    log.info("SHUTDOWN %s: asking the supervisor (pid %d) to stop every worker", mode, pid)
+    os.kill(pid, SHUTDOWN_SIGNALS[mode])
+    return True

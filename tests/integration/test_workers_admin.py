@@ -1,0 +1,79 @@
+"""The admin console of any worker sees the whole pooler (``workers = N``), against real PostgreSQL.
+
+- SHOW WORKERS on one connection has one row per worker: its peer id, its pid
+  (the supervisor's children), its state and its client and server counts,
+  the other workers asked over their unix sockets;
+- PAUSE, RESUME and RELOAD on one console apply to every worker; SHUTDOWN
+  stops every worker and the supervisor.
+
+geobouncer only (PgBouncer has no workers setting).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from fixtures.pooler import TARGET
+from fixtures.ports import wait_until
+from test_workers import start_workers, worker_pids
+
+pytestmark = pytest.mark.skipif(TARGET != "geobouncer", reason="PgBouncer has no workers setting")
+
+
+@pytest.mark.timeout(90)
+def test_show_workers_lists_every_worker_from_one_connection(pg, bouncer):
+    b = start_workers(bouncer)
+    held = [b.connect("app", "app", autocommit=True) for _ in range(6)]
+    try:
+        for conn in held:
+            conn.cursor().execute("SELECT 1")
+        rows = b.admin("SHOW WORKERS")
+        assert [r._fields for r in rows][0][:5] == ("worker", "pid", "state", "clients", "servers")
+        assert sorted(int(r.worker) for r in rows) == [1, 2]
+        assert {int(r.pid) for r in rows} == worker_pids(b)
+        assert {r.state for r in rows} == {"active"}
+        # the six clients, this admin connection and the one it opened to the
+        # other worker (counted there while it answers), wherever SO_REUSEPORT put them
+        assert sum(int(r.clients) for r in rows) == 8
+        assert sum(int(r.servers) for r in rows) >= 1
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def states(b) -> list[str]:
+    return [r.state for r in sorted(b.admin("SHOW WORKERS"), key=lambda r: int(r.worker))]
+
+
+@pytest.mark.timeout(90)
+def test_pause_resume_on_one_console_apply_to_every_worker(pg, bouncer):
+    b = start_workers(bouncer)
+    b.admin("PAUSE")
+    assert states(b) == ["paused", "paused"]
+    b.admin("RESUME")
+    assert states(b) == ["active", "active"]
+    b.admin("PAUSE app")                                # a database: sent on as given
+    b.admin("RESUME app")
+    assert states(b) == ["active", "active"]
+    conn = b.connect("app", "app", autocommit=True)     # serving again, wherever it lands
+    conn.cursor().execute("SELECT 1")
+    conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_reload_on_one_console_reloads_every_worker(bouncer):
+    b = start_workers(bouncer)
+    b.admin("RELOAD")
+    wait_until(lambda: b.log_text().count("RELOAD command issued") == 2, timeout=10,
+               message="both workers reloaded")
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_on_one_console_stops_every_worker_and_the_supervisor(bouncer):
+    b = start_workers(bouncer)
+    workers = worker_pids(b)
+    b.admin("SHUTDOWN")
+    assert b.wait_exit(15) == 0
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
