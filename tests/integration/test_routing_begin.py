@@ -1,0 +1,218 @@
+"""A lone BEGIN is deferred to the transaction's first statement (net/defer_begin.py).
+
+psycopg2's default (not autocommit) sends ``BEGIN`` alone, then the statements.
+With a routing_rules hook or the read/write split, that BEGIN is answered by the
+pooler and sent, with its options, to the server the first statement is routed
+to; a transaction with nothing but COMMIT/ROLLBACK never reaches a server.
+
+Routing: one PostgreSQL server, two databases: ``dev`` (rb_one, the client's) and
+``dev.2`` (rb_two); the hook sends queries marked ``to_two`` to dev.2 and records
+what it is told. The split: a primary and a streaming replica.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import textwrap
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions as ext
+import pytest
+from fixtures.pg import make_primary, make_standby
+from fixtures.ports import wait_until
+
+pytestmark = pytest.mark.geobouncer_only("routing hooks and the read/write split")
+
+ROUTER = '''
+import json, os
+CALLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.jsonl")
+
+def routing_rules(username, query, in_transaction):
+    with open(CALLS, "a") as f:
+        f.write(json.dumps([query, in_transaction]) + "\\n")
+    return "dev.2" if "to_two" in query else "dev" if "to_one" in query else None
+'''
+WHERE = "SELECT current_database()"
+
+
+def one(conn, sql):
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchone() if cur.description else cur.statusmessage
+
+
+@pytest.fixture
+def rr(pg, bouncer, tmp_path):
+    for db in ("rb_one", "rb_two"):
+        if not pg.psql("SELECT 1 FROM pg_database WHERE datname = %s", (db,)):
+            pg.psql(f"CREATE DATABASE {db} OWNER app")
+    pg.psql("DROP TABLE IF EXISTS w; CREATE TABLE w (id int)", dbname="rb_one", user="app")
+    (tmp_path / "router.py").write_text(textwrap.dedent(ROUTER))
+    b = bouncer(databases={"dev": pg.conninfo("rb_one"), "dev.2": pg.conninfo("rb_two")},
+                pgbouncer={"pool_mode": "transaction",
+                           "routing_rules_py_module_file": str(tmp_path / "router.py")})
+    b.calls = lambda: [tuple(json.loads(line)) for line in
+                       (tmp_path / "calls.jsonl").read_text().splitlines()] \
+        if (tmp_path / "calls.jsonl").exists() else []
+    return b
+
+
+def test_psycopg2_transaction_follows_the_route(rr):
+    conn = rr.connect("dev")       # not autocommit: BEGIN, then the SELECT
+    try:
+        assert one(conn, WHERE + " /* to_two */") == ("rb_two",)
+        assert conn.info.transaction_status == ext.TRANSACTION_STATUS_INTRANS
+        # The rest of the transaction stays where it started.
+        assert one(conn, WHERE) == ("rb_two",)
+        conn.commit()
+        assert one(conn, WHERE + " /* to_one */") == ("rb_one",)
+        conn.rollback()
+        # Hooks see in_transaction as without the deferral; BEGIN itself is not routed.
+        assert (WHERE + " /* to_two */", True) in rr.calls()
+        assert not [q for q, _ in rr.calls() if q.upper().startswith("BEGIN")]
+    finally:
+        conn.close()
+
+
+def test_write_transaction_stays_together(rr):
+    conn = rr.connect("dev")
+    try:
+        assert one(conn, "INSERT INTO w VALUES (1)") == "INSERT 0 1"
+        assert one(conn, "SELECT current_database(), count(*) FROM w /* to_two */") == ("rb_one", 1)
+        conn.rollback()
+        assert one(conn, "SELECT count(*) FROM w") == (0,)
+        conn.rollback()
+    finally:
+        conn.close()
+
+
+def test_begin_options_are_kept(rr):
+    conn = rr.connect("dev", autocommit=True)
+    try:
+        assert one(conn, "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY") == "START TRANSACTION"
+        assert one(conn, "SELECT current_setting('transaction_isolation'), "
+                         "current_setting('transaction_read_only'), current_database() /* to_two */") \
+            == ("serializable", "on", "rb_two")
+        assert one(conn, "COMMIT") == "COMMIT"
+        assert one(conn, "SELECT current_setting('transaction_isolation')") == ("read committed",)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("end, tag", [("COMMIT", "COMMIT"), ("end work", "COMMIT"),
+                                      ("ROLLBACK", "ROLLBACK"), ("abort;", "ROLLBACK")])
+def test_empty_transaction_answered_locally(rr, end, tag):
+    conn = rr.connect("dev", autocommit=True)
+    try:
+        assert one(conn, "BEGIN") == "BEGIN"
+        assert conn.info.transaction_status == ext.TRANSACTION_STATUS_INTRANS
+        assert one(conn, end) == tag
+        assert conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE
+        assert rr.calls() == []      # neither reached the routing (nor a server)
+        assert one(conn, WHERE) == ("rb_one",)
+    finally:
+        conn.close()
+
+
+def test_begin_twice_warns_as_postgresql_does(rr, pg):
+    conn = rr.connect("dev", autocommit=True)
+    direct = psycopg2.connect(pg.dsn("rb_one", user="app"))
+    direct.autocommit = True
+    try:
+        for c in (conn, direct):
+            assert one(c, "BEGIN") == "BEGIN"
+            assert one(c, "BEGIN ISOLATION LEVEL REPEATABLE READ") == "BEGIN"
+            assert one(c, "SELECT current_setting('transaction_isolation')") == ("repeatable read",)
+            assert one(c, "COMMIT") == "COMMIT"
+        assert conn.notices == direct.notices
+        assert len(conn.notices) == 1 and "already a transaction in progress" in conn.notices[0]
+    finally:
+        conn.close()
+        direct.close()
+
+
+def test_begin_then_garbage(rr):
+    conn = rr.connect("dev", autocommit=True)
+    try:
+        one(conn, "BEGIN")
+        with pytest.raises(psycopg2.errors.SyntaxError):
+            one(conn, "SELEC garbage /* to_two */")
+        assert conn.info.transaction_status == ext.TRANSACTION_STATUS_INERROR
+        with pytest.raises(psycopg2.errors.InFailedSqlTransaction):
+            one(conn, "SELECT 1")
+        assert one(conn, "ROLLBACK") == "ROLLBACK"
+        assert one(conn, WHERE + " /* to_one */") == ("rb_one",)
+    finally:
+        conn.close()
+
+
+def _startup(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    body = struct.pack("!I", 196608) + b"user\x00app\x00database\x00dev\x00\x00"
+    sock.sendall(struct.pack("!I", len(body) + 4) + body)
+    return sock
+
+
+def test_begin_then_disconnect(rr):
+    conn = rr.connect("dev", autocommit=True)
+    one(conn, "BEGIN")
+    before = len(rr.admin("SHOW CLIENTS"))
+    conn.close()
+    wait_until(lambda: len(rr.admin("SHOW CLIENTS")) == before - 1, timeout=10, message="client gone")
+    other = rr.connect("dev", autocommit=True)
+    try:
+        assert one(other, WHERE + " /* to_two */") == ("rb_two",)
+        assert other.info.transaction_status == ext.TRANSACTION_STATUS_IDLE
+    finally:
+        other.close()
+    assert "Traceback" not in rr.log_text()
+
+
+# -- the read/write split --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair():
+    made = []
+    try:
+        primary = make_primary("rb-primary")
+        made.append(primary)
+        primary.psql("CREATE TABLE t (id int)", dbname="app", user="app")
+        made.append(make_standby(primary, "rb-replica"))
+        yield tuple(made)
+    finally:
+        for cluster in reversed(made):
+            cluster.destroy()
+
+
+@pytest.fixture
+def split(pair, bouncer):
+    primary, replica = pair
+    db = {"host": "127.0.0.1", "port": primary.port, "dbname": "app",
+          "replicas": f"127.0.0.1:{replica.port}", "read_write_split": 1}
+    return bouncer(databases={"app": db}, pgbouncer={"pool_mode": "transaction", "auth_type": "md5"})
+
+
+def test_split_read_transaction_goes_to_the_replica(split, pair):
+    primary, replica = pair
+    conn = split.connect()
+    try:
+        wait_until(lambda: (one(conn, "SELECT inet_server_port()"), conn.rollback())[0] == (replica.port,),
+                   timeout=20, message="replica in rotation")
+        assert one(conn, "SELECT pg_is_in_recovery(), inet_server_port()") == (True, replica.port)
+        conn.commit()
+        # A write transaction: on the primary, whole.
+        assert one(conn, "INSERT INTO t VALUES (1)") == "INSERT 0 1"
+        assert one(conn, "SELECT pg_is_in_recovery(), count(*) FROM t") == (False, 1)
+        conn.rollback()
+        # BEGIN READ ONLY counts as a read.
+        conn.autocommit = True
+        one(conn, "BEGIN READ ONLY")
+        assert one(conn, "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')") \
+            == (True, "on")
+        one(conn, "COMMIT")
+    finally:
+        conn.close()
