@@ -18,6 +18,10 @@ one BEGIN reply, the one sent here. Until then:
   swallowed). The class is BEGIN_READ_ONLY only when every one of them says
   READ ONLY (the split then picks a replica, whatever the first statement).
 
+The routing hook is still called for these Queries, with in_transaction as
+without the deferral (false for the first BEGIN), and its answer is not used;
+the rewrite hook does not see them (a BEGIN is sent as the client wrote it).
+
 A BEGIN preceded by a comment, one sharing its Query with other statements and
 an extended-protocol BEGIN (Parse 'BEGIN' ...) are not deferred: they go to the
 server as before and pin the transaction where they land.
@@ -60,7 +64,8 @@ def intercept(client, buf: bytearray, msgs: list) -> bool:
         return False
     _, start, end = msgs[0]
     text = bytes(buf[start + 5:end - 1])
-    if client.deferred_begin is None:
+    in_tx = client.deferred_begin is not None
+    if not in_tx:
         server = client.server
         if server is not None and (server.tx_status != b"I" or not server.answered()):
             return False
@@ -82,6 +87,11 @@ def intercept(client, buf: bytearray, msgs: list) -> bool:
             reply = _ALREADY + _begin_reply(text)
         else:
             return False
+    hooks = client.app.hooks
+    if hooks.has_routing:
+        # Told as without the deferral (pgbouncer-rr); the answer is not used:
+        # the transaction's first statement decides.
+        hooks.route(client.user, text.decode("utf-8", "surrogateescape"), in_tx, client.app.is_database_key)
     del buf[:end]
     client.send(reply)
     return True

@@ -70,9 +70,8 @@ def test_psycopg2_transaction_follows_the_route(rr):
         conn.commit()
         assert one(conn, WHERE + " /* to_one */") == ("rb_one",)
         conn.rollback()
-        # Hooks see in_transaction as without the deferral; BEGIN itself is not routed.
-        assert (WHERE + " /* to_two */", True) in rr.calls()
-        assert not [q for q, _ in rr.calls() if q.upper().startswith("BEGIN")]
+        # Hooks see in_transaction as without the deferral (BEGIN outside, the rest inside).
+        assert rr.calls()[:3] == [("BEGIN", False), (WHERE + " /* to_two */", True), (WHERE, True)]
     finally:
         conn.close()
 
@@ -109,9 +108,11 @@ def test_empty_transaction_answered_locally(rr, end, tag):
     try:
         assert one(conn, "BEGIN") == "BEGIN"
         assert conn.info.transaction_status == ext.TRANSACTION_STATUS_INTRANS
+        assert [row for row in rr.admin("SHOW SERVERS") if row.state == "active"] == []   # none held
+        assert [row.state for row in rr.admin("SHOW CLIENTS") if row.database == "dev"] == ["active"]
         assert one(conn, end) == tag
         assert conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE
-        assert rr.calls() == []      # neither reached the routing (nor a server)
+        assert rr.calls() == [("BEGIN", False), (end, True)]
         assert one(conn, WHERE) == ("rb_one",)
     finally:
         conn.close()
