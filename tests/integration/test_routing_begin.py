@@ -197,23 +197,32 @@ def split(pair, bouncer):
     return bouncer(databases={"app": db}, pgbouncer={"pool_mode": "transaction", "auth_type": "md5"})
 
 
-def test_split_read_transaction_goes_to_the_replica(split, pair):
+def test_split_classes_a_transaction_by_its_begin(split, pair):
+    """The split keeps its answer for the BEGIN: a plain transaction on the
+    primary whole (a later statement may write or read its own write), BEGIN
+    READ ONLY on a replica, each BEGIN still answered once."""
     primary, replica = pair
     conn = split.connect()
     try:
-        wait_until(lambda: (one(conn, "SELECT inet_server_port()"), conn.rollback())[0] == (replica.port,),
+        probe = split.connect(autocommit=True)
+        wait_until(lambda: one(probe, "SELECT inet_server_port()") == (replica.port,),
                    timeout=20, message="replica in rotation")
-        assert one(conn, "SELECT pg_is_in_recovery(), inet_server_port()") == (True, replica.port)
-        conn.commit()
-        # A write transaction: on the primary, whole.
+        probe.close()
+        assert one(conn, "SELECT pg_is_in_recovery(), inet_server_port()") == (False, primary.port)
         assert one(conn, "INSERT INTO t VALUES (1)") == "INSERT 0 1"
         assert one(conn, "SELECT pg_is_in_recovery(), count(*) FROM t") == (False, 1)
         conn.rollback()
-        # BEGIN READ ONLY counts as a read.
+        assert one(conn, "INSERT INTO t VALUES (2)") == "INSERT 0 1"
+        assert one(conn, "SELECT count(*), inet_server_port() FROM t") == (1, primary.port)
+        conn.rollback()
         conn.autocommit = True
+        for begin in ("BEGIN READ ONLY", "START TRANSACTION READ ONLY, ISOLATION LEVEL REPEATABLE READ"):
+            one(conn, begin)
+            assert one(conn, "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')") \
+                == (True, "on")
+            assert one(conn, "COMMIT") == "COMMIT"
         one(conn, "BEGIN READ ONLY")
-        assert one(conn, "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')") \
-            == (True, "on")
-        one(conn, "COMMIT")
+        assert one(conn, "ROLLBACK") == "ROLLBACK"
+        assert conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE
     finally:
         conn.close()
