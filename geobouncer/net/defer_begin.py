@@ -3,6 +3,7 @@ pooling with routing hooks or the read/write split).
 
 A simple Query that is exactly one ``BEGIN`` / ``START TRANSACTION`` (with its
 options), arriving while the client has no open transaction, is answered here
+(transaction pooling only)
 (CommandComplete "BEGIN" + ReadyForQuery 'T') and kept on the client
 (``client.deferred_begin``: its Query messages and their class). The next batch is routed
 by its own first statement (net/route.py), and the BEGIN goes to the server
@@ -60,8 +61,8 @@ def _begin_reply(text: bytes) -> bytes:
 def intercept(client, buf: bytearray, msgs: list) -> bool:
     """Answer the batch here when it is a BEGIN to defer, or what ends or
     repeats a deferred one. True when answered (and removed from ``buf``)."""
-    if len(msgs) != 1 or msgs[0][0] != _Q:
-        return False
+    if len(msgs) != 1 or msgs[0][0] != _Q or client.pool.mode == "statement":
+        return False   # (statement pooling refuses transactions, at the server's ReadyForQuery)
     _, start, end = msgs[0]
     text = bytes(buf[start + 5:end - 1])
     in_tx = client.deferred_begin is not None

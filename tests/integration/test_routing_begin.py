@@ -17,6 +17,7 @@ import socket
 import struct
 import textwrap
 
+import psycopg
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions as ext
@@ -44,11 +45,15 @@ def one(conn, sql):
         return cur.fetchone() if cur.description else cur.statusmessage
 
 
-@pytest.fixture
-def rr(pg, bouncer, tmp_path):
+def _databases(pg) -> None:
     for db in ("rb_one", "rb_two"):
         if not pg.psql("SELECT 1 FROM pg_database WHERE datname = %s", (db,)):
             pg.psql(f"CREATE DATABASE {db} OWNER app")
+
+
+@pytest.fixture
+def rr(pg, bouncer, tmp_path):
+    _databases(pg)
     pg.psql("DROP TABLE IF EXISTS w; CREATE TABLE w (id int)", dbname="rb_one", user="app")
     (tmp_path / "router.py").write_text(textwrap.dedent(ROUTER))
     b = bouncer(databases={"dev": pg.conninfo("rb_one"), "dev.2": pg.conninfo("rb_two")},
@@ -170,6 +175,27 @@ def test_begin_then_disconnect(rr):
     finally:
         other.close()
     assert "Traceback" not in rr.log_text()
+
+
+def test_psycopg3_extended_protocol_follows_the_route(rr):
+    with psycopg.connect(rr.dsn("dev"), autocommit=False) as c3:   # BEGIN, then Parse/Bind/Execute
+        assert c3.execute("SELECT current_database(), %s::int /* to_two */", (7,)).fetchone() == ("rb_two", 7)
+        assert c3.execute("SELECT current_database() /* to_one */").fetchone() == ("rb_two",)
+        c3.rollback()
+
+
+def test_idle_transaction_timeout_after_a_local_begin(pg, bouncer, tmp_path):
+    _databases(pg)
+    (tmp_path / "router.py").write_text(textwrap.dedent(ROUTER))
+    b = bouncer(databases={"dev": pg.conninfo("rb_one"), "dev.2": pg.conninfo("rb_two")},
+                pgbouncer={"pool_mode": "transaction", "idle_transaction_timeout": 1,
+                           "routing_rules_py_module_file": str(tmp_path / "router.py")})
+    conn = b.connect("dev", autocommit=True)
+    one(conn, "BEGIN")
+    wait_until(lambda: "idle transaction timeout" in b.log_text(), timeout=15, message="timed out")
+    with pytest.raises(psycopg2.OperationalError):
+        one(conn, "SELECT 1")
+    conn.close()
 
 
 # -- the read/write split --------------------------------------------------------------
