@@ -37,6 +37,7 @@ from ..routing.classify import BEGIN, BEGIN_READ_ONLY
 
 _Q = ord("Q")
 _HEADS = (b"begin", b"start")
+_MAX_DEFERRED = 8    # BEGINs kept; past that one goes to the server with them (and warns from there)
 _END = re.compile(rb"\s*(commit|end|rollback|abort)(?:\s+(?:work|transaction))?\s*;?\s*\Z", re.IGNORECASE)
 _BEGIN_REPLY = m.command_complete("BEGIN") + m.ready_for_query(b"T")
 _START_REPLY = m.command_complete("START TRANSACTION") + m.ready_for_query(b"T")
@@ -80,7 +81,7 @@ def intercept(client, buf: bytearray, msgs: list) -> bool:
         if ending is not None:
             client.deferred_begin = None
             reply = _ROLLBACK_REPLY if ending.group(1).lower() in (b"rollback", b"abort") else _COMMIT_REPLY
-        elif (kind := begin_kind(client, text)) is not None:
+        elif len(client.deferred_begin[0]) < _MAX_DEFERRED and (kind := begin_kind(client, text)) is not None:
             # As PostgreSQL does: a warning, and its options apply (it is sent too).
             queries, first = client.deferred_begin
             queries.append(bytes(buf[start:end]))

@@ -8,7 +8,8 @@ from __future__ import annotations
 from time import monotonic
 
 from ..pool import session_state
-from ..pool.prepared import BIND, DESCRIBE, EXECUTE, FAKE, INJECTED, MAY_DROP_ALL, PARSE, QUERY, SYNC, parse_locally
+from ..pool.prepared import (BIND, DESCRIBE, EXECUTE, FAKE, INJECTED, MAY_DROP_ALL, PARSE, QUERY, SYNC,
+                             parse_locally)
 from ..proto import messages as m
 from . import defer_begin, route, stream
 from .checkout import ClientError

@@ -140,6 +140,18 @@ def test_begin_twice_warns_as_postgresql_does(rr, pg):
         direct.close()
 
 
+def test_begin_flood_is_bounded(rr):
+    conn = rr.connect("dev", autocommit=True)
+    try:
+        for _ in range(20):
+            assert one(conn, "BEGIN") == "BEGIN"
+        assert len(conn.notices) == 19      # 7 from geobouncer, then from the server
+        assert one(conn, WHERE + " /* to_two */") == ("rb_one",)   # pinned by the server's BEGIN
+        assert one(conn, "COMMIT") == "COMMIT"
+    finally:
+        conn.close()
+
+
 def test_begin_then_garbage(rr):
     conn = rr.connect("dev", autocommit=True)
     try:
