@@ -90,6 +90,10 @@ class Janitor:
             return
         server = client.server
         if server is None:
+            if client.deferred_begin is not None and s.idle_transaction_timeout > 0 \
+                    and now - client.request_time > s.idle_transaction_timeout:
+                client.shutdown("25P03", "idle transaction timeout")   # a BEGIN answered here
+                return
             if s.client_idle_timeout > 0 and now - client.request_time > s.client_idle_timeout and client.state == "active":
                 client.shutdown("08P01", "client_idle_timeout")
             return

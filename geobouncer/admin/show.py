@@ -82,7 +82,8 @@ def client_row(app, c, state: str, now: float) -> list:
     if c.unix:
         local = ("unix", app.settings.listen_port)
     # PgBouncer prints an active client with no server linked as idle.
-    if state == "active" and c.server is None:
+    # (A client in a BEGIN answered here, net/defer_begin.py, is in a transaction: active.)
+    if state == "active" and c.server is None and c.deferred_begin is None:
         state = "idle"
     return ["C", c.user or "(nouser)", c.dbname or "(nodb)", "none", state, c.addr[0],
             c.addr[1] if not c.unix else app.settings.listen_port, local[0], local[1],

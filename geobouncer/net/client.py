@@ -42,7 +42,7 @@ __all__ = ["ClientConnection", "ClientGone"]
 class ClientConnection:
     # Per-connection state in slots: thousands of idle clients are the common case.
     __slots__ = ("addr", "admin", "app", "auth_result", "baseline", "bytes_out", "cancel_key", "closing",
-                 "connect_time", "dbname", "greenlet", "held", "id", "lost_tx", "parkable", "pending",
+                 "connect_time", "dbname", "deferred_begin", "greenlet", "held", "id", "lost_tx", "parkable", "pending",
                  "pending_error", "pool", "portal_change", "refused_routes", "request_time", "route_pool",
                  "rw_split", "scanner", "send", "server", "session_sets", "sock", "startup", "state",
                  "statements", "stats_only", "stmt_class", "stmt_routes", "stmt_sets", "tparams", "unix",
@@ -85,6 +85,7 @@ class ClientConnection:
         self.stmt_routes: dict[bytes, str] = {}   # named statement -> where its Parse was routed
         self.stmt_class: dict[bytes, str] = {}    # named statement -> read/write class (split)
         self.rw_split = False      # automatic read/write split for this client's database
+        self.deferred_begin = None  # (Query bytes, class): a BEGIN answered here (net/defer_begin.py)
         self.lost_tx = False       # a switchover took our transaction: say so at the next request
         self.auth_result = None
         self.scanner: ClientScanner | None = None   # frontend boundaries (proto/scan.py), after login

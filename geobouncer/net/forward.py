@@ -8,9 +8,10 @@ from __future__ import annotations
 from time import monotonic
 
 from ..pool import session_state
-from ..pool.prepared import BIND, DESCRIBE, EXECUTE, FAKE, MAY_DROP_ALL, PARSE, QUERY, SYNC, parse_locally
+from ..pool.prepared import (BIND, DESCRIBE, EXECUTE, FAKE, INJECTED, MAY_DROP_ALL, PARSE, QUERY, SYNC,
+                             parse_locally)
 from ..proto import messages as m
-from . import route, stream
+from . import defer_begin, route, stream
 from .checkout import ClientError
 from .fastio import receiver
 from .login import ClientGone
@@ -29,6 +30,7 @@ _UNNAMED_ENTRIES = {ord("P"): (PARSE, False, None), ord("B"): (BIND, False, None
                     ord("D"): (DESCRIBE, False, None), ord("E"): (EXECUTE, False, None),
                     ord("S"): (SYNC, False, None)}
 _FAKE = FAKE
+_INJECTED_ENTRY = (INJECTED, True, None)
 _BIG = 1 << 16      # batches above this are sent in pieces, bodies sliced through views
 
 
@@ -195,6 +197,8 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
         client._answer_lost(buf, msgs)
         return
     if client.app.hooks.enabled or client.rw_split:
+        if defer_begin.intercept(client, buf, msgs):
+            return
         msgs = route.route_batch(client, buf, msgs)
     server = client.server
     if server is None and msgs[0][0] == _P and _no_server_now(client.route_pool or client.pool):
@@ -216,6 +220,9 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
         client._send(bytes(buf[:last]), requests, None)
         del buf[:last]
         return
+    deferred = client.deferred_begin
+    client.deferred_begin = None
+    first_entry = len(tracker.pending)
     stmts = client.statements
     client_message = tracker.client_message
     parses_before = tracker.parses
@@ -227,7 +234,7 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
     sync_effect = None
     # SETs count only when run outside a transaction: as of this batch's start,
     # and before any other request of the batch.
-    outside = server.tx_status == b"I" and not tracker.pending
+    outside = server.tx_status == b"I" and not tracker.pending and deferred is None
     for mtype, start, end in msgs:
         effect = None
         if mtype == _Q:
@@ -318,6 +325,13 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
         # A large batch goes out piece by piece: joined, it would be one more copy.
         chunk = b"".join(out) if last <= _BIG else [piece for piece in out if len(piece)]
     del buf[:last]
+    if deferred is not None:
+        # The deferred BEGIN goes first; the client had its reply already.
+        for _ in deferred[0]:
+            tracker.pending.insert(first_entry, _INJECTED_ENTRY)
+        tracker.exact = True
+        requests += len(deferred[0])
+        chunk = [*deferred[0], *chunk] if type(chunk) is list else b"".join(deferred[0]) + chunk
     if tracker.pending and tracker.pending[0][0] == _FAKE:
         # Replies answered here with nothing outstanding before them go out
         # now, before the batch reaches the server and its replies can follow.

@@ -25,9 +25,16 @@ def route_batch(client, buf: bytearray, msgs: list) -> list:
     hooks = client.app.hooks
     split = client.rw_split
     server = client.server
-    in_tx = server is not None and (server.tx_status != b"I" or not server.answered())
+    # A deferred BEGIN (net/defer_begin.py): the hooks are told in_transaction
+    # as without the deferral (true), but this first statement still routes.
+    deferred = client.deferred_begin
+    in_tx = deferred is not None or (server is not None and (server.tx_status != b"I" or not server.answered()))
     target = None
-    decided = in_tx
+    decided = in_tx and deferred is None
+    # The split classes such a transaction by its BEGIN, as before the deferral:
+    # plain to the primary (a later statement may write, or read its own write),
+    # READ ONLY to a replica. A routing hook still has the last word.
+    begin_kind = deferred[1] if deferred is not None else None
     rewritten: dict[int, bytes] = {}   # message index -> its new bytes
     for index, (mtype, start, end) in enumerate(msgs):
         if mtype == _B and not decided and (client.stmt_routes or split):
@@ -35,8 +42,8 @@ def route_batch(client, buf: bytearray, msgs: list) -> list:
             # routed, or (read/write split) where its class of statement goes.
             portal_end = buf.index(0, start + 5)
             name = bytes(buf[portal_end + 1:buf.index(0, portal_end + 1)])
-            if split and name in client.stmt_class:
-                target = _split_target(client, client.stmt_class[name])
+            if split and (begin_kind or name in client.stmt_class):
+                target = _split_target(client, begin_kind or client.stmt_class[name])
             else:
                 target = client.stmt_routes.get(name)
             decided = in_tx = True
@@ -63,7 +70,7 @@ def route_batch(client, buf: bytearray, msgs: list) -> list:
             if mtype == _P and q_start > 1:
                 client.stmt_class[body[:q_start - 1]] = kind
             if not decided:
-                target = _split_target(client, kind)
+                target = _split_target(client, begin_kind or kind)
         if hooks.has_routing:
             key = hooks.route(client.user, text, in_tx, client.app.is_database_key)
             if key is not None and not decided:

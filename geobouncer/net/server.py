@@ -42,7 +42,8 @@ RECV_SIZE = 65536
 _Z, _S, _E, _G, _H, _W, _D, _C = (ord(c) for c in "ZSEGHWDC")
 _WATCHED = SERVER_WATCH
 # Replies that complete a request, or that the prepared-statement tracker must see.
-_TRACKED = _WATCHED | REQUEST_REPLIES
+# And notices: those of a Query the pooler injected are swallowed (pool/prepared.py).
+_TRACKED = _WATCHED | REQUEST_REPLIES | frozenset(b"N")
 # While the tracker needs no exact matching: CommandComplete too, for the tags
 # that drop every prepared statement (DEALLOCATE ALL, DISCARD ALL).
 _LEAN = _WATCHED | frozenset((_C,))

@@ -57,9 +57,11 @@ def large_message(client, buf: bytearray) -> bool:
         return False
     mtype = buf[0]
     reads_text = client.app.hooks.enabled or client.rw_split
+    # Held after a deferred BEGIN: it goes out first (net/forward.py).
+    deferred = client.deferred_begin is not None and mtype != ord("d")
     if mtype == _P and len(buf) > 5 and buf[5] == 0 and not reads_text:
         return True      # an unnamed Parse is not renamed: nothing in it to read
-    if mtype in _RENAMED or (mtype == _Q and reads_text):
+    if mtype in _RENAMED or deferred or (mtype == _Q and reads_text):
         if length > _HOLD_LIMIT:
             raise ProtocolError(f"message of {length} bytes is too large")
         return False

@@ -39,7 +39,9 @@ _HDR = struct.Struct("!cI")
 _BIG = 1 << 16        # bodies above this are sliced through views, not copied
 
 # entry kinds
-PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FAKE = range(8)
+PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FAKE, INJECTED = range(9)
+# INJECTED: a simple Query the pooler sent (a deferred BEGIN, net/defer_begin.py):
+# its replies are swallowed (CommandComplete, a warning, ReadyForQuery), an error forwarded.
 
 PARSE_COMPLETE = m.message(b"1")
 CLOSE_COMPLETE = m.message(b"3")
@@ -49,6 +51,7 @@ _R_PARSE, _R_BIND, _R_CLOSE = ord("1"), ord("2"), ord("3")
 _R_ROWDESC, _R_NODATA = ord("T"), ord("n")
 _R_COMPLETE, _R_EMPTY, _R_SUSPENDED = ord("C"), ord("I"), ord("s")
 _R_READY, _R_ERROR = ord("Z"), ord("E")
+_INJECTED_SWALLOWED = frozenset(b"CN")   # CommandComplete, a notice (ReadyForQuery apart)
 
 _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all|\"(?:[^\"]|\"\")+\"|[^\s;]+)\s*;?\s*$",
                          re.IGNORECASE | re.DOTALL)
@@ -430,6 +433,12 @@ class Tracker:
         if not pending:
             return True, b""
         kind = pending[0][0]
+        if kind == INJECTED:
+            if mtype == _R_READY:
+                pending.popleft()
+                self.status = bytes(body[:1])
+                return False, self.first_fakes()
+            return mtype not in _INJECTED_SWALLOWED, b""
         if mtype == _R_READY:
             # drop whatever the server skipped, up to and including the Sync/Query
             while pending and pending[0][0] not in (SYNC, QUERY):

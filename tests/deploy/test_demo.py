@@ -122,8 +122,10 @@ def _psycopg2_routes_per_transaction(state, primary, r1, r2):
     conn = psycopg2.connect(dsn)
     try:
         cur = conn.cursor()
-        cur.execute(tableb)           # psycopg2 sent BEGIN first: the hook's answer comes too late
-        assert str(cur.fetchone()[0]) == primary
+        cur.execute(tableb)           # psycopg2's BEGIN waits for it: the transaction goes to dev.2
+        assert str(cur.fetchone()[0]) == r2
+        cur.execute(where)            # and stays there
+        assert str(cur.fetchone()[0]) == r2
         conn.commit()
         conn.autocommit = True
         cur.execute(tableb)           # each statement routed: dev.2
