@@ -111,6 +111,10 @@ def message(session, mtype: int, body: bytes) -> None:
         return
     try:
         _message(session, state, mtype, body)
+    except ShardLost:
+        from .sharded import shard_lost
+        state.out.append(shard_lost(session))
+        state.failed = True
     except ShardingError as exc:
         _fail(session, state, exc.sqlstate, exc.text)
     except ClientError as exc:
@@ -268,40 +272,17 @@ def _execute(session, state, portal) -> None:
 
 
 def _run_many(session, state, links, batch: bytes, merge) -> None:
+    from .sharded import merge_replies
     now = session.client.request_time
     for shard_link in links:
         shard_link.send_request(batch, 1, now)
-    done = set()
-
-    def stream(shard_link):
-        for mtype, body in shard_link.messages():
-            if mtype == _Z:
-                done.add(shard_link.shard)
-                return
-            if mtype in _DESCRIBE_DROP:
-                continue
-            yield mtype, body
-            if mtype == _C or mtype == _E or mtype == _I:
-                break
-
-    failed = False
-    for piece in merge_results(merge, [stream(lk) for lk in links]):
-        kind = piece[:1]
-        if kind == b"T" or kind == b"n":
-            continue           # the client had its description from Describe
-        if kind == b"E":
-            failed = True
-        state.out.append(piece)
-        if len(state.out) >= 64:
-            _flush(session, state)
-    for shard_link in links:
-        if shard_link.shard not in done:
-            for mtype, _ in shard_link.messages():
-                pass
+    _flush(session, state)
+    # The description came with Describe: the merged one is left out.
+    tail, failed = merge_replies(session, links, merge, _DESCRIBE_DROP, (b"T", b"n"))
     if failed:
         state.failed = True
-        if session.status == b"T":
-            session.status = b"E"
+    if tail:
+        state.out.append(tail)
 
 
 __all__ = ["ExtendedState", "message", "ShardLost"]

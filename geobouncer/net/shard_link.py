@@ -102,6 +102,15 @@ class ShardLink:
             if mtype == _Z:
                 return
 
+    def peek(self) -> int:
+        """The type of the next reply message (waiting for its first byte)."""
+        while self.pos >= len(self.buf):
+            chunk = self.queue.get()
+            if chunk is _LOST:
+                raise ShardLost()
+            self.buf, self.pos = chunk, 0
+        return self.buf[self.pos]
+
     def raw_until_ready(self, out, drop=None):
         """Pass the replies on as they come (one shard: no merge), calling
         ``out(bytes)`` per run of messages, up to and including the

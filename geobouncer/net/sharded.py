@@ -36,7 +36,7 @@ from .shard_link import ShardLost, link, unlink
 log = logging.getLogger("geobouncer")
 
 RECV_SIZE = 65536
-_Q, _X, _Z, _E, _C = (ord(c) for c in "QXZEC")
+_Q, _X, _Z, _E, _C, _EMPTY = (ord(c) for c in "QXZECI")
 _P, _B, _D, _S, _H, _F, _CLOSE = (ord(c) for c in "PBDSHFC")
 _EXTENDED = frozenset((_P, _B, _D, _S, _H, _CLOSE, ord("E")))
 _COPY_STRAYS = frozenset(b"dcf")
@@ -235,6 +235,20 @@ def error_reply(session, sqlstate: str, text: str) -> bytes:
     return m.error_response(sqlstate, text)
 
 
+def shard_lost(session) -> bytes:
+    """A shard's server went away mid-request: the transaction, if any, is
+    gone on every shard (the servers still held are closed, which rolls them
+    back); the client stays and may retry."""
+    in_transaction = session.status != b"I"
+    for shard_link in list(session.links.values()):
+        unlink(session.app, shard_link, session.client.request_time)
+    session.links.clear()
+    session.begin_sql = None
+    session.status = b"E" if in_transaction else b"I"
+    return m.error_response("08006", "server connection lost on a shard: the request was not completed"
+                            + ("; the transaction was rolled back" if in_transaction else ""))
+
+
 def _rollback_quietly(session, shard_link) -> None:
     try:
         shard_link.send_request(m.query("ROLLBACK"), 1, session.client.request_time)
@@ -248,6 +262,8 @@ def _simple(session, body: bytes) -> None:
     text = body[:-1].decode("utf-8", "surrogateescape")
     try:
         out = run_statement(session, text)
+    except ShardLost:
+        out = shard_lost(session)
     except ShardingError as exc:
         out = error_reply(session, exc.sqlstate, exc.text)
     except ClientError as exc:
@@ -351,42 +367,60 @@ def _many_shards(session, links, texts: dict, merge):
     now = session.client.request_time
     for shard_link in links:
         shard_link.send_request(m.query(texts[shard_link.shard]), 1, now)
+    return merge_replies(session, links, merge, (), ())[0]
+
+
+def merge_replies(session, links, merge, skip, hide) -> tuple[bytes, bool]:
+    """Merge the shards' replies statement by statement (a text may hold
+    several) up to every shard's ReadyForQuery; ``skip``: message types
+    dropped from the shards' replies (ParseComplete...), ``hide``: from the
+    merged ones (b"T"...). Sends the merged rows as they come; returns the
+    tail to send and whether it failed."""
     statuses = {}
+    send = session.client.send
+    pending: list = []
+    failed = False
 
     def stream(shard_link):
-        # One statement's replies; the ReadyForQuery is read after the merge.
         for mtype, body in shard_link.messages():
-            if mtype == _Z:
+            if mtype == _Z:              # not reached: peeked before
                 statuses[shard_link.shard] = body[:1]
                 return
+            if mtype in skip:
+                continue
             yield mtype, body
-            if mtype == _C or mtype == _E or mtype == ord("I"):
-                break
+            if mtype == _C or mtype == _E or mtype == _EMPTY:
+                return
 
-    streams = [stream(lk) for lk in links]
-    send = session.client.send
-    failed = False
-    pending = []
-    for piece in merge_results(merge, streams):
-        if piece[:1] == b"E":
-            failed = True
-        pending.append(piece)
-        if len(pending) >= 64:
-            send(b"".join(pending))
-            pending.clear()
-    for shard_link in links:            # the rest of each reply, up to ReadyForQuery
-        if shard_link.shard not in statuses:
-            for mtype, body in shard_link.messages():
-                if mtype == _Z:
-                    statuses[shard_link.shard] = body[:1]
+    while True:
+        live = []
+        for shard_link in links:
+            if shard_link.shard in statuses:
+                continue
+            while shard_link.peek() in skip:
+                next(shard_link.messages())
+            if shard_link.peek() == _Z:
+                statuses[shard_link.shard] = next(shard_link.messages())[1][:1]
+            else:
+                live.append(shard_link)
+        if not live:
+            break
+        for piece in merge_results(merge, [stream(lk) for lk in live]):
+            kind = piece[:1]
+            if kind == b"E":
+                failed = True
+            elif kind in hide:
+                continue
+            pending.append(piece)
+            if len(pending) >= 64:
+                send(b"".join(pending))
+                pending.clear()
     if failed and session.status == b"T":
         session.status = b"E"
-    out = b"".join(pending)
-    if failed and session.status == b"E":
         for shard_link in session.links.values():
             if statuses.get(shard_link.shard) == b"T":
                 _rollback_quietly(session, shard_link)
-    return out
+    return b"".join(pending), failed
 
 
 def _finish(session, kind: str):
