@@ -156,6 +156,9 @@ def _merge(spec, shards, sink) -> Iterator[bytes]:
         yield from sink.flush()
         yield row
         sent += 1
+    for shard in shards:
+        shard.drain()
+    yield from sink.flush()
     if sink.error is None:
         tags = [s.tag for s in shards]
         if not all(tags):
