@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from ..proto.messages import command_complete, data_row, error_response, message
 from . import values as V
 from .aggregate import group_rows
-from .rows import Shard, Sink, parse_data_row, parse_row_description, row_description_body
+from .rows import C, I, NODATA, T, Shard, cut_short, Sink, parse_data_row, parse_row_description, row_description_body
 
-T, D, C, E, I, N, NODATA = (ord(c) for c in "TDCEINn")
 
 
 @dataclass(frozen=True)
@@ -109,10 +108,10 @@ def merge_results(spec: MergeSpec | None, streams: list[Iterator[tuple[int, byte
     shards = [Shard(s, sink) for s in streams]
     try:
         yield from _merge(spec, shards, sink)
-    finally:
+    finally:                       # also when the caller closes us: the servers finish
         for shard in shards:
             shard.drain()
-        yield from sink.flush()
+    yield from sink.flush()
     if sink.error is not None:
         yield sink.error
     elif sink.complete is not None:
@@ -162,7 +161,7 @@ def _merge(spec, shards, sink) -> Iterator[bytes]:
     if sink.error is None:
         tags = [s.tag for s in shards]
         if not all(tags):
-            sink.fail(error_response("08006", "a shard's reply ended before its CommandComplete"))
+            sink.fail(cut_short())
             return
         sink.complete = command_complete(sum_tags(tags).decode(errors="replace") if spec is None
                                          else f"SELECT {sent}")
@@ -222,23 +221,23 @@ class _Plan:
             if agg.count_column is not None:
                 V.sum_parser(self.oids[agg.count_column])
 
-    def _out(self, msg_body: bytes, row) -> bytes:
-        if self.visible == self.ncols and row is None:
-            return message(b"D", msg_body)
-        return data_row((row if row is not None else parse_data_row(msg_body))[:self.visible])
+    def _out(self, body: bytes) -> bytes:
+        """A DataRow passed on as it came, or trimmed to the visible columns."""
+        if self.visible == self.ncols:
+            return message(b"D", body)
+        return data_row(parse_data_row(body)[:self.visible])
 
     def rows(self, shards) -> Iterator[bytes]:
         spec = self.spec
         if spec is None or not (spec.order_by or spec.group_by or spec.aggregates or spec.distinct):
-            it = ((body, None) for shard in shards for body in shard.rows())
-            it = (self._out(body, row) for body, row in it)
+            it = (self._out(body) for shard in shards for body in shard.rows())
         elif spec.group_by or spec.aggregates:
             groups = group_rows(spec, self.oids, shards)
             if spec.order_by:
                 groups.sort(key=sort_key(spec.order_by, self.oids))
             it = (data_row(row[:self.visible]) for row in groups)
         else:
-            per_shard = [((parse_data_row(b)) for b in shard.rows()) for shard in shards]
+            per_shard = [(parse_data_row(b) for b in shard.rows()) for shard in shards]
             if spec.order_by:
                 merged = heapq.merge(*per_shard, key=sort_key(spec.order_by, self.oids))
             else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from ..proto.messages import message
+from ..proto.messages import error_response, message
 
 T, D, C, E, I, N, NODATA = (ord(c) for c in "TDCEINn")
 _FIELD = struct.Struct("!IhIhih")
@@ -93,12 +93,12 @@ class Shard:
         """(T, body) | (NODATA, b"") | the end message; (E, b"") for a stream cut short."""
         msg = self._next()
         if msg is None:
-            self.sink.fail(_cut())
+            self.sink.fail(cut_short())
             return E, b""
         if msg[0] == NODATA:
             end = self._next()
             if end is None or end[0] == E:
-                self.sink.fail(_cut())
+                self.sink.fail(cut_short())
                 return E, b""
             return NODATA, b""
         return msg
@@ -119,6 +119,6 @@ class Shard:
             pass
 
 
-def _cut() -> bytes:
-    from ..proto.messages import error_response
+def cut_short() -> bytes:
+    """The error for a shard whose reply ended without CommandComplete."""
     return error_response("08006", "a shard's reply ended before its CommandComplete")

@@ -186,13 +186,9 @@ def test_order_by_typed_not_textual_and_second_key():
     spec = MergeSpec(order_by=(SortKey(0), SortKey(2, descending=True)))
     _, rows, _ = decode(run(spec, [shard(cols, a), shard(cols, b)]))
     assert [(r[0], r[2]) for r in rows] == [("9", "b"), ("9.5", "c"), ("10", "b"), ("10", "a")]
-    spec = MergeSpec(order_by=(SortKey(1),))
-    _, rows, _ = decode(run(spec, [shard(cols, a[::-1][::-1]), shard(cols, b)]))
-    # a is not sorted by f; sort each shard first as PostgreSQL would
-    a_sorted = sorted(a, key=lambda r: float(r[1]) if r[1] != "NaN" else float("inf") * 2)
+    spec = MergeSpec(order_by=(SortKey(1),))      # each shard sorted by f, as PostgreSQL sends it
     _, rows, _ = decode(run(spec, [shard(cols, [a[1], a[0]]), shard(cols, b)]))
     assert [r[1] for r in rows] == ["-Infinity", "1e300", "Infinity", "NaN"]
-    assert a_sorted
 
 
 def test_limit_offset_after_merge_and_hidden_columns_trimmed():
@@ -264,3 +260,31 @@ def test_float8_text(f, text):
     ("123456789012345678", 7, "17636684144620811"), ("NaN", 2, "NaN"), ("0.0001", 3, "0.000033333333333333333333")])
 def test_numeric_div(num, count, text):
     assert V.format_numeric(V.numeric_div(Decimal(num), count)) == text.encode()
+
+
+def test_closing_the_merge_early_still_drains():
+    streams = [Tracked(shard(INT, [[1], [2]])), Tracked(shard(INT, [[3]]))]
+    gen = merge_results(MergeSpec(order_by=(SortKey(0),)), streams)
+    assert next(gen)[:1] == b"T"
+    gen.close()
+    assert all(t.drained for t in streams)
+
+
+def test_stream_cut_short_is_an_error():
+    s = msgs(row_description(INT), data_row([1]))
+    _, _, final = decode(run(None, [shard(INT, [[2]]), s]))
+    assert final == ("E", "08006")
+
+
+def test_group_by_float_nan_and_numeric_scales_group_together():
+    cols = [("f", 701), ("n", 1700), ("c", 20)]
+    spec = MergeSpec(group_by=(0, 1), aggregates=(Agg(2, "count"),))
+    s = [shard(cols, [["NaN", "1.0", 1]]), shard(cols, [["NaN", "1.00", 2]])]
+    _, rows, _ = decode(run(spec, s))
+    assert rows == [["NaN", "1.0", "3"]]
+
+
+def test_unsupported_sort_type_refused():
+    cols = [("iv", 1186)]
+    _, _, final = decode(run(MergeSpec(order_by=(SortKey(0),)), [shard(cols, [["1 day"]])] * 2))
+    assert final == ("E", "0A000")
