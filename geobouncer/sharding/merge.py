@@ -13,6 +13,7 @@ DISTINCT keeps the keys it has seen.
 from __future__ import annotations
 
 import heapq
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -147,9 +148,20 @@ def _merge(spec, shards, sink) -> Iterator[bytes]:
     except V.UnsupportedType as exc:
         sink.fail(error_response("0A000", str(exc)))
         return
+    except _BAD as exc:
+        sink.fail(_unreadable(exc))
+        return
     yield message(b"T", row_description_body(plan.out_fields))
     sent = 0
-    for row in plan.rows(shards):
+    rows = plan.rows(shards)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except _BAD as exc:
+            sink.fail(_unreadable(exc))
+            return
         if sink.error is not None:
             return
         yield from sink.flush()
@@ -165,6 +177,13 @@ def _merge(spec, shards, sink) -> Iterator[bytes]:
             return
         sink.complete = command_complete(sum_tags(tags).decode(errors="replace") if spec is None
                                          else f"SELECT {sent}")
+
+
+_BAD = (ValueError, ArithmeticError, IndexError, struct.error)
+
+
+def _unreadable(exc: Exception) -> bytes:
+    return error_response("XX000", f"a shard sent a result the merge cannot read ({type(exc).__name__})")
 
 
 class _Plan:

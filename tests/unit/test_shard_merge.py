@@ -288,3 +288,14 @@ def test_unsupported_sort_type_refused():
     cols = [("iv", 1186)]
     _, _, final = decode(run(MergeSpec(order_by=(SortKey(0),)), [shard(cols, [["1 day"]])] * 2))
     assert final == ("E", "0A000")
+
+
+@pytest.mark.parametrize("spec", [MergeSpec(order_by=(SortKey(0),)), MergeSpec(aggregates=(Agg(0, "sum"),))])
+def test_unreadable_values_are_an_error_not_a_traceback(spec):
+    good = shard(INT, [[1]])
+    bad = msgs(row_description(INT), data_row(["x1"]), command_complete("SELECT 1"))
+    _, _, final = decode(run(spec, [good, bad]))
+    assert final == ("E", "XX000")
+    short = msgs(row_description(INT), b"D\x00\x00\x00\x08\x00\x01\x00\x00", command_complete("SELECT 1"))
+    _, _, final = decode(run(spec, [good, short]))
+    assert final == ("E", "XX000")
