@@ -24,7 +24,7 @@ def cur(pg):
     conn.autocommit = True
     ext.register_type(_RAW, conn)
     c = conn.cursor()
-    c.execute("CREATE TEMP TABLE m (id int PRIMARY KEY, i int4, b int8, n numeric, f float8, g text)")
+    c.execute("CREATE TEMP TABLE m (id int PRIMARY KEY, i int4, b int8, n numeric, f float8, g text, r real)")
     rows = []
     for k in range(1, 200):
         sign = -1 if k % 4 == 0 else 1
@@ -33,10 +33,11 @@ def cur(pg):
         b = 9_000_000_000_000_000 + k * 12345 if k % 5 else -k
         f = None if k % 17 == 0 else sign * k * 0.25
         g = None if k % 19 == 0 else "grp" + chr(65 + k % 5)
-        rows.append((k, i, b, n, f, g))
-    c.executemany("INSERT INTO m VALUES (%s, %s, %s, %s::numeric, %s, %s)", rows)
-    c.execute("INSERT INTO m VALUES (1000, NULL, NULL, 'NaN', 'Infinity', 'grpZ'),"
-              " (1001, 5, NULL, '-Infinity', 'NaN', 'grpZ'), (1002, 6, 7, '0.000', '-Infinity', '')")
+        rows.append((k, i, b, n, f, g, None if f is None else f * 1000))
+    c.executemany("INSERT INTO m VALUES (%s, %s, %s, %s::numeric, %s, %s, %s)", rows)
+    c.execute("INSERT INTO m VALUES (1000, NULL, NULL, 'NaN', 'Infinity', 'grpZ', '1e30'),"
+              " (1001, 5, NULL, '-Infinity', 'NaN', 'grpZ', NULL),"
+              " (1002, 6, 7, '0.000', '-Infinity', '', '-1.5e-7')")
     yield c
     conn.close()
 
@@ -62,7 +63,8 @@ def merged(cur, spec, shard_sql):
 
 AGGS = [("count", "*"), ("count", "n"), ("sum", "i"), ("min", "i"), ("max", "i"), ("avg", "i"),
         ("sum", "n"), ("avg", "n"), ("min", "n"), ("max", "n"), ("sum", "b"), ("avg", "b"),
-        ("max", "g"), ("min", "g"), ("sum", "f"), ("avg", "f"), ("min", "f"), ("max", "f")]
+        ("max", "g"), ("min", "g"), ("sum", "f"), ("avg", "f"), ("min", "f"), ("max", "f"),
+        ("sum", "r"), ("avg", "r"), ("max", "r"), ("count", "r")]
 
 
 def agg_queries(where_whole="true", group=None):
@@ -71,7 +73,8 @@ def agg_queries(where_whole="true", group=None):
     for pos, (func, arg) in enumerate(AGGS, offset):
         whole.append(f"{func}({arg}) AS c{pos}")
         if func == "avg":
-            shard.append(f"sum({arg}) AS c{pos}")
+            # avg(real) adds in float8: the shards must too (the planner's rewrite)
+            shard.append(f"sum({arg}{'::float8' if arg == 'r' else ''}) AS c{pos}")
             hidden.append(f"count({arg}) AS h{pos}")
             aggs.append(Agg(pos, "avg", count_column=offset + len(AGGS) + len(hidden) - 1))
         else:
