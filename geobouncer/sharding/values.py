@@ -10,6 +10,7 @@ blanks, date/time/uuid as their ISO text (AD dates; BC dates sort wrongly).
 from __future__ import annotations
 
 import decimal
+import math
 import struct
 from decimal import Decimal
 
@@ -102,15 +103,13 @@ def _special(f: float) -> bytes | None:
     return None
 
 
-def _shortest_text(digits: str, exp10: int, negative: bool, limit: int = 15) -> bytes:
+def _shortest_text(digits: str, exp10: int, negative: bool, limit: int) -> bytes:
     """digits * 10**exp10 as float8out/float4out print it (%g thresholds -4 and 15 or 6)."""
     stripped = digits.rstrip("0") or "0"
     exp10 += len(digits) - len(stripped)
     digits = stripped
     sci = exp10 + len(digits) - 1
     sign = "-" if negative else ""
-    if digits == "0":
-        return (sign + "0").encode()
     if -4 <= sci < limit:
         if sci >= len(digits) - 1:
             text = digits + "0" * (sci - len(digits) + 1)
@@ -124,34 +123,41 @@ def _shortest_text(digits: str, exp10: int, negative: bool, limit: int = 15) -> 
     return (sign + text).encode()
 
 
-def _split_repr(text: str) -> tuple[str, int, bool]:
-    negative = text.startswith("-")
-    text = text.lstrip("-")
-    mant, _, e = text.partition("e")
-    exp10 = int(e) if e else 0
-    whole, _, frac = mant.partition(".")
-    digits = (whole + frac).lstrip("0")
-    return digits or "0", exp10 - len(frac), negative
+def _shortest(f: float, ffmt: str, ifmt: str, max_digits: int, limit: int) -> bytes:
+    """Ryu's answer (PostgreSQL's float4out/float8out, extra_float_digits = 1): the
+    shortest decimal strictly inside this float's rounding interval, nearest first."""
+    special = _special(f)
+    if special is not None:
+        return special
+    value = struct.unpack(ffmt, struct.pack(ffmt, f))[0]
+    negative = math.copysign(1.0, value) < 0
+    mag = abs(value)
+    if mag == 0:
+        return b"-0" if negative else b"0"
+    bits = struct.unpack(ifmt, struct.pack(ffmt, mag))[0]
+    exact = Decimal(mag)
+    lo = exact - Decimal(struct.unpack(ffmt, struct.pack(ifmt, bits - 1))[0])
+    above = struct.unpack(ffmt, struct.pack(ifmt, bits + 1))[0]
+    hi = lo if math.isinf(above) else Decimal(above) - exact    # the largest float: same gap
+    adjusted = exact.adjusted()
+    for prec in range(max_digits + 1):
+        quantum = Decimal(1).scaleb(adjusted - prec)
+        for rounding in (decimal.ROUND_HALF_EVEN, decimal.ROUND_FLOOR, decimal.ROUND_CEILING):
+            x = exact.quantize(quantum, rounding=rounding, context=EXACT)
+            if (x < exact and (exact - x) * 2 < lo) or (x >= exact and (x - exact) * 2 < hi):
+                _, digits, exp10 = x.as_tuple()
+                return _shortest_text("".join(map(str, digits)), exp10, negative, limit=limit)
+    raise AssertionError("no shortest text")        # max_digits always round-trips
 
 
 def format_float8(f: float) -> bytes:
-    """PostgreSQL 15 float8out with extra_float_digits = 1: shortest round-trip."""
-    special = _special(f)
-    if special is not None:
-        return special
-    return _shortest_text(*_split_repr(repr(f)))
+    """PostgreSQL 15 float8out: shortest round-trip text."""
+    return _shortest(f, "<d", "<q", 17, 15)
 
 
 def format_float4(f: float) -> bytes:
-    special = _special(f)
-    if special is not None:
-        return special
-    f32 = struct.unpack("f", struct.pack("f", f))[0]
-    for prec in range(1, 10):
-        text = f"{f32:.{prec}e}"
-        if struct.unpack("f", struct.pack("f", float(text)))[0] == f32:
-            break
-    return _shortest_text(*_split_repr(text), limit=6)
+    """PostgreSQL 15 float4out: shortest round-trip text of the float4 nearest f."""
+    return _shortest(f, "<f", "<i", 9, 6)
 
 
 # --- avg ----------------------------------------------------------------------

@@ -139,3 +139,27 @@ def test_concatenation_matches_postgres(cur):
     _, _, want = reply(cur, "SELECT id, n FROM m ORDER BY id")
     _, rows = merged(cur, None, "SELECT id, n FROM m WHERE {where} ORDER BY id")
     assert sorted(rows, key=lambda r: int(r[0])) == want
+
+
+def test_float_text_output_matches_postgres(cur):
+    """format_float8 / format_float4 print as PostgreSQL 15's float8out / float4out."""
+    from geobouncer.sharding.values import format_float4, format_float8
+    cur.execute("SELECT (v * 10 ^ e)::float8, (v * 10 ^ e)::float4 FROM"
+                " (VALUES (1.0), (-1.5), (0.1), (1.0/3), (123456.789), (2.0/7), (1e-3)) AS a(v),"
+                " generate_series(-30, 30) AS e")
+    n = 0
+    for f8, f4 in cur.fetchall():
+        assert format_float8(float(f8)).decode() == f8
+        assert format_float4(float(f4)).decode() == f4
+        n += 1
+    assert n > 100
+    cur.execute("SELECT v::float8, v::float8::float4 FROM unnest(ARRAY['5e-324', '1.7976931348623157e308',"
+                " '2.2250738585072014e-308', '1e-45', '3.4028235e38', '1.17549435e-38', '-0', '0'])"
+                " AS v WHERE v::float8 = 0 OR abs(v::float8) BETWEEN 1e-45 AND 3.4028235e38"
+                " UNION ALL SELECT (2 ^ k)::float8, (2 ^ k)::float4 FROM generate_series(-120, 120, 7) k")
+    for f8, f4 in cur.fetchall():
+        assert format_float8(float(f8)).decode() == f8
+        assert format_float4(float(f4)).decode() == f4
+    for f8 in ("5e-324", "1.7976931348623157e+308", "2.2250738585072014e-308"):
+        cur.execute("SELECT %s::float8", (f8,))
+        assert format_float8(float(f8)).decode() == cur.fetchone()[0]
