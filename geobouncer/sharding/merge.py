@@ -189,7 +189,7 @@ def _unreadable(exc: Exception) -> bytes:
 class _Plan:
     """The checked RowDescriptions and what to do with the rows."""
 
-    __slots__ = ("spec", "oids", "out_fields", "ncols", "visible")
+    __slots__ = ("spec", "oids", "out_oids", "out_fields", "ncols", "visible")
 
     def __init__(self, spec: MergeSpec | None, fields: list[list[tuple]]):
         first = fields[0]
@@ -201,15 +201,16 @@ class _Plan:
         self.oids = [f[3] for f in first]
         self.ncols = len(first)
         self.visible = self.ncols if spec is None or spec.visible is None else min(spec.visible, self.ncols)
-        out = list(first[:self.visible])
+        out = list(first)
         if spec is not None:
             self._check(spec, first)
             for agg in spec.aggregates:
-                if agg.func == "avg" and agg.column < self.visible:
+                if agg.func == "avg":
                     oid = V.FLOAT8 if self.oids[agg.column] in (V.FLOAT4, V.FLOAT8) else V.NUMERIC
                     f = out[agg.column]
                     out[agg.column] = (f[0], 0, 0, oid, 8 if oid == V.FLOAT8 else -1, -1, 0)
-        self.out_fields = out
+        self.out_oids = [f[3] for f in out]     # avg columns: numeric or float8
+        self.out_fields = out[:self.visible]
 
     def _check(self, spec: MergeSpec, fields):
         used = {k.column for k in spec.order_by} | set(spec.group_by)
@@ -253,7 +254,7 @@ class _Plan:
         elif spec.group_by or spec.aggregates:
             groups = group_rows(spec, self.oids, shards)
             if spec.order_by:
-                groups.sort(key=sort_key(spec.order_by, self.oids))
+                groups.sort(key=sort_key(spec.order_by, self.out_oids))
             it = (data_row(row[:self.visible]) for row in groups)
         else:
             per_shard = [(parse_data_row(b) for b in shard.rows()) for shard in shards]

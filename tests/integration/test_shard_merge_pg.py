@@ -163,3 +163,15 @@ def test_float_text_output_matches_postgres(cur):
     for f8 in ("5e-324", "1.7976931348623157e+308", "2.2250738585072014e-308"):
         cur.execute("SELECT %s::float8", (f8,))
         assert format_float8(float(f8)).decode() == cur.fetchone()[0]
+
+
+def test_group_by_ordered_by_aggregates_matches_postgres(cur):
+    whole = ("SELECT g, avg(i) AS a, count(*) AS c, sum(n) AS s FROM m WHERE id < 1000"
+             " GROUP BY g ORDER BY a DESC, c, g LIMIT 4 OFFSET 1")
+    shard_sql = ("SELECT g, sum(i) AS a, count(*) AS c, sum(n) AS s, count(i) AS h FROM m"
+                 " WHERE id < 1000 AND {where} GROUP BY g")
+    spec = MergeSpec(group_by=(0,), aggregates=(Agg(1, "avg", count_column=4), Agg(2, "count"), Agg(3, "sum")),
+                     order_by=(SortKey(1, True), SortKey(2), SortKey(0)), limit=4, offset=1, visible=4)
+    _, want_cols, want = reply(cur, whole)
+    cols, rows = merged(cur, spec, shard_sql)
+    assert cols == want_cols and rows == want and len(rows) == 4

@@ -299,3 +299,13 @@ def test_unreadable_values_are_an_error_not_a_traceback(spec):
     short = msgs(row_description(INT), b"D\x00\x00\x00\x08\x00\x01\x00\x00", command_complete("SELECT 1"))
     _, _, final = decode(run(spec, [good, short]))
     assert final == ("E", "XX000")
+
+
+def test_group_by_ordered_by_an_avg_column():
+    cols = [("g", 25), ("avg", 20), ("c", 20)]
+    spec = MergeSpec(group_by=(0,), aggregates=(Agg(1, "avg", count_column=2),),
+                     order_by=(SortKey(1, descending=True),), visible=2)
+    s = [shard(cols, [["a", 1, 2], ["b", 9, 2]]), shard(cols, [["a", 2, 1], ["c", None, 0]])]
+    c, rows, _ = decode(run(spec, s))
+    assert c == [("g", 25), ("avg", 1700)]
+    assert rows == [["c", None], ["b", "4.5000000000000000"], ["a", "1.00000000000000000000"]]
