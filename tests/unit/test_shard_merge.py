@@ -309,3 +309,19 @@ def test_group_by_ordered_by_an_avg_column():
     c, rows, _ = decode(run(spec, s))
     assert c == [("g", 25), ("avg", 1700)]
     assert rows == [["c", None], ["b", "4.5000000000000000"], ["a", "1.00000000000000000000"]]
+
+
+def test_concatenation_with_hidden_columns_trims_them():
+    cols = [("v", 23), ("hidden", 23)]
+    c, rows, final = decode(run(MergeSpec(visible=1), [shard(cols, [[1, 9]]), shard(cols, [[2, 8]])]))
+    assert c == [("v", 23)] and rows == [["1"], ["2"]] and final == ("C", "SELECT 2")
+
+
+def test_no_data_statements():
+    out = run(None, [msgs(b"n\x00\x00\x00\x04", command_complete("SET"))] * 2)
+    assert out == [b"n\x00\x00\x00\x04", command_complete("SET")]
+
+
+def test_mixed_result_kinds_are_an_error():
+    _, _, final = decode(run(None, [shard(INT, [[1]]), msgs(command_complete("UPDATE 1"))]))
+    assert final == ("E", "XX000")
