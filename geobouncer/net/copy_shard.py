@@ -27,37 +27,43 @@ def run(session, plan, text: str, targets):
     spec = plan.copy
     if spec.format == "binary":
         raise ShardingError("0A000", "COPY in binary format is not supported on a sharded database")
-    rule = spec.rule
-    targets = sorted(targets if rule is None else range(len(session.sdb.shards)))
+    rule = spec.key_rule
+    candidates = spec.key_candidates or ()
+    sharded = rule is not None or bool(candidates)
+    targets = sorted(range(len(session.sdb.shards)) if sharded else targets)
     links = session.take(targets)
     try:
-        key_index = _key_index(session, links[0], spec) if rule is not None else None
+        key_index = None
+        if sharded:
+            columns = spec.columns if spec.columns is not None else _columns(session, links[0], spec)
+            if rule is None:       # table=* rules: the first whose column the table has
+                rule = next((r for r in candidates if r.column in columns), None)
+            if rule is not None:
+                if rule.column not in columns:
+                    raise ShardingError("0A000", f'COPY into a sharded table must include its key '
+                                                 f'column "{rule.column}"')
+                key_index = list(columns).index(rule.column)
         return _copy(session, links, text, spec, rule, key_index)
     finally:
         session.give_back(links)
 
 
-def _key_index(session, shard_link, spec) -> int:
-    columns = spec.columns
-    if columns is None:
-        table = f'"{spec.schema}"."{spec.table}"' if spec.schema else f'"{spec.table}"'
-        sql = ("SELECT attname FROM pg_attribute WHERE attrelid = " + _literal(table) + "::regclass "
-               "AND attnum > 0 AND NOT attisdropped ORDER BY attnum")
-        shard_link.send_request(m.query(sql), 1, session.client.request_time)
-        columns, error = [], None
-        for mtype, body in shard_link.messages():
-            if mtype == ord("D"):
-                size = int.from_bytes(body[2:6], "big", signed=True)
-                columns.append(body[6:6 + size].decode())
-            elif mtype == _E:
-                error = m.parse_error_fields(body)
-        if error is not None:
-            raise ShardingError(error.get("C", "42P01"), error.get("M", "no such table"))
-    try:
-        return list(columns).index(spec.rule.column)
-    except ValueError:
-        raise ShardingError("0A000", f'COPY into a sharded table must include its key column '
-                                     f'"{spec.rule.column}"') from None
+def _columns(session, shard_link, spec) -> list:
+    """The table's own column order, from a shard's catalog."""
+    table = f'"{spec.schema}"."{spec.table}"' if spec.schema else f'"{spec.table}"'
+    sql = ("SELECT attname FROM pg_attribute WHERE attrelid = " + _literal(table) + "::regclass "
+           "AND attnum > 0 AND NOT attisdropped ORDER BY attnum")
+    shard_link.send_request(m.query(sql), 1, session.client.request_time)
+    columns, error = [], None
+    for mtype, body in shard_link.messages():
+        if mtype == ord("D"):
+            size = int.from_bytes(body[2:6], "big", signed=True)
+            columns.append(body[6:6 + size].decode())
+        elif mtype == _E:
+            error = m.parse_error_fields(body)
+    if error is not None:
+        raise ShardingError(error.get("C", "42P01"), error.get("M", "no such table"))
+    return columns
 
 
 def _literal(value: str) -> str:
@@ -154,7 +160,7 @@ class RowSplitter:
     """Cuts a COPY stream into rows and tells each row's shard."""
 
     __slots__ = ("spec", "rule", "key_index", "partial", "pending", "header", "rows", "csv",
-                 "delimiter", "quote", "null", "ended")
+                 "delimiter", "quote", "null", "ended", "_nshards")
 
     def __init__(self, spec, rule, key_index, nshards: int):
         self.spec = spec
@@ -174,8 +180,6 @@ class RowSplitter:
         self.null = null.encode() if isinstance(null, str) else null
         self.ended = False
         self._nshards = nshards
-
-    _nshards = 0
 
     def feed(self, data: bytes) -> dict[int, list]:
         data = self.partial + data

@@ -193,7 +193,7 @@ def _describe(session, state, body: bytes) -> None:
             raise ClientError("34000", f'portal "{name.decode(errors="replace")}" does not exist',
                               close=False)
         statement = portal.statement
-        batch = (_parse_bind(statement, statement.text, portal) + m.message(b"D", b"P\x00") + m.SYNC)
+        batch = (_parse_and_bind(statement, statement.text, portal) + m.message(b"D", b"P\x00") + m.SYNC)
         shard = _describe_shard(session, statement.plan, portal)
     else:
         raise ProtocolError("invalid DESCRIBE message subtype")
@@ -226,7 +226,7 @@ def _describe_shard(session, plan, portal) -> int:
     return min(targets) if targets else 0
 
 
-def _parse_bind(statement, sql: str, portal) -> bytes:
+def _parse_and_bind(statement, sql: str, portal) -> bytes:
     return (m.message(b"P", b"\x00" + sql.encode("utf-8", "surrogateescape") + b"\x00" + statement.types)
             + m.message(b"B", b"\x00\x00" + portal.bind_tail))
 
@@ -254,7 +254,7 @@ def _execute(session, state, portal) -> None:
     links = session.take(targets)
     try:
         if len(links) == 1:
-            batch = _parse_bind(statement, statement.text, portal) + m.execute() + m.SYNC
+            batch = _parse_and_bind(statement, statement.text, portal) + m.execute() + m.SYNC
             shard_link = links[0]
             shard_link.send_request(batch, 1, session.client.request_time)
             shard_link.errored = False
@@ -265,7 +265,7 @@ def _execute(session, state, portal) -> None:
                 state.failed = True
             return
         sql = plan.shard_sql or statement.text
-        batch = (_parse_bind(statement, sql, portal) + m.message(b"D", b"P\x00") + m.execute() + m.SYNC)
+        batch = (_parse_and_bind(statement, sql, portal) + m.message(b"D", b"P\x00") + m.execute() + m.SYNC)
         _run_many(session, state, links, batch, plan.merge)
     finally:
         session.give_back(links)

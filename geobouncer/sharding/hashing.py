@@ -148,11 +148,17 @@ _NAMES = {"int8": "bigint", "int4": "integer", "int2": "smallint"}
 
 
 def parse_binary(ctype: str, data: bytes) -> object:
-    size = {"int8": 8, "int4": 4, "int2": 2, "uuid": 16}.get(ctype)
-    if size is not None and len(data) != size:
-        raise ValueError(f"invalid binary value for {ctype}: {len(data)} bytes")
     if ctype in _RANGES:
-        return int.from_bytes(data, "big", signed=True)
+        # A driver may bind a small integer as int2 or int4 (psycopg 3 does).
+        if len(data) not in (2, 4, 8):
+            raise ValueError(f"invalid binary value for {ctype}: {len(data)} bytes")
+        value = int.from_bytes(data, "big", signed=True)
+        low, high = _RANGES[ctype]
+        if not low <= value <= high:
+            raise ValueError(f"value {value} is out of range for type {_NAMES[ctype]}")
+        return value
+    if ctype == "uuid" and len(data) != 16:
+        raise ValueError(f"invalid binary value for uuid: {len(data)} bytes")
     if ctype == "uuid":
         return uuid.UUID(bytes=bytes(data))
     return bytes(data).decode("utf-8", "surrogateescape")

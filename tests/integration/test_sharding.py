@@ -53,17 +53,30 @@ things   = database=app column=id type=uuid
 @pytest.fixture(scope="module")
 def shard_pg():
     cluster = make_primary("shards", {"max_prepared_transactions": 20})
-    with cluster.connect("postgres", autocommit=True) as conn, conn.cursor() as cur:
+    conn = cluster.connect("postgres", autocommit=True)
+    with conn.cursor() as cur:
         for name in SHARDS + ("sh_ref",):
             cur.execute(f"CREATE DATABASE {name} OWNER app")
+    conn.close()
     yield cluster
     cluster.destroy()
 
 
-def direct(cluster, dbname):
-    conn = psycopg2.connect(**cluster.conninfo(dbname, user="app", password="app_pw"))
-    conn.autocommit = True
-    return conn
+class direct:
+    """An autocommit connection to one database, closed at the end of a with block."""
+
+    def __init__(self, cluster, dbname):
+        self.conn = psycopg2.connect(**cluster.conninfo(dbname, user="app", password="app_pw"))
+        self.conn.autocommit = True
+
+    def __enter__(self):
+        return self.conn
+
+    def __exit__(self, *exc):
+        self.conn.close()
+
+    def cursor(self):
+        return self.conn.cursor()
 
 
 @pytest.fixture
@@ -133,10 +146,10 @@ def test_rows_written_with_psycopg2_land_on_postgres_hash_shard(sharded, shards)
             assert cur.rowcount == len(rows)
         keys = ["", "a", "hello", "ünïcødé", "日本語", "x" * 300] + [f"k{i}" for i in range(60)]
         for k in keys:
-            cur.execute("INSERT INTO docs VALUES (%s, %s)", (k, "body"))
+            cur.execute("INSERT INTO docs (key, body) VALUES (%s, %s)", (k, "body"))
         uuids = [uuid.uuid4() for _ in range(60)] + [uuid.UUID(int=0), uuid.UUID(int=2**128 - 1)]
         for u in uuids:
-            cur.execute("INSERT INTO things VALUES (%s, 1)", (str(u),))
+            cur.execute("INSERT INTO things (id, n) VALUES (%s, 1)", (str(u),))
     want = expected_shards(shards, "users", "id", ids, "bigint")
     assert placement(shards, "users", "id") == want
     assert len(set(want.values())) == 3
@@ -275,7 +288,7 @@ def test_differential_corpus_against_an_unsharded_reference(sharded, shards):
     assert len(CORPUS) >= 50
     b = sharded()
     conn = b.connect("app", autocommit=True)
-    ref = direct(shards, "sh_ref")
+    ref = direct(shards, "sh_ref").conn
     _load(conn, ref)
     failures = []
     for sql, ordered in CORPUS:
@@ -390,8 +403,8 @@ def test_two_phase_recovery_after_a_crash_between_prepare_and_commit(sharded, sh
     rolled back everywhere."""
     a, c = _keys_on_two_shards(shards)
     sa, sc = _shard_of(shards, a), _shard_of(shards, c)
-    decider = direct(shards, SHARDS[sa])
-    other = direct(shards, SHARDS[sc])
+    decider = direct(shards, SHARDS[sa]).conn
+    other = direct(shards, SHARDS[sc]).conn
     plans = [("committed", a, c, True), ("undecided", a + 1000, c + 1000, False)]
     for tag, ka, kc, commit_decider in plans:
         with decider.cursor() as cur:
