@@ -68,7 +68,7 @@ class Plan:
         for i, cond in enumerate(rows):
             got = _eval(cond, args)
             if got is None or len(got) != 1:
-                return None  # an unkeyed row: the whole insert goes everywhere? no: refuse
+                return None  # not reached: an unkeyed row leaves _rows None
             per.setdefault(next(iter(got)), []).append(i)
         if len(per) < 2:
             return None
@@ -116,11 +116,6 @@ def _eval(cond, args):
     for p in known[1:]:
         out = out & p
     return out
-
-
-def _and(conds):
-    conds = [c for c in conds if c is not None]
-    return None if not conds else conds[0] if len(conds) == 1 else ("and", conds)
 
 
 def _has_param(node):
@@ -216,13 +211,17 @@ class Planner:
         write = isinstance(node, WRITE_NODES)
         if not write and not isinstance(node, READ_NODES):
             return Plan("all", sql, hint, True)  # DDL and utility: every shard
-        if isinstance(node, ast.ExplainStmt):
+        explain = isinstance(node, ast.ExplainStmt)
+        if explain:  # EXPLAIN's rows are plan text: route like its query, never merge
+            write = isinstance(node.query, WRITE_NODES)
             node = node.query
         from .keys import KeyFinder
         finder = KeyFinder(self.sdb)
         cond, rows = finder.statement(node)
         merge, shard_sql, merge_error = None, None, None
-        if isinstance(node, ast.SelectStmt):
+        if isinstance(node, ast.SelectStmt) and node.intoClause is not None:
+            return Plan("all", sql, hint, True)  # SELECT INTO creates a table: every shard
+        if isinstance(node, ast.SelectStmt) and not explain:
             from .planmerge import merge_plan
             merge, shard_sql, merge_error = merge_plan(node)
         return Plan("route", sql, hint, write or _locks(node), cond=cond,

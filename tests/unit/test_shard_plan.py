@@ -43,7 +43,8 @@ KINDS = [
     ("select 1; select 2", "all"), ("select 1 from users where id=1; select 2 from users where id=4", "route"),
     ("select 1 from users where id=1; select 2 from users where id=2", "error"),
     ("BEGIN; select 1", "error"),
-    ("COPY users (id, name) FROM STDIN", "route"), ("COPY users TO STDOUT", "all"),
+    ("COPY users (id, name) FROM STDIN", "route"), ("select 1 into t2 from users", "all"),
+    ("RESET ALL", "all"), ("SET geobouncer.shard = '1'", "set_shard"), ("COPY users TO STDOUT", "all"),
 ]
 
 
@@ -75,7 +76,8 @@ def test_hint(planner, sql, hint):
     ("insert into users (id) values (1)", True), ("update users set a=1 where id=1", True),
     ("delete from users where id=1", True), ("select 1 from users", False),
     ("create table x (a int)", True), ("select * from users where id=1 for update", True),
-    ("COPY users FROM STDIN", True),
+    ("COPY users FROM STDIN", True), ("explain select 1 from users", False),
+    ("explain analyze delete from users where id = 1", True),
 ])
 def test_write(planner, sql, write):
     assert planner.plan(sql).write is write
@@ -193,6 +195,8 @@ MERGES = [
      MergeSpec(order_by=(SortKey(0, False, True),)), None),
     ("select id, lower(name) from users order by lower(name)",
      MergeSpec(order_by=(SortKey(1),)), None),
+    ("select * from users order by 1", MergeSpec(order_by=(SortKey(0),)), None),
+    ("explain select id from users order by 1", None, None),
     ("select id from users order by id limit 10", MergeSpec(order_by=(SortKey(0),), limit=10),
      None),
     ("select id from users order by id limit 10 offset 5",
@@ -230,6 +234,7 @@ def test_merge_avg_shard_sql(planner):
     ("select id, row_number() over () from users", "window"),
     ("select id from users order by name", "ORDER BY"),
     ("select * from users order by id", "ORDER BY"),
+    ("select * from users order by 2", "position 2"),
     ("select distinct on (a) a from users", "DISTINCT ON"),
     ("select g, count(*) from users group by g having count(*) > 1", "HAVING"),
     ("select array_agg(a) from users", "array_agg"),
