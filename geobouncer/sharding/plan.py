@@ -115,7 +115,8 @@ def _eval(cond, args):
     out = known[0]
     for p in known[1:]:
         out = out & p
-    return out
+    # keys on different shards AND-ed: no row matches anywhere, any one shard answers right
+    return out or frozenset((min(known[0]),))
 
 
 def _has_param(node):
@@ -215,6 +216,10 @@ class Planner:
         if explain:  # EXPLAIN's rows are plan text: route like its query, never merge
             write = isinstance(node.query, WRITE_NODES)
             node = node.query
+        if isinstance(node, ast.UpdateStmt) and self._sets_key(node):
+            return Plan("error", sql, hint, True, error=(
+                "0A000", "UPDATE of a sharding key column is not supported (the row would "
+                         "have to move to another shard)"))
         from .keys import KeyFinder
         finder = KeyFinder(self.sdb)
         cond, rows = finder.statement(node)
@@ -227,6 +232,12 @@ class Planner:
         return Plan("route", sql, hint, write or _locks(node), cond=cond,
                     rows=(node, rows) if rows else None, merge=merge,
                     shard_sql=shard_sql, merge_error=merge_error)
+
+    def _sets_key(self, node):
+        rel = node.relation
+        return any(isinstance(t, ast.ResTarget) and t.name and
+                   self.sdb.rule_for(rel.relname, rel.schemaname, t.name) is not None
+                   for t in node.targetList or ())
 
 
 def _locks(node):
