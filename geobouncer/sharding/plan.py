@@ -15,6 +15,7 @@ HINT_RE = re.compile(r"/\*\s*geobouncer:shard\s*=\s*(\d+)\s*\*/", re.I)
 SHARD_GUC = "geobouncer.shard"
 KEY_GUC = "geobouncer.sharding_key"
 WRITE_NODES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
+MAX_CACHED_TEXT = 16384
 READ_NODES = (ast.SelectStmt, ast.VariableShowStmt, ast.ExplainStmt)
 
 
@@ -169,6 +170,8 @@ class Planner:
             plan = Plan("error", sql, error=(exc.sqlstate, exc.text))
         except Exception:  # a pglast surprise: let PostgreSQL judge the text
             plan = Plan("all", sql, hint=_hint(sql), write=True)
+        if len(sql) > MAX_CACHED_TEXT:
+            return plan  # huge texts (bulk INSERTs) are planned each time, not kept
         cache[sql] = plan
         if len(cache) > self.cache_size:
             cache.popitem(last=False)

@@ -300,6 +300,9 @@ def test_cache_bounded_and_reused(planner):
     for i in range(200):
         planner.plan("select %d" % i)
     assert len(planner._cache) <= 64
+    big = "select 1 from users where id = 1 " + " " * 20000
+    assert planner.plan(big).targets() == frozenset({1})
+    assert big not in planner._cache
 
 
 def test_plan_immutable(planner):
