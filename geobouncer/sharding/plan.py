@@ -8,6 +8,7 @@ import re
 
 import pglast
 from pglast import ast, enums
+from pglast.parser import scan
 
 from .rules import ShardingError
 
@@ -255,7 +256,18 @@ def _const_targets(plan):
 
 
 def _hint(sql):
-    m = HINT_RE.search(sql)
+    """The /* geobouncer:shard=N */ comment; text in string literals does not count
+    (unscannable text: the first match anywhere)."""
+    m = None
+    if "geobouncer" in sql:
+        try:
+            for tok in scan(sql):  # offsets are in characters, end inclusive
+                if tok.name == "C_COMMENT":
+                    m = HINT_RE.search(sql[tok.start:tok.end + 1])
+                    if m is not None:
+                        break
+        except Exception:
+            m = HINT_RE.search(sql)
     if m is None:
         return None
     n = int(m.group(1))

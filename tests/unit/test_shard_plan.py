@@ -67,7 +67,9 @@ def test_values_and_sql(planner):
 @pytest.mark.parametrize("sql,hint", [
     ("/* geobouncer:shard=2 */ select 1", 2), ("select 1 /*geobouncer:shard = 0*/", 0),
     ("select 1", None), ("/* geobouncer:shard=x */ select 1", None),
-    ("/* geobouncer:shard=1 */ garbage(", 1),
+    ("/* geobouncer:shard=1 */ garbage(", 1), ("select '/* geobouncer:shard=1 */'", None),
+    ("select 'ünï☃' /* geobouncer:shard=2 */", 2), ("select 1 /* geobouncer:shard=1", None),
+    ("select 1 -- geobouncer:shard=1", None),
 ])
 def test_hint(planner, sql, hint):
     assert planner.plan(sql).hint == hint
