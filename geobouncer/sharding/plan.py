@@ -245,7 +245,11 @@ class Planner:
 
 
 def _locks(node):
-    return bool(getattr(node, "lockingClause", None))
+    """FOR UPDATE/SHARE, or a data-modifying WITH (the statement writes)."""
+    if getattr(node, "lockingClause", None):
+        return True
+    with_ = getattr(node, "withClause", None)
+    return with_ is not None and any(isinstance(n, WRITE_NODES) for n in _walk(with_))
 
 
 def _const_targets(plan):

@@ -80,6 +80,8 @@ def test_hint(planner, sql, hint):
     ("delete from users where id=1", True), ("select 1 from users", False),
     ("create table x (a int)", True), ("select * from users where id=1 for update", True),
     ("COPY users FROM STDIN", True), ("explain select 1 from users", False),
+    ("with d as (delete from users where id = 1 returning *) select * from d", True),
+    ("with d as (select 1) select * from d", False),
     ("explain analyze delete from users where id = 1", True),
 ])
 def test_write(planner, sql, write):
