@@ -227,6 +227,12 @@ class Planner:
         from .keys import KeyFinder
         finder = KeyFinder(self.sdb)
         cond, rows = finder.statement(node)
+        if cond is None and hint is None and isinstance(node, ast.InsertStmt) \
+                and not explain and self._sharded(node.relation):
+            return Plan("error", sql, hint, True, error=(
+                "0A000", "INSERT into the sharded table %s needs its key column in the column "
+                         "list with a constant or a parameter in every row (or a "
+                         "geobouncer:shard hint)" % node.relation.relname))
         merge, shard_sql, merge_error = None, None, None
         if isinstance(node, ast.SelectStmt) and node.intoClause is not None:
             return Plan("all", sql, hint, True)  # SELECT INTO creates a table: every shard
@@ -236,6 +242,11 @@ class Planner:
         return Plan("route", sql, hint, write or _locks(node), cond=cond,
                     rows=(node, rows) if rows else None, merge=merge,
                     shard_sql=shard_sql, merge_error=merge_error)
+
+    def _sharded(self, rel):
+        """The table has a rule of its own (table=* rules may not apply to it)."""
+        return any(r.table is not None for r in self.sdb.columns_for(rel.relname,
+                                                                      rel.schemaname))
 
     def _sets_key(self, node):
         rel = node.relation
