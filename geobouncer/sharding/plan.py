@@ -27,8 +27,12 @@ class Plan:
     value: the int (set_shard) or str (set_key). error: (sqlstate, text) for kind "error".
     merge_error: (sqlstate, text) or None -- the statement cannot be merged over several
     shards; the loop raises it only when targets() gives None or more than one shard (a
-    single-shard plan never needs a merge). merge / shard_sql: see merge_plan (None here
-    when not computed). copy: CopySpec or None.
+    single-shard plan never needs a merge). merge / shard_sql: see planmerge (computed
+    for every top-level SELECT; the loop ignores them for one shard). copy: CopySpec.
+    hint is reported, not applied: targets() ignores it (the loop gives it precedence).
+    Several statements: "all" when none is keyed (and none needs a merge), "route" when all
+    go to one shard (or a hint is given), otherwise "error" 0A000.
+    targets() is never an empty set (contradictory keys: one shard).
     """
 
     __slots__ = ("kind", "sql", "hint", "write", "statements", "value", "error",
