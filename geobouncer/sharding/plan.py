@@ -8,6 +8,7 @@ import re
 
 import pglast
 from pglast import ast, enums
+from pglast.parser import scan
 
 from .rules import ShardingError
 
@@ -15,6 +16,7 @@ HINT_RE = re.compile(r"/\*\s*geobouncer:shard\s*=\s*(\d+)\s*\*/", re.I)
 SHARD_GUC = "geobouncer.shard"
 KEY_GUC = "geobouncer.sharding_key"
 WRITE_NODES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
+MAX_CACHED_TEXT = 16384
 READ_NODES = (ast.SelectStmt, ast.VariableShowStmt, ast.ExplainStmt)
 
 
@@ -25,8 +27,12 @@ class Plan:
     value: the int (set_shard) or str (set_key). error: (sqlstate, text) for kind "error".
     merge_error: (sqlstate, text) or None -- the statement cannot be merged over several
     shards; the loop raises it only when targets() gives None or more than one shard (a
-    single-shard plan never needs a merge). merge / shard_sql: see merge_plan (None here
-    when not computed). copy: CopySpec or None.
+    single-shard plan never needs a merge). merge / shard_sql: see planmerge (computed
+    for every top-level SELECT; the loop ignores them for one shard). copy: CopySpec.
+    hint is reported, not applied: targets() ignores it (the loop gives it precedence).
+    Several statements: "all" when none is keyed (and none needs a merge), "route" when all
+    go to one shard (or a hint is given), otherwise "error" 0A000.
+    targets() is never an empty set (contradictory keys: one shard).
     """
 
     __slots__ = ("kind", "sql", "hint", "write", "statements", "value", "error",
@@ -68,7 +74,7 @@ class Plan:
         for i, cond in enumerate(rows):
             got = _eval(cond, args)
             if got is None or len(got) != 1:
-                return None  # an unkeyed row: the whole insert goes everywhere? no: refuse
+                return None  # not reached: an unkeyed row leaves _rows None
             per.setdefault(next(iter(got)), []).append(i)
         if len(per) < 2:
             return None
@@ -115,12 +121,8 @@ def _eval(cond, args):
     out = known[0]
     for p in known[1:]:
         out = out & p
-    return out
-
-
-def _and(conds):
-    conds = [c for c in conds if c is not None]
-    return None if not conds else conds[0] if len(conds) == 1 else ("and", conds)
+    # keys on different shards AND-ed: no row matches anywhere, any one shard answers right
+    return out or frozenset((min(known[0]),))
 
 
 def _has_param(node):
@@ -173,6 +175,8 @@ class Planner:
             plan = Plan("error", sql, error=(exc.sqlstate, exc.text))
         except Exception:  # a pglast surprise: let PostgreSQL judge the text
             plan = Plan("all", sql, hint=_hint(sql), write=True)
+        if len(sql) > MAX_CACHED_TEXT:
+            return plan  # huge texts (bulk INSERTs) are planned each time, not kept
         cache[sql] = plan
         if len(cache) > self.cache_size:
             cache.popitem(last=False)
@@ -216,22 +220,51 @@ class Planner:
         write = isinstance(node, WRITE_NODES)
         if not write and not isinstance(node, READ_NODES):
             return Plan("all", sql, hint, True)  # DDL and utility: every shard
-        if isinstance(node, ast.ExplainStmt):
+        explain = isinstance(node, ast.ExplainStmt)
+        if explain:  # EXPLAIN's rows are plan text: route like its query, never merge
+            write = isinstance(node.query, WRITE_NODES)
             node = node.query
+        if isinstance(node, ast.UpdateStmt) and self._sets_key(node):
+            return Plan("error", sql, hint, True, error=(
+                "0A000", "UPDATE of a sharding key column is not supported (the row would "
+                         "have to move to another shard)"))
         from .keys import KeyFinder
         finder = KeyFinder(self.sdb)
         cond, rows = finder.statement(node)
+        if cond is None and hint is None and isinstance(node, ast.InsertStmt) \
+                and not explain and self._sharded(node.relation):
+            return Plan("error", sql, hint, True, error=(
+                "0A000", "INSERT into the sharded table %s needs its key column in the column "
+                         "list with a constant or a parameter in every row (or a "
+                         "geobouncer:shard hint)" % node.relation.relname))
         merge, shard_sql, merge_error = None, None, None
-        if isinstance(node, ast.SelectStmt):
+        if isinstance(node, ast.SelectStmt) and node.intoClause is not None:
+            return Plan("all", sql, hint, True)  # SELECT INTO creates a table: every shard
+        if isinstance(node, ast.SelectStmt) and not explain:
             from .planmerge import merge_plan
             merge, shard_sql, merge_error = merge_plan(node)
         return Plan("route", sql, hint, write or _locks(node), cond=cond,
                     rows=(node, rows) if rows else None, merge=merge,
                     shard_sql=shard_sql, merge_error=merge_error)
 
+    def _sharded(self, rel):
+        """The table has a rule of its own (table=* rules may not apply to it)."""
+        return any(r.table is not None for r in self.sdb.columns_for(rel.relname,
+                                                                      rel.schemaname))
+
+    def _sets_key(self, node):
+        rel = node.relation
+        return any(isinstance(t, ast.ResTarget) and t.name and
+                   self.sdb.rule_for(rel.relname, rel.schemaname, t.name) is not None
+                   for t in node.targetList or ())
+
 
 def _locks(node):
-    return bool(getattr(node, "lockingClause", None))
+    """FOR UPDATE/SHARE, or a data-modifying WITH (the statement writes)."""
+    if getattr(node, "lockingClause", None):
+        return True
+    with_ = getattr(node, "withClause", None)
+    return with_ is not None and any(isinstance(n, WRITE_NODES) for n in _walk(with_))
 
 
 def _const_targets(plan):
@@ -242,7 +275,18 @@ def _const_targets(plan):
 
 
 def _hint(sql):
-    m = HINT_RE.search(sql)
+    """The /* geobouncer:shard=N */ comment; text in string literals does not count
+    (unscannable text: the first match anywhere)."""
+    m = None
+    if "geobouncer" in sql:
+        try:
+            for tok in scan(sql):  # offsets are in characters, end inclusive
+                if tok.name == "C_COMMENT":
+                    m = HINT_RE.search(sql[tok.start:tok.end + 1])
+                    if m is not None:
+                        break
+        except Exception:
+            m = HINT_RE.search(sql)
     if m is None:
         return None
     n = int(m.group(1))

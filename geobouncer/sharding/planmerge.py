@@ -73,7 +73,7 @@ def _merge(node):
     def position(expr, what):
         if isinstance(expr, ast.A_Const) and isinstance(expr.val, ast.Integer):
             n = expr.val.ival
-            if 1 <= n <= len(targets) and not star:
+            if 1 <= n <= len(targets) and not (star and n > 1):
                 return n - 1
             raise Unsupported("%s by position %d" % (what, n))
         if isinstance(expr, ast.ColumnRef) and len(expr.fields) == 1 \

@@ -42,8 +42,15 @@ KINDS = [
     ("select * from users where id = 1", "route"), ("SELECT 'ünïcødé ☃'", "route"),
     ("select 1; select 2", "all"), ("select 1 from users where id=1; select 2 from users where id=4", "route"),
     ("select 1 from users where id=1; select 2 from users where id=2", "error"),
-    ("BEGIN; select 1", "error"),
-    ("COPY users (id, name) FROM STDIN", "route"), ("COPY users TO STDOUT", "all"),
+    ("BEGIN; select 1", "error"), ("update users set id = 5 where id = 1", "error"),
+    ("update orders set user_id = 5", "error"), ("update orders set n = 5", "route"),
+    ("insert into users values (3, 'a')", "error"), ("insert into users (id) select 1", "error"),
+    ("insert into users (id) values (default)", "error"),
+    ("insert into users (id) values (1), (null)", "error"),
+    ("/* geobouncer:shard=1 */ insert into users (name) values ('x')", "route"),
+    ("insert into orders (n) values (1)", "route"), ("insert into other values (1)", "route"),
+    ("COPY users (id, name) FROM STDIN", "route"), ("select 1 into t2 from users", "all"),
+    ("RESET ALL", "all"), ("SET geobouncer.shard = '1'", "set_shard"), ("COPY users TO STDOUT", "all"),
 ]
 
 
@@ -65,7 +72,9 @@ def test_values_and_sql(planner):
 @pytest.mark.parametrize("sql,hint", [
     ("/* geobouncer:shard=2 */ select 1", 2), ("select 1 /*geobouncer:shard = 0*/", 0),
     ("select 1", None), ("/* geobouncer:shard=x */ select 1", None),
-    ("/* geobouncer:shard=1 */ garbage(", 1),
+    ("/* geobouncer:shard=1 */ garbage(", 1), ("select '/* geobouncer:shard=1 */'", None),
+    ("select 'ünï☃' /* geobouncer:shard=2 */", 2), ("select 1 /* geobouncer:shard=1", None),
+    ("select 1 -- geobouncer:shard=1", None),
 ])
 def test_hint(planner, sql, hint):
     assert planner.plan(sql).hint == hint
@@ -75,7 +84,10 @@ def test_hint(planner, sql, hint):
     ("insert into users (id) values (1)", True), ("update users set a=1 where id=1", True),
     ("delete from users where id=1", True), ("select 1 from users", False),
     ("create table x (a int)", True), ("select * from users where id=1 for update", True),
-    ("COPY users FROM STDIN", True),
+    ("COPY users FROM STDIN", True), ("explain select 1 from users", False),
+    ("with d as (delete from users where id = 1 returning *) select * from d", True),
+    ("with d as (select 1) select * from d", False),
+    ("explain analyze delete from users where id = 1", True),
 ])
 def test_write(planner, sql, write):
     assert planner.plan(sql).write is write
@@ -93,6 +105,8 @@ TARGETS = [
     ("select * from users where id = 1 and name = 'x'", {1}),
     ("select * from users where (id = 1 or id = 2) and id = 2", {2}),
     ("select * from users where id = 1 or name = 'x'", None),
+    ("select * from users where id = 2 and id = 1", {2}),
+    ("select * from users where id = 1 and id = 4", {1}),
     ("select * from users where id > 1", None),
     ("select * from users where id <> 1", None),
     ("select * from users where not id = 1", None),
@@ -118,9 +132,6 @@ TARGETS = [
     ("insert into users (id, name) values (3, 'a')", {0}),
     ("insert into users (name, id) values ('a', 3), ('b', 6)", {0}),
     ("insert into users (name, id) values ('a', 3), ('b', 4)", {0, 1}),
-    ("insert into users values (3, 'a')", None),
-    ("insert into users (id) select 1", None),
-    ("insert into users (id) values (default)", None),
     ("insert into orders (user_id, n) values (2, 1)", {2}),
     ("select 1 union all select 2 from users where id = 1", None),
     ("explain select * from users where id = 1", {1}),
@@ -193,6 +204,8 @@ MERGES = [
      MergeSpec(order_by=(SortKey(0, False, True),)), None),
     ("select id, lower(name) from users order by lower(name)",
      MergeSpec(order_by=(SortKey(1),)), None),
+    ("select * from users order by 1", MergeSpec(order_by=(SortKey(0),)), None),
+    ("explain select id from users order by 1", None, None),
     ("select id from users order by id limit 10", MergeSpec(order_by=(SortKey(0),), limit=10),
      None),
     ("select id from users order by id limit 10 offset 5",
@@ -230,6 +243,7 @@ def test_merge_avg_shard_sql(planner):
     ("select id, row_number() over () from users", "window"),
     ("select id from users order by name", "ORDER BY"),
     ("select * from users order by id", "ORDER BY"),
+    ("select * from users order by 2", "position 2"),
     ("select distinct on (a) a from users", "DISTINCT ON"),
     ("select g, count(*) from users group by g having count(*) > 1", "HAVING"),
     ("select array_agg(a) from users", "array_agg"),
@@ -272,6 +286,8 @@ def test_copy(planner):
     "select * from users where " + " or ".join("id = %d" % i for i in range(2000)),
     "select (select (select (select id from users where id = 1)))",
     "\u202e\ufeff select 1",
+    "select * from users where " + "id = 1 or (" * 300 + "id = 2" + ")" * 300,
+    "select * from users where " + "id = 1 and (" * 300 + "id = 2" + ")" * 300,
     "select 1 /* unterminated",
     ";;;",
     "select $99999999999",
@@ -290,6 +306,9 @@ def test_cache_bounded_and_reused(planner):
     for i in range(200):
         planner.plan("select %d" % i)
     assert len(planner._cache) <= 64
+    big = "select 1 from users where id = 1 " + " " * 20000
+    assert planner.plan(big).targets() == frozenset({1})
+    assert big not in planner._cache
 
 
 def test_plan_immutable(planner):
