@@ -326,13 +326,14 @@ def run_statement(session, text: str):
     if plan.copy is not None:
         from . import copy_shard
         return copy_shard.run(session, plan, text, targets)
+    if split is not None:
+        targets = frozenset(split)
     links = session.take(targets)
     try:
         if len(links) == 1:
-            return _one_shard(session, links[0], text)
+            return _one_shard(session, links[0], split[links[0].shard] if split else text)
         if split is not None:
-            texts = {shard: sql for shard, sql in split.items()}
-            links = [lk for lk in links if lk.shard in texts]
+            texts = split
             merge = None
         else:
             sql = plan.shard_sql or text

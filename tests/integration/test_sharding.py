@@ -213,10 +213,10 @@ def _load(conn_through_pooler, ref):
     for conn in (conn_through_pooler, ref):
         with conn.cursor() as cur:
             for chunk in range(0, len(users), 50):
-                cur.execute("INSERT INTO users VALUES " + ",".join(
+                cur.execute("INSERT INTO users (id, name, score, balance, team) VALUES " + ",".join(
                     cur.mogrify("(%s,%s,%s,%s,%s)", u).decode() for u in users[chunk:chunk + 50]))
             for chunk in range(0, len(payments), 100):
-                cur.execute("INSERT INTO payments VALUES " + ",".join(
+                cur.execute("INSERT INTO payments (id, user_id, amount) VALUES " + ",".join(
                     cur.mogrify("(%s,%s,%s)", p).decode() for p in payments[chunk:chunk + 100]))
 
 
