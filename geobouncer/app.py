@@ -83,6 +83,7 @@ class Bouncer(FailoverWiring):
         self.clusters: dict[str, Cluster] = {}          # databases with a topology_query
         self.replica_sets: dict[str, ReplicaSet] = {}   # databases that list replicas
         self.extra_entries: dict = {}                   # node and replica keys -> entries
+        self.shard_stats: dict = {}                     # sharded database -> ShardCounters
         self.classifier = Classifier(self.settings.write_functions)
         try:
             self.hooks = Hooks.from_settings(self.settings, self.cfg.resolve_path)
@@ -95,6 +96,9 @@ class Bouncer(FailoverWiring):
         self.listeners.start(inherited_sockets())
         self._setup_failover()
         gevent.spawn(self.janitor.run)
+        if self.cfg.sharded:
+            from .net.two_phase import recovery_loop
+            gevent.spawn(recovery_loop, self)
         gevent.spawn(self.stats.report_loop)
         if self.settings.metrics_port:
             from .metrics import MetricsServer  # prometheus_client only when asked for
@@ -349,17 +353,18 @@ class Bouncer(FailoverWiring):
         if client.admin:
             self.admin.cancel(client)
             return
-        server = client.server
-        if server is None or server.closed or server.outstanding <= 0:
-            return
-        server.cancelling = True
-        try:
-            send_cancel(server.host, server.port, server.pid, server.key,
-                        tls=self.tls.server if is_tls(server.sock) else None)
-        except OSError as exc:
-            log.warning("cancel request to %s failed: %s", server.describe(), exc)
-        finally:
-            server.cancelling = False
+        servers = [client.server] if client.shard_session is None else client.shard_session.linked_servers()
+        for server in servers:
+            if server is None or server.closed or server.outstanding <= 0:
+                continue
+            server.cancelling = True
+            try:
+                send_cancel(server.host, server.port, server.pid, server.key,
+                            tls=self.tls.server if is_tls(server.sock) else None)
+            except OSError as exc:
+                log.warning("cancel request to %s failed: %s", server.describe(), exc)
+            finally:
+                server.cancelling = False
 
     # --- pause / resume / shutdown -----------------------------------------------
     def wait_resumed(self, pool, timeout) -> None:

@@ -66,6 +66,8 @@ class Readiness:
         default_host = app.settings.unix_socket_dir or "/tmp"
         seen: list[tuple[str, int]] = []
         for name, db in app.cfg.databases.items():
+            if db.shards:
+                continue            # its shards are entries of their own
             cluster = app.clusters.get(name)
             writer = cluster.writer_address() if cluster is not None else None
             if writer is not None:

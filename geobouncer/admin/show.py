@@ -251,7 +251,7 @@ HELP_TEXT = """Console usage
 	SHOW FDS|SOCKETS|ACTIVE_SOCKETS|LISTS|MEM|STATE
 	SHOW DNS_HOSTS|DNS_ZONES
 	SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS
-	SHOW ROUTING|TOPOLOGY|REPLICAS
+	SHOW ROUTING|TOPOLOGY|REPLICAS|SHARDS
 	SET key = arg
 	RELOAD
 	PAUSE [<db>]
@@ -296,8 +296,32 @@ def show_replicas(app):
     return cols, [row for replicas in app.replica_sets.values() for row in replicas.rows()]
 
 
+def show_shards(app):
+    """geobouncer's own: every shard of each sharded database, its entry, host,
+    state (servers up or not) and the database's sharding counters."""
+    cols = _cols("database:t shard:i entry:t host:t port:i dbname:t state:t sv_active:i sv_idle:i "
+                 "queries:i single_shard:i multi_shard:i two_phase_commits:i two_phase_recovered:i")
+    rows = []
+    for name, sdb in app.cfg.sharded.items():
+        counters = app.shard_stats.get(name)
+        totals = [getattr(counters, f, 0) if counters is not None else 0
+                  for f in ("queries", "single_shard", "multi_shard", "two_phase_commits",
+                            "two_phase_recovered")]
+        for shard, entry_name in enumerate(sdb.shards):
+            entry = app.database_for(entry_name)
+            pools = [p for (db, _), p in app.pools.items() if db == entry_name]
+            active = sum(len(p.active) for p in pools)
+            idle = sum(len(p.idle) for p in pools)
+            failing = any(p.last_login_error and not (p.active or p.idle) for p in pools)
+            state = "disabled" if entry_name in app.disabled else "failing" if failing else "up"
+            rows.append([name, shard, entry_name, entry.host if entry else None,
+                         entry.port if entry else None, entry.dbname if entry else None,
+                         state, active, idle, *totals])
+    return cols, rows
+
+
 BUILDERS = {
-    "topology": show_topology, "replicas": show_replicas,
+    "topology": show_topology, "replicas": show_replicas, "shards": show_shards,
     "pools": show_pools, "clients": show_clients, "servers": show_servers,
     "databases": show_databases, "stats": show_stats, "users": show_users,
     "config": show_config, "lists": show_lists, "version": show_version, "state": show_state,

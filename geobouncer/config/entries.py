@@ -40,6 +40,8 @@ DATABASE_KEYS: dict[str, tuple] = {
     # geobouncer: replicas of this database and how reads are spread over them
     "replicas": _TEXT, "load_balance": (ENUM, LOAD_BALANCE, None),
     "read_write_split": (BOOL, (), None), "replica_max_lag": _COUNT,
+    # geobouncer: a sharded database over these entries, in shard order
+    "shards": _TEXT,
 }
 DATABASE_ALIASES = {"reserve_pool": "reserve_pool_size"}
 
@@ -90,6 +92,7 @@ class DatabaseEntry:
     load_balance: str = "round_robin"  # geobouncer: round_robin | random | least_active
     read_write_split: bool = False  # geobouncer: reads to replicas automatically
     replica_max_lag: int | None = None  # geobouncer: bytes of WAL a replica may lag
+    shards: tuple[str, ...] | None = None  # geobouncer: the entries this sharded database spans
     hosts: tuple[str, ...] = ()  # ``host`` split; () means the Unix socket
     ports: tuple[int, ...] = ()  # one port per host, or (port,) without hosts
 
@@ -147,6 +150,20 @@ def parse_database(name: str, connstr: str) -> DatabaseEntry:
         connstr, DATABASE_KEYS, DATABASE_ALIASES, f"database {name!r}"
     )
     host = fields.get("host") or None
+    if "shards" in fields:
+        shards = tuple(part.strip() for part in (fields["shards"] or "").split(",") if part.strip())
+        if not shards:
+            raise ConfigError(f"database {name!r}: shards= lists no [databases] entry", key="shards")
+        if len(set(shards)) != len(shards):
+            raise ConfigError(f"database {name!r}: a shard is listed twice", key="shards")
+        clash = [key for key in ("host", "replicas", "topology_query", "auth_query") if fields.get(key)]
+        if clash:
+            raise ConfigError(f"database {name!r}: a sharded entry has no {clash[0]}= of its own "
+                              "(set it on its shards)", key=clash[0])
+        if fields.get("pool_mode") == "statement":
+            raise ConfigError(f"database {name!r}: statement pooling is not supported for a sharded "
+                              "database", key="pool_mode")
+        fields["shards"] = shards
     hosts = _split_hosts(host, name) if host else ()
     ports = _parse_ports(fields.pop("port", "5432"), len(hosts), name)
     fields.setdefault("dbname", None if name == "*" else name)

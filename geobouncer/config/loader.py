@@ -26,6 +26,7 @@ from .entries import (
     DatabaseEntry,
     PeerEntry,
     UserEntry,
+    parse_connstr,
     parse_database,
     parse_peer,
     parse_user,
@@ -35,7 +36,7 @@ from .settings import SETTINGS_BY_NAME
 from .snapshot import Config, Settings
 
 MAX_INCLUDE_DEPTH = 10
-SECTIONS = ("pgbouncer", "databases", "users", "peers")
+SECTIONS = ("pgbouncer", "databases", "users", "peers", "sharded_tables")
 MAIN_SECTION = "pgbouncer"
 
 _SECTION = re.compile(r"\[([^\]]*)\]\s*(?:[;#].*)?\Z")
@@ -54,6 +55,8 @@ class _Loading:
     databases: dict[str, DatabaseEntry] = field(default_factory=dict)
     users: dict[str, UserEntry] = field(default_factory=dict)
     peers: dict[int, PeerEntry] = field(default_factory=dict)
+    sharded_tables: list = field(default_factory=list)   # (name, value, file, line), checked at the end
+    where: tuple = ("", 0)
     files: list[str] = field(default_factory=list)
     open_files: list[str] = field(default_factory=list)
 
@@ -65,7 +68,9 @@ def load_config(path: str | os.PathLike) -> Config:
     _read_file(main, _read_text(main), loading)
     if not loading.seen_main:
         raise ConfigError(f"missing [{MAIN_SECTION}] section", file=main)
+    sharded = _sharding(loading, main)
     return Config(
+        sharded=MappingProxyType(sharded),
         path=main,
         pgbouncer=Settings(loading.settings),
         databases=MappingProxyType(loading.databases),
@@ -97,6 +102,7 @@ def _read_file(path: str, text: str, loading: _Loading) -> None:
         line = raw_line.strip()
         if not line:
             continue
+        loading.where = (path, lineno)
         try:
             _read_line(line, path, loading)
         except ConfigError as exc:
@@ -171,6 +177,41 @@ def _read_database(key: str, value: str, loading: _Loading) -> None:
     loading.databases[key] = parse_database(key, value)
 
 
+def _read_sharded_table(key: str, value: str, loading: _Loading) -> None:
+    loading.sharded_tables.append((key, value) + loading.where)
+
+
+def _sharding(loading: _Loading, main: str) -> dict:
+    """The sharded databases (``shards=``) and their ``[sharded_tables]`` rules,
+    checked once every section is read (a rule may come before its database)."""
+    from ..sharding.rules import ShardedDatabase, parse_rule   # pure: no I/O
+    databases = loading.databases
+    tables: dict[str, list] = {}
+    for name, value, path, lineno in loading.sharded_tables:
+        try:
+            params = dict(parse_connstr(value))
+            rule = parse_rule(name, params, databases)
+        except ValueError as exc:
+            raise ConfigError(f"sharded table {name!r}: {exc}", key=name).located(path, lineno) from None
+        except ConfigError as exc:
+            raise exc.located(path, lineno) from None
+        tables.setdefault(rule.database, []).append(rule)
+    out = {}
+    for name, entry in databases.items():
+        if not entry.shards:
+            continue
+        for shard in entry.shards:
+            target = databases.get(shard)
+            if target is None:
+                raise ConfigError(f"database {name!r}: shard {shard!r} is not a [databases] entry",
+                                  file=main, key="shards")
+            if target.shards:
+                raise ConfigError(f"database {name!r}: shard {shard!r} is itself sharded",
+                                  file=main, key="shards")
+        out[name] = ShardedDatabase(name, entry.shards, tables.get(name, ()))
+    return out
+
+
 def _read_user(key: str, value: str, loading: _Loading) -> None:
     loading.users[key] = parse_user(key, value)
 
@@ -185,4 +226,5 @@ _SECTION_READERS = {
     "databases": _read_database,
     "users": _read_user,
     "peers": _read_peer,
+    "sharded_tables": _read_sharded_table,
 }

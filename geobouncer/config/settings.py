@@ -401,6 +401,11 @@ SETTINGS: tuple[Setting, ...] = (
            "remaining clients get an error and the process exits (set it below a "
            "Kubernetes terminationGracePeriodSeconds). 0 waits as long as it takes, as "
            "PgBouncer does.", extension=True),
+        _s("two_phase_commit", BOOL, False, "Sharding: a transaction that touches several "
+           "shards commits on all of them with PREPARE TRANSACTION and COMMIT PREPARED "
+           "(the shards need max_prepared_transactions > 0); prepared transactions left by "
+           "a crash are finished from the shards' own state. Off: such a transaction is "
+           "refused at its second shard.", extension=True),
     ),
 )
 # fmt: on

@@ -88,11 +88,12 @@ class Config:
     databases: Mapping[str, DatabaseEntry] = field(default_factory=_no_entries)
     users: Mapping[str, UserEntry] = field(default_factory=_no_entries)
     peers: Mapping[int, PeerEntry] = field(default_factory=_no_entries)
+    sharded: Mapping[str, object] = field(default_factory=_no_entries)  # name -> ShardedDatabase
     files: tuple[str, ...] = ()  # every file read, main file first
 
     def __post_init__(self) -> None:
         # Read-only views: a snapshot shared between greenlets must not change.
-        for name in ("databases", "users", "peers"):
+        for name in ("databases", "users", "peers", "sharded"):
             value = getattr(self, name)
             if not isinstance(value, MappingProxyType):
                 object.__setattr__(self, name, MappingProxyType(dict(value)))

@@ -44,7 +44,7 @@ class ClientConnection:
     __slots__ = ("addr", "admin", "app", "auth_result", "baseline", "bytes_out", "cancel_key", "closing",
                  "connect_time", "dbname", "deferred_begin", "greenlet", "held", "id", "lost_tx", "parkable", "pending",
                  "pending_error", "pool", "portal_change", "refused_routes", "request_time", "route_pool",
-                 "rw_split", "scanner", "send", "server", "session_sets", "sock", "startup", "state",
+                 "rw_split", "scanner", "send", "server", "session_sets", "shard_session", "sock", "startup", "state",
                  "statements", "stats_only", "stmt_class", "stmt_routes", "stmt_sets", "tparams", "unix",
                  "unnamed_change", "user", "wait_started", "wlock", "__weakref__")
 
@@ -91,6 +91,7 @@ class ClientConnection:
         self.scanner: ClientScanner | None = None   # frontend boundaries (proto/scan.py), after login
         self.parkable = False      # blocked in the idle read: the janitor may park this client
         self.stats_only = False
+        self.shard_session = None  # a sharded database's state (net/sharded.py)
 
     def __repr__(self) -> str:
         return f"C-{self.id:#x}"
@@ -119,7 +120,10 @@ class ClientConnection:
         self._guarded(self._serve_loop)
 
     def _serve_loop(self) -> None:
-        if self.pool.tracking or self.app.hooks.enabled or self.rw_split or self.pool.cluster:
+        if self.pool.db.shards:
+            from . import sharded   # the sharding modules only for sharded databases
+            sharded.serve(self)
+        elif self.pool.tracking or self.app.hooks.enabled or self.rw_split or self.pool.cluster:
             forward.serve_transaction(self)
         else:
             stream.serve_session(self)

@@ -278,7 +278,14 @@ def _learn_server_defaults(client) -> None:
     """The pool's ParameterStatus defaults, from a first server login (PgBouncer
     does the same); every client's tracked values start from them."""
     pool = client.pool
-    if pool.welcome is None:
+    if pool.welcome is None and pool.db.shards:
+        # A sharded database has no server of its own: its first shard's defaults.
+        app = client.app
+        first = app.get_pool(app.database_for(pool.db.shards[0]), client.user, client.auth_result)
+        if first.welcome is None:
+            app.releaser.release_idle(acquire_server(app, first, client))
+        pool.welcome = first.welcome
+    elif pool.welcome is None:
         server = acquire_server(client.app, pool, client)
         client.app.releaser.release_idle(server)
 

@@ -1,0 +1,288 @@
+"""The extended protocol on a sharded database (net/sharded.py).
+
+Statements and portals live here, in the pooler: Parse and Bind are answered
+at once (ParseComplete, BindComplete), and each Execute is sent to the shards
+its Bind values choose as an unnamed Parse + Bind + Describe + Execute + Sync
+of its own — so a statement the client prepared once is prepared on whichever
+shards its executions reach, and the shards need no statement names. The
+Describe a client asks for is answered by one shard with the client's own text.
+An error skips the rest of the client's messages up to its Sync, as a server
+would.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..proto import messages as m
+from ..proto.framing import ProtocolError
+from ..sharding.merge import merge_results
+from ..sharding.rules import ShardingError
+from .checkout import ClientError
+from .shard_link import ShardLost
+
+_U16 = struct.Struct("!H")
+_I32 = struct.Struct("!i")
+_Z, _E, _C, _I = (ord(c) for c in "ZECI")
+_P, _B, _D, _S, _H, _X, _CL = (ord(c) for c in "PBDSHEC")
+_DROP = frozenset(b"123")           # ParseComplete, BindComplete, CloseComplete from shards
+_DESCRIBE_DROP = frozenset(b"12")
+_ROWS_DROP = frozenset(b"12Tn")     # at Execute the description was given by Describe
+PARSE_COMPLETE = m.message(b"1")
+BIND_COMPLETE = m.message(b"2")
+CLOSE_COMPLETE = m.message(b"3")
+NO_DATA = m.message(b"n")
+
+
+class Statement:
+    __slots__ = ("text", "types", "plan")
+
+    def __init__(self, text, types, plan):
+        self.text = text
+        self.types = types       # the Parse message's parameter-type tail, as sent
+        self.plan = plan
+
+
+class Portal:
+    __slots__ = ("statement", "params", "formats", "result_formats", "bind_tail")
+
+    def __init__(self, statement, params, formats, result_formats, bind_tail):
+        self.statement = statement
+        self.params = params
+        self.formats = formats
+        self.result_formats = result_formats
+        self.bind_tail = bind_tail      # the Bind body after the portal and statement names
+
+
+class ExtendedState:
+    __slots__ = ("statements", "portals", "out", "failed")
+
+    def __init__(self):
+        self.statements: dict[bytes, Statement] = {}
+        self.portals: dict[bytes, Portal] = {}
+        self.out: list[bytes] = []
+        self.failed = False
+
+
+def _cstr(body: bytes, pos: int) -> tuple[bytes, int]:
+    end = body.find(b"\x00", pos)
+    if end < 0:
+        raise ProtocolError("unterminated string in message")
+    return body[pos:end], end + 1
+
+
+def _parse_bind(body: bytes):
+    portal, pos = _cstr(body, 0)
+    name, pos = _cstr(body, pos)
+    tail = body[pos:]
+    try:
+        (nformats,) = _U16.unpack_from(body, pos)
+        pos += 2
+        formats = struct.unpack_from(f"!{nformats}h", body, pos)
+        pos += 2 * nformats
+        (nparams,) = _U16.unpack_from(body, pos)
+        pos += 2
+        params = []
+        for _ in range(nparams):
+            (size,) = _I32.unpack_from(body, pos)
+            pos += 4
+            if size < 0:
+                params.append(None)
+            else:
+                if pos + size > len(body):
+                    raise ProtocolError("invalid Bind message")
+                params.append(body[pos:pos + size])
+                pos += size
+        (nresults,) = _U16.unpack_from(body, pos)
+        result_formats = struct.unpack_from(f"!{nresults}h", body, pos + 2)
+    except struct.error:
+        raise ProtocolError("invalid Bind message") from None
+    if len(formats) > 1 and len(formats) != len(params):
+        raise ProtocolError("bind message has wrong number of parameter formats")
+    per_param = (tuple(formats) * len(params) if len(formats) == 1 else tuple(formats)
+                 or (0,) * len(params))
+    return portal, name, Portal(None, params, per_param, result_formats, tail)
+
+
+def message(session, mtype: int, body: bytes) -> None:
+    """One extended-protocol message of a sharded client."""
+    state = session.extended
+    if state.failed and mtype != _S:
+        return
+    try:
+        _message(session, state, mtype, body)
+    except ShardLost:
+        from .sharded import shard_lost
+        state.out.append(shard_lost(session))
+        state.failed = True
+    except ShardingError as exc:
+        _fail(session, state, exc.sqlstate, exc.text)
+    except ClientError as exc:
+        if exc.close:
+            raise
+        _fail(session, state, exc.sqlstate, exc.text)
+
+
+def _fail(session, state, sqlstate: str, text: str) -> None:
+    from .sharded import error_reply
+    state.out.append(error_reply(session, sqlstate, text))
+    state.failed = True
+
+
+def _message(session, state, mtype: int, body: bytes) -> None:
+    if mtype == _P:
+        name, pos = _cstr(body, 0)
+        text, pos = _cstr(body, pos)
+        if name and name in state.statements:
+            raise ClientError("42P05", f'prepared statement "{name.decode(errors="replace")}" '
+                                       "already exists", close=False)
+        sql = text.decode("utf-8", "surrogateescape")
+        state.statements[name] = Statement(sql, body[pos:], session.planner.plan(sql))
+        state.out.append(PARSE_COMPLETE)
+    elif mtype == _B:
+        portal_name, name, portal = _parse_bind(body)
+        statement = state.statements.get(name)
+        if statement is None:
+            raise ClientError("26000", f'prepared statement "{name.decode(errors="replace")}" '
+                                       "does not exist", close=False)
+        portal.statement = statement
+        state.portals[portal_name] = portal
+        state.out.append(BIND_COMPLETE)
+    elif mtype == _D:
+        _describe(session, state, body)
+    elif mtype == _X:
+        portal_name, pos = _cstr(body, 0)
+        portal = state.portals.get(portal_name)
+        if portal is None:
+            raise ClientError("34000", f'portal "{portal_name.decode(errors="replace")}" does not exist',
+                              close=False)
+        _execute(session, state, portal)
+    elif mtype == _CL:
+        kind, name = body[:1], _cstr(body, 1)[0]
+        (state.statements if kind == b"S" else state.portals).pop(name, None)
+        state.out.append(CLOSE_COMPLETE)
+    elif mtype == _H:
+        _flush(session, state)
+    elif mtype == _S:
+        state.failed = False
+        if session.status == b"I":
+            state.portals.clear()
+        state.out.append(m.ready_for_query(session.status))
+        _flush(session, state)
+
+
+def _flush(session, state) -> None:
+    if state.out:
+        session.client.send(b"".join(state.out))
+        state.out.clear()
+
+
+def _describe(session, state, body: bytes) -> None:
+    kind, name = body[:1], _cstr(body, 1)[0]
+    if kind == b"S":
+        statement = state.statements.get(name)
+        if statement is None:
+            raise ClientError("26000", f'prepared statement "{name.decode(errors="replace")}" '
+                                       "does not exist", close=False)
+        batch = (m.message(b"P", b"\x00" + statement.text.encode("utf-8", "surrogateescape") + b"\x00"
+                           + statement.types) + m.message(b"D", b"S\x00") + m.SYNC)
+        shard = _describe_shard(session, statement.plan, ())
+    elif kind == b"P":
+        portal = state.portals.get(name)
+        if portal is None:
+            raise ClientError("34000", f'portal "{name.decode(errors="replace")}" does not exist',
+                              close=False)
+        statement = portal.statement
+        batch = (_parse_and_bind(statement, statement.text, portal) + m.message(b"D", b"P\x00") + m.SYNC)
+        shard = _describe_shard(session, statement.plan, portal)
+    else:
+        raise ProtocolError("invalid DESCRIBE message subtype")
+    if statement.plan.kind not in ("route", "all"):
+        state.out.append(NO_DATA if kind == b"P" else m.message(b"t", b"\x00\x00") + NO_DATA)
+        return
+    (shard_link,) = session.take((shard,))
+    try:
+        _flush(session, state)
+        shard_link.send_request(batch, 1, session.client.request_time)
+        shard_link.errored = False
+        shard_link.raw_until_ready(state.out.append, _DESCRIBE_DROP)
+        if shard_link.errored:
+            state.failed = True
+    finally:
+        session.give_back([shard_link])
+
+
+def _describe_shard(session, plan, portal) -> int:
+    """A Describe goes to one shard: one the statement would reach, else shard 0."""
+    if session.links:
+        return min(session.links)
+    try:
+        if portal:
+            targets = session.resolve_targets(plan, portal.params, portal.formats)
+        else:
+            targets = None
+    except ShardingError:
+        targets = None
+    return min(targets) if targets else 0
+
+
+def _parse_and_bind(statement, sql: str, portal) -> bytes:
+    return (m.message(b"P", b"\x00" + sql.encode("utf-8", "surrogateescape") + b"\x00" + statement.types)
+            + m.message(b"B", b"\x00\x00" + portal.bind_tail))
+
+
+def _execute(session, state, portal) -> None:
+    from .sharded import local_reply
+    statement = portal.statement
+    plan = statement.plan
+    local = local_reply(session, plan, statement.text)
+    if local is not None:
+        state.out.append(local)
+        return
+    targets = session.resolve_targets(plan, portal.params, portal.formats)
+    session.check_transaction(targets)
+    if len(targets) > 1:
+        if plan.split(portal.params, portal.formats) is not None:
+            raise ShardingError("0A000", "a multi-row INSERT with parameters whose rows go to several "
+                                         "shards is not supported: send one row per statement")
+        if plan.merge_error is not None:
+            raise ShardingError(*plan.merge_error)
+        session.counters.multi_shard += 1
+    else:
+        session.counters.single_shard += 1
+    _flush(session, state)
+    links = session.take(targets)
+    try:
+        if len(links) == 1:
+            batch = _parse_and_bind(statement, statement.text, portal) + m.execute() + m.SYNC
+            shard_link = links[0]
+            shard_link.send_request(batch, 1, session.client.request_time)
+            shard_link.errored = False
+            status = shard_link.raw_until_ready(session.client.send, _DROP)
+            from .sharded import after
+            after(session, shard_link, status)
+            if shard_link.errored:
+                state.failed = True
+            return
+        sql = plan.shard_sql or statement.text
+        batch = (_parse_and_bind(statement, sql, portal) + m.message(b"D", b"P\x00") + m.execute() + m.SYNC)
+        _run_many(session, state, links, batch, plan.merge)
+    finally:
+        session.give_back(links)
+
+
+def _run_many(session, state, links, batch: bytes, merge) -> None:
+    from .sharded import merge_replies
+    now = session.client.request_time
+    for shard_link in links:
+        shard_link.send_request(batch, 1, now)
+    _flush(session, state)
+    # The description came with Describe: the merged one is left out.
+    tail, failed = merge_replies(session, links, merge, _DESCRIBE_DROP, (b"T", b"n"))
+    if failed:
+        state.failed = True
+    if tail:
+        state.out.append(tail)
+
+
+__all__ = ["ExtendedState", "message", "ShardLost"]

@@ -1,0 +1,452 @@
+"""The client's loop for a sharded database (``app = shards=app_0,app_1,...``).
+
+Every request is planned (sharding/plan.py: which shards, how to merge), sent
+to the shards' servers (one server per shard, linked through a ShardLink,
+net/shard_link.py) and the replies are passed on as they are (one shard) or
+merged (sharding/merge.py). Servers are taken in shard order, so two clients
+that each need several shards never wait on each other in a circle.
+
+Transactions are routed by their first statement: a lone BEGIN is answered
+here and sent, with its options, in front of the first statement, to the
+shard that statement goes to. A transaction stays on the shards it touched;
+reaching another shard is refused (25000-class error, the transaction is then
+failed), or with ``two_phase_commit`` joins it, and COMMIT runs PREPARE
+TRANSACTION on every shard before COMMIT PREPARED (net/two_phase.py).
+Outside a transaction each request takes servers and gives them back at once
+(transaction pooling), whatever the pool_mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from time import monotonic
+
+from ..proto import messages as m
+from ..sharding.counters import ShardCounters
+from ..sharding.merge import merge_results
+from ..sharding.plan import Planner
+from ..sharding.rules import ShardingError
+from . import extended_shard, two_phase
+from .checkout import ClientError
+from .fastio import receiver
+from .login import ClientGone
+from .shard_link import ShardLost, link, unlink
+
+log = logging.getLogger("geobouncer")
+
+RECV_SIZE = 65536
+_Q, _X, _Z, _E, _C, _EMPTY = (ord(c) for c in "QXZECI")
+_P, _B, _D, _S, _H, _F, _CLOSE = (ord(c) for c in "PBDSHFC")
+_EXTENDED = frozenset((_P, _B, _D, _S, _H, _CLOSE, ord("E")))
+_COPY_STRAYS = frozenset(b"dcf")
+
+_planners: dict = {}
+
+
+def planner_for(sdb) -> Planner:
+    planner = _planners.get(sdb.name)
+    if planner is None or planner.sdb is not sdb:
+        planner = _planners[sdb.name] = Planner(sdb)
+    return planner
+
+
+class ShardSession:
+    """A sharded client's state: its transaction and the shards it holds."""
+
+    __slots__ = ("client", "app", "sdb", "planner", "pools", "links", "status", "begin_sql",
+                 "forced_shard", "forced_key", "extended", "counters", "next_message")
+
+    def __init__(self, client):
+        app = client.app
+        self.client = client
+        self.app = app
+        self.sdb = app.cfg.sharded[client.pool.db.name]
+        self.planner = planner_for(self.sdb)
+        self.pools = [None] * len(self.sdb.shards)
+        self.links: dict[int, object] = {}   # shard -> ShardLink, held for the transaction
+        self.status = b"I"                   # the client's view: I, T or E
+        self.begin_sql: str | None = None    # a BEGIN not sent yet
+        self.forced_shard: int | None = None
+        self.forced_key: str | None = None
+        self.extended = extended_shard.ExtendedState()
+        self.next_message = None             # the client's next message (Inbox.next)
+        self.counters = app.shard_stats.setdefault(self.sdb.name, ShardCounters())
+
+    def pool(self, shard: int):
+        pool = self.pools[shard]
+        if pool is None or self.app.pools.get((pool.db.name, pool.user)) is not pool:
+            client = self.client
+            entry = self.app.database_for(self.sdb.shards[shard])
+            pool = self.pools[shard] = self.app.get_pool(entry, client.user, client.auth_result)
+        return pool
+
+    def linked_servers(self) -> list:
+        """The servers working for this client now (a cancel request reaches them all)."""
+        return [server for pool in self.pools if pool is not None for server in list(pool.active)
+                if getattr(server.client, "client", None) is self.client]
+
+    # --- servers --------------------------------------------------------------
+    def take(self, shards) -> list:
+        """ShardLinks for ``shards`` (sorted), reusing those the transaction holds."""
+        out = []
+        for shard in sorted(shards):
+            held = self.links.get(shard)
+            if held is None:
+                held = link(self.app, self.client, shard, self.pool(shard))
+                if self.status == b"T":
+                    self.links[shard] = held
+                    if self.begin_sql is not None:
+                        self._send_begin(held)
+            out.append(held)
+        return out
+
+    def _send_begin(self, shard_link) -> None:
+        shard_link.send_request(m.query(self.begin_sql), 1, self.client.request_time)
+        failed = None
+        for mtype, body in shard_link.messages():
+            if mtype == _E:
+                failed = body
+        if failed is not None:
+            fields = m.parse_error_fields(failed)
+            raise ClientError(fields.get("C", "XX000"), fields.get("M", "BEGIN failed"), close=False)
+
+    def give_back(self, links) -> None:
+        for shard_link in links:
+            if self.links.get(shard_link.shard) is not shard_link:
+                unlink(self.app, shard_link, self.client.request_time)
+
+    def end_transaction(self) -> None:
+        links, self.links = list(self.links.values()), {}
+        for shard_link in links:
+            unlink(self.app, shard_link, self.client.request_time)
+        self.begin_sql = None
+        self.status = b"I"
+
+    def close_all(self) -> None:
+        for shard_link in self.links.values():
+            shard_link.server.client = None
+            if not shard_link.server.closed:
+                shard_link.server.close("sharded client disconnected in a transaction")
+        self.links.clear()
+
+    # --- targets --------------------------------------------------------------
+    def resolve_targets(self, plan, params=(), formats=()):
+        """The shards a statement goes to: forced by a hint or SET, else the plan's."""
+        if plan.hint is not None:
+            shard = plan.hint
+        elif self.forced_shard is not None:
+            shard = self.forced_shard
+        elif self.forced_key is not None:
+            shard = shard_for_key(self.sdb, self.forced_key)
+        else:
+            targets = plan.targets(params, formats)
+            return frozenset(range(len(self.sdb.shards))) if targets is None else targets
+        if not 0 <= shard < len(self.sdb.shards):
+            raise ShardingError("22023", f"no shard {shard}: database {self.sdb.name} has "
+                                         f"{len(self.sdb.shards)} shards")
+        return frozenset((shard,))
+
+    def check_transaction(self, targets) -> None:
+        """Inside a transaction: the shards it holds, or one more with 2PC."""
+        if self.status != b"T":
+            return
+        held = set(self.links)
+        new = set(targets) - held
+        if not new:
+            return
+        if not held and len(targets) == 1:
+            return
+        if self.app.settings.two_phase_commit:
+            return
+        raise ShardingError("0A000", "a transaction may not touch more than one shard "
+                                     f"(it is on shard {min(held) if held else min(targets)}); "
+                                     "set two_phase_commit = 1 to allow it")
+
+
+def shard_for_key(sdb, value: str) -> int:
+    """SET geobouncer.sharding_key: the shard the database's first rule maps it to."""
+    if not sdb.tables:
+        raise ShardingError("22023", f"database {sdb.name} has no [sharded_tables] rule to map a key with")
+    return sdb.tables[0].shard_for_text(value)
+
+
+def serve(client) -> None:
+    """The loop: whole messages from the client, one at a time."""
+    session = client.shard_session = ShardSession(client)
+    inbox = Inbox(client)
+    session.next_message = inbox.next
+    try:
+        while True:
+            mtype, body = inbox.next()
+            client.request_time = monotonic()
+            if mtype == _X:
+                raise ClientGone()
+            if mtype == _Q:
+                _simple(session, body)
+            elif mtype in _EXTENDED:
+                extended_shard.message(session, mtype, body)
+            elif mtype in _COPY_STRAYS:
+                continue            # CopyData / CopyDone / CopyFail outside COPY: ignored, as PostgreSQL does
+            else:
+                raise ClientError("0A000", "this message type is not supported on a sharded database")
+    finally:
+        session.close_all()
+
+
+class Inbox:
+    """The client's messages one by one, read through its ClientScanner."""
+
+    __slots__ = ("recv", "buf", "queue", "scan")
+
+    def __init__(self, client):
+        self.recv = receiver(client.sock, RECV_SIZE, client)
+        self.buf = bytearray(client.pending)
+        client.pending = b""
+        self.queue: deque = deque()
+        self.scan = client.scanner.messages
+
+    def next(self) -> tuple[int, bytes]:
+        queue = self.queue
+        while not queue:
+            buf = self.buf
+            msgs = self.scan(buf)
+            if msgs is None:
+                data = self.recv()
+                if not data:
+                    raise ClientGone()
+                buf += data
+                continue
+            queue.extend((mtype, bytes(buf[start + 5:end])) for mtype, start, end in msgs)
+            del buf[:msgs[-1][2]]
+        return queue.popleft()
+
+
+def _reply(session, data: bytes) -> None:
+    session.client.send(data + m.ready_for_query(session.status))
+
+
+def error_reply(session, sqlstate: str, text: str) -> bytes:
+    """An error for the current request; inside a transaction it fails it."""
+    if session.status == b"T":
+        session.status = b"E"
+        for shard_link in session.links.values():
+            _rollback_quietly(session, shard_link)
+    return m.error_response(sqlstate, text)
+
+
+def shard_lost(session) -> bytes:
+    """A shard's server went away mid-request: the transaction, if any, is
+    gone on every shard (the servers still held are closed, which rolls them
+    back); the client stays and may retry."""
+    in_transaction = session.status != b"I"
+    for shard_link in list(session.links.values()):
+        unlink(session.app, shard_link, session.client.request_time)
+    session.links.clear()
+    session.begin_sql = None
+    session.status = b"E" if in_transaction else b"I"
+    return m.error_response("08006", "server connection lost on a shard: the request was not completed"
+                            + ("; the transaction was rolled back" if in_transaction else ""))
+
+
+def _rollback_quietly(session, shard_link) -> None:
+    try:
+        shard_link.send_request(m.query("ROLLBACK"), 1, session.client.request_time)
+        for _ in shard_link.messages():
+            pass
+    except ShardLost:
+        pass
+
+
+def _simple(session, body: bytes) -> None:
+    text = body[:-1].decode("utf-8", "surrogateescape")
+    try:
+        out = run_statement(session, text)
+    except ShardLost:
+        out = shard_lost(session)
+    except ShardingError as exc:
+        out = error_reply(session, exc.sqlstate, exc.text)
+    except ClientError as exc:
+        if exc.close:
+            raise
+        out = error_reply(session, exc.sqlstate, exc.text)
+    if out is not None:
+        _reply(session, out)
+
+
+def local_reply(session, plan, text: str):
+    """What the pooler answers itself (BEGIN, COMMIT/ROLLBACK of an untouched
+    transaction, SET geobouncer.*, refusals): the reply without
+    ReadyForQuery, or None when the statement goes to shards."""
+    kind = plan.kind
+    session.counters.queries += 1
+    if kind == "begin":
+        if session.status != b"I":
+            return (m.notice_response("there is already a transaction in progress", "25001", "WARNING")
+                    + m.command_complete("BEGIN"))
+        session.status = b"T"
+        session.begin_sql = text
+        return m.command_complete("BEGIN")
+    if kind in ("commit", "rollback"):
+        return _finish(session, kind)
+    if session.status == b"E":
+        return m.error_response("25P02", "current transaction is aborted, commands ignored until "
+                                         "end of transaction block")
+    if kind == "set_shard":
+        session.forced_shard, session.forced_key = plan.value, None
+        return m.command_complete("SET")
+    if kind == "set_key":
+        shard_for_key(session.sdb, plan.value)     # a value no shard takes: the error now
+        session.forced_key, session.forced_shard = plan.value, None
+        return m.command_complete("SET")
+    if kind == "reset_shard":
+        session.forced_shard = session.forced_key = None
+        return m.command_complete("RESET")
+    if kind == "error":
+        raise ShardingError(*plan.error)
+    return None
+
+
+def run_statement(session, text: str):
+    """One simple Query. Returns the reply to send before ReadyForQuery, or
+    None when the replies were passed on already (ReadyForQuery included)."""
+    plan = session.planner.plan(text)
+    local = local_reply(session, plan, text)
+    if local is not None:
+        return local
+    targets = session.resolve_targets(plan)
+    session.check_transaction(targets)
+    split = plan.split() if len(targets) > 1 else None
+    if len(targets) > 1 and plan.merge_error is not None and split is None:
+        raise ShardingError(*plan.merge_error)
+    if len(targets) > 1:
+        session.counters.multi_shard += 1
+    else:
+        session.counters.single_shard += 1
+    if plan.copy is not None:
+        from . import copy_shard
+        return copy_shard.run(session, plan, text, targets)
+    if split is not None:
+        targets = frozenset(split)
+    links = session.take(targets)
+    try:
+        if len(links) == 1:
+            return _one_shard(session, links[0], split[links[0].shard] if split else text)
+        if split is not None:
+            texts = split
+            merge = None
+        else:
+            sql = plan.shard_sql or text
+            texts = {lk.shard: sql for lk in links}
+            merge = plan.merge
+        return _many_shards(session, links, texts, merge)
+    finally:
+        session.give_back(links)
+
+
+def _one_shard(session, shard_link, text: str):
+    shard_link.send_request(m.query(text), 1, session.client.request_time)
+    status = shard_link.raw_until_ready(session.client.send)
+    after(session, shard_link, status)
+    return None
+
+
+def after(session, shard_link, status: bytes) -> None:
+    """The shard's transaction status after a request decides the client's."""
+    if session.status == b"T" and status == b"E":
+        session.status = b"E"
+    elif status == b"I" and session.status != b"I" and len(session.links) <= 1:
+        session.end_transaction()          # the text itself ended the transaction (COMMIT inside)
+    elif session.status == b"I" and status != b"I":
+        # A transaction opened by the text itself ("BEGIN; ..."): the server
+        # stays with the client until the transaction ends.
+        session.status = status
+        session.links[shard_link.shard] = shard_link
+
+
+def _many_shards(session, links, texts: dict, merge):
+    now = session.client.request_time
+    for shard_link in links:
+        shard_link.send_request(m.query(texts[shard_link.shard]), 1, now)
+    return merge_replies(session, links, merge, (), ())[0]
+
+
+def merge_replies(session, links, merge, skip, hide) -> tuple[bytes, bool]:
+    """Merge the shards' replies statement by statement (a text may hold
+    several) up to every shard's ReadyForQuery; ``skip``: message types
+    dropped from the shards' replies (ParseComplete...), ``hide``: from the
+    merged ones (b"T"...). Sends the merged rows as they come; returns the
+    tail to send and whether it failed."""
+    statuses = {}
+    send = session.client.send
+    pending: list = []
+    failed = False
+
+    def stream(shard_link):
+        for mtype, body in shard_link.messages():
+            if mtype == _Z:              # not reached: peeked before
+                statuses[shard_link.shard] = body[:1]
+                return
+            if mtype in skip:
+                continue
+            yield mtype, body
+            if mtype == _C or mtype == _E or mtype == _EMPTY:
+                return
+
+    while True:
+        live = []
+        for shard_link in links:
+            if shard_link.shard in statuses:
+                continue
+            while shard_link.peek() in skip:
+                next(shard_link.messages())
+            if shard_link.peek() == _Z:
+                statuses[shard_link.shard] = next(shard_link.messages())[1][:1]
+            else:
+                live.append(shard_link)
+        if not live:
+            break
+        for piece in merge_results(merge, [stream(lk) for lk in live]):
+            kind = piece[:1]
+            if kind == b"E":
+                failed = True
+            elif kind in hide:
+                continue
+            pending.append(piece)
+            if len(pending) >= 64:
+                send(b"".join(pending))
+                pending.clear()
+    if failed and session.status == b"T":
+        session.status = b"E"
+        for shard_link in session.links.values():
+            if statuses.get(shard_link.shard) == b"T":
+                _rollback_quietly(session, shard_link)
+    return b"".join(pending), failed
+
+
+def _finish(session, kind: str):
+    """COMMIT / ROLLBACK: answered here when no shard was touched."""
+    links = list(session.links.values())
+    failed = session.status == b"E"
+    try:
+        if session.status == b"I":
+            warning = m.notice_response("there is no transaction in progress", "25P01", "WARNING")
+            return warning + m.command_complete("COMMIT" if kind == "commit" else "ROLLBACK")
+        if not links:
+            tag = "ROLLBACK" if failed or kind == "rollback" else "COMMIT"
+            return m.command_complete(tag)
+        if kind == "rollback" or failed:
+            for shard_link in links:
+                _rollback_quietly(session, shard_link)
+            return m.command_complete("ROLLBACK")
+        if len(links) == 1:
+            shard_link = links[0]
+            shard_link.send_request(m.query("COMMIT"), 1, session.client.request_time)
+            out = []
+            for mtype, body in shard_link.messages():
+                if mtype != _Z:
+                    out.append(m.message(bytes((mtype,)), body))
+            return b"".join(out)
+        return two_phase.commit(session, links)
+    finally:
+        session.end_transaction()

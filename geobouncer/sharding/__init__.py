@@ -1,0 +1,1 @@
+"""Sharding: pure parts (hashing, rules, planning, merging results); no sockets."""
