@@ -239,6 +239,8 @@ def test_extension_keys_are_marked():
         "metrics_listen_addr",
         "workers",
         "shutdown_timeout",
+        "metrics_request_timeout",
+        "two_phase_commit",
     }
 
 

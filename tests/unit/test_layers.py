@@ -10,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "geobouncer"
 # layer -> the geobouncer layers it may import
 ALLOWED = {
     "proto": set(),
-    "config": set(),
+    "config": {"sharding"},    # [sharded_tables] rules are built by the pure sharding layer
+    "sharding": {"proto"},     # hashing, rules, planning, merging: no sockets
     "auth": {"proto"},
     "pool": {"proto", "auth", "config"},
     "routing": set(),          # hooks and the classifier are pure
