@@ -240,7 +240,7 @@ def _execute(session, state, portal) -> None:
         state.out.append(local)
         return
     targets = session.resolve_targets(plan, portal.params, portal.formats)
-    session.check_transaction(targets)
+    session.check_transaction(targets, plan.write)
     if len(targets) > 1:
         if plan.split(portal.params, portal.formats) is not None:
             raise ShardingError("0A000", "a multi-row INSERT with parameters whose rows go to several "

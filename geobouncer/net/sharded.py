@@ -55,7 +55,7 @@ class ShardSession:
     """A sharded client's state: its transaction and the shards it holds."""
 
     __slots__ = ("client", "app", "sdb", "planner", "pools", "links", "status", "begin_sql",
-                 "forced_shard", "forced_key", "extended", "counters", "next_message")
+                 "forced_shard", "forced_key", "extended", "counters", "next_message", "written")
 
     def __init__(self, client):
         app = client.app
@@ -71,6 +71,7 @@ class ShardSession:
         self.forced_key: str | None = None
         self.extended = extended_shard.ExtendedState()
         self.next_message = None             # the client's next message (Inbox.next)
+        self.written: set[int] = set()       # shards this transaction wrote to
         self.counters = app.shard_stats.setdefault(self.sdb.name, ShardCounters())
 
     def pool(self, shard: int):
@@ -121,6 +122,7 @@ class ShardSession:
         for shard_link in links:
             unlink(self.app, shard_link, self.client.request_time)
         self.begin_sql = None
+        self.written = set()
         self.status = b"I"
 
     def close_all(self) -> None:
@@ -147,21 +149,18 @@ class ShardSession:
                                          f"{len(self.sdb.shards)} shards")
         return frozenset((shard,))
 
-    def check_transaction(self, targets) -> None:
-        """Inside a transaction: the shards it holds, or one more with 2PC."""
+    def check_transaction(self, targets, write: bool) -> None:
+        """Inside a transaction: reads may reach any shard (each joins the
+        transaction); writes may reach one shard, or several with 2PC."""
         if self.status != b"T":
             return
-        held = set(self.links)
-        new = set(targets) - held
-        if not new:
-            return
-        if not held and len(targets) == 1:
-            return
-        if self.app.settings.two_phase_commit:
-            return
-        raise ShardingError("0A000", "a transaction may not touch more than one shard "
-                                     f"(it is on shard {min(held) if held else min(targets)}); "
-                                     "set two_phase_commit = 1 to allow it")
+        if write:
+            written = self.written | set(targets)
+            if len(written) > 1 and not self.app.settings.two_phase_commit:
+                raise ShardingError("0A000", "a transaction may not write to more than one shard "
+                                             f"(it wrote to shard {min(self.written or targets)}); "
+                                             "set two_phase_commit = 1 to allow it")
+            self.written = written
 
 
 def shard_for_key(sdb, value: str) -> int:
@@ -293,6 +292,9 @@ def local_reply(session, plan, text: str):
         return m.error_response("25P02", "current transaction is aborted, commands ignored until "
                                          "end of transaction block")
     if kind == "set_shard":
+        if not 0 <= plan.value < len(session.sdb.shards):
+            raise ShardingError("22023", f"no shard {plan.value}: database {session.sdb.name} has "
+                                         f"{len(session.sdb.shards)} shards (0 to {len(session.sdb.shards) - 1})")
         session.forced_shard, session.forced_key = plan.value, None
         return m.command_complete("SET")
     if kind == "set_key":
@@ -315,7 +317,7 @@ def run_statement(session, text: str):
     if local is not None:
         return local
     targets = session.resolve_targets(plan)
-    session.check_transaction(targets)
+    session.check_transaction(targets, plan.write)
     split = plan.split() if len(targets) > 1 else None
     if len(targets) > 1 and plan.merge_error is not None and split is None:
         raise ShardingError(*plan.merge_error)
@@ -439,14 +441,16 @@ def _finish(session, kind: str):
             for shard_link in links:
                 _rollback_quietly(session, shard_link)
             return m.command_complete("ROLLBACK")
-        if len(links) == 1:
-            shard_link = links[0]
-            shard_link.send_request(m.query("COMMIT"), 1, session.client.request_time)
+        if len(session.written) <= 1:
+            # One shard wrote (or none): a plain COMMIT on each, the writer last.
+            links.sort(key=lambda lk: lk.shard in session.written)
             out = []
-            for mtype, body in shard_link.messages():
-                if mtype != _Z:
-                    out.append(m.message(bytes((mtype,)), body))
+            for shard_link in links:
+                shard_link.send_request(m.query("COMMIT"), 1, session.client.request_time)
+                out = [m.message(bytes((mtype,)), body) for mtype, body in shard_link.messages()
+                       if mtype != _Z]
             return b"".join(out)
-        return two_phase.commit(session, links)
+        return two_phase.commit(session, [lk for lk in links if lk.shard in session.written]
+                                + [lk for lk in links if lk.shard not in session.written])
     finally:
         session.end_transaction()

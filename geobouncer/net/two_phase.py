@@ -3,7 +3,7 @@
 
 COMMIT of such a transaction: the first shard it touched (the decider) is asked
 for its transaction id (``pg_current_xact_id()``), then every shard runs
-``PREPARE TRANSACTION 'geobouncer:<token>:<decider shard>:<decider xid>'``,
+``PREPARE TRANSACTION 'geobouncer:<token>:<decider shard>:<decider xid>:<shard>'``,
 the decider first among the COMMIT PREPAREDs. If any PREPARE fails, every
 prepared shard is rolled back and the client gets the error.
 
@@ -54,16 +54,20 @@ def commit(session, links) -> bytes:
     decider = links[0]
     rows, error = _run(session, decider, "SELECT pg_current_xact_id()")
     if error is not None:
-        return _abort(session, links, [], error, "")
-    gid = f"{PREFIX}{secrets.token_hex(8)}:{decider.shard}:{rows[0]}"
+        return _abort(session, links, [], error, {})
+    # Unique per shard too: two shards may be databases of one cluster.
+    base = f"{PREFIX}{secrets.token_hex(8)}:{decider.shard}:{rows[0]}"
+    gids = {lk.shard: f"{base}:{lk.shard}" for lk in links}
     prepared = []
     for shard_link in links:
+        gid = gids[shard_link.shard]
         _, error = _run(session, shard_link, f"PREPARE TRANSACTION '{gid}'")
         if error is not None:
-            return _abort(session, links, prepared, error, gid)
+            return _abort(session, links, prepared, error, gids)
         prepared.append(shard_link)
     for shard_link in links:                  # the decider first: its commit is the decision
         try:
+            gid = gids[shard_link.shard]
             _, error = _run(session, shard_link, f"COMMIT PREPARED '{gid}'")
         except ShardLost:
             error = {"M": "server lost"}
@@ -74,11 +78,11 @@ def commit(session, links) -> bytes:
     return m.command_complete("COMMIT")
 
 
-def _abort(session, links, prepared, error, gid: str) -> bytes:
+def _abort(session, links, prepared, error, gids: dict) -> bytes:
     for shard_link in links:
         try:
             if shard_link in prepared:
-                _run(session, shard_link, f"ROLLBACK PREPARED '{gid}'")
+                _run(session, shard_link, f"ROLLBACK PREPARED '{gids[shard_link.shard]}'")
             else:
                 _run(session, shard_link, "ROLLBACK")
         except ShardLost:
@@ -109,7 +113,7 @@ def recover_database(app, sdb, user: str) -> int:
                 f"AND prepared < now() - interval '{RECOVER_AFTER} seconds'")
             for (gid,) in rows:
                 try:
-                    _, _, decider, xid = gid.split(":")
+                    _, _, decider, xid, _ = gid.split(":")
                     decider = int(decider)
                     int(xid)
                 except ValueError:
