@@ -272,7 +272,7 @@ def _execute(session, state, portal) -> None:
 
 
 def _run_many(session, state, links, batch: bytes, merge) -> None:
-    from .sharded import merge_replies
+    from .shard_replies import merge_replies
     now = session.client.request_time
     for shard_link in links:
         shard_link.send_request(batch, 1, now)

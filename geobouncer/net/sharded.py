@@ -24,7 +24,6 @@ from time import monotonic
 
 from ..proto import messages as m
 from ..sharding.counters import ShardCounters
-from ..sharding.merge import merge_results
 from ..sharding.plan import Planner
 from ..sharding.rules import ShardingError
 from . import extended_shard, two_phase
@@ -32,6 +31,7 @@ from .checkout import ClientError
 from .fastio import receiver
 from .login import ClientGone
 from .shard_link import ShardLost, link, unlink
+from .shard_replies import merge_replies, rollback_quietly
 
 log = logging.getLogger("geobouncer")
 
@@ -230,7 +230,7 @@ def error_reply(session, sqlstate: str, text: str) -> bytes:
     if session.status == b"T":
         session.status = b"E"
         for shard_link in session.links.values():
-            _rollback_quietly(session, shard_link)
+            rollback_quietly(session, shard_link)
     return m.error_response(sqlstate, text)
 
 
@@ -246,15 +246,6 @@ def shard_lost(session) -> bytes:
     session.status = b"E" if in_transaction else b"I"
     return m.error_response("08006", "server connection lost on a shard: the request was not completed"
                             + ("; the transaction was rolled back" if in_transaction else ""))
-
-
-def _rollback_quietly(session, shard_link) -> None:
-    try:
-        shard_link.send_request(m.query("ROLLBACK"), 1, session.client.request_time)
-        for _ in shard_link.messages():
-            pass
-    except ShardLost:
-        pass
 
 
 def _simple(session, body: bytes) -> None:
@@ -373,59 +364,6 @@ def _many_shards(session, links, texts: dict, merge):
     return merge_replies(session, links, merge, (), ())[0]
 
 
-def merge_replies(session, links, merge, skip, hide) -> tuple[bytes, bool]:
-    """Merge the shards' replies statement by statement (a text may hold
-    several) up to every shard's ReadyForQuery; ``skip``: message types
-    dropped from the shards' replies (ParseComplete...), ``hide``: from the
-    merged ones (b"T"...). Sends the merged rows as they come; returns the
-    tail to send and whether it failed."""
-    statuses = {}
-    send = session.client.send
-    pending: list = []
-    failed = False
-
-    def stream(shard_link):
-        for mtype, body in shard_link.messages():
-            if mtype == _Z:              # not reached: peeked before
-                statuses[shard_link.shard] = body[:1]
-                return
-            if mtype in skip:
-                continue
-            yield mtype, body
-            if mtype == _C or mtype == _E or mtype == _EMPTY:
-                return
-
-    while True:
-        live = []
-        for shard_link in links:
-            if shard_link.shard in statuses:
-                continue
-            while shard_link.peek() in skip:
-                next(shard_link.messages())
-            if shard_link.peek() == _Z:
-                statuses[shard_link.shard] = next(shard_link.messages())[1][:1]
-            else:
-                live.append(shard_link)
-        if not live:
-            break
-        for piece in merge_results(merge, [stream(lk) for lk in live]):
-            kind = piece[:1]
-            if kind == b"E":
-                failed = True
-            elif kind in hide:
-                continue
-            pending.append(piece)
-            if len(pending) >= 64:
-                send(b"".join(pending))
-                pending.clear()
-    if failed and session.status == b"T":
-        session.status = b"E"
-        for shard_link in session.links.values():
-            if statuses.get(shard_link.shard) == b"T":
-                _rollback_quietly(session, shard_link)
-    return b"".join(pending), failed
-
-
 def _finish(session, kind: str):
     """COMMIT / ROLLBACK: answered here when no shard was touched."""
     links = list(session.links.values())
@@ -439,7 +377,7 @@ def _finish(session, kind: str):
             return m.command_complete(tag)
         if kind == "rollback" or failed:
             for shard_link in links:
-                _rollback_quietly(session, shard_link)
+                rollback_quietly(session, shard_link)
             return m.command_complete("ROLLBACK")
         if len(session.written) <= 1:
             # One shard wrote (or none): a plain COMMIT on each, the writer last.

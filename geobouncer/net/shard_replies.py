@@ -1,0 +1,72 @@
+"""Reading several shards' replies back for one client (net/sharded.py): merged
+statement by statement, and the quiet rollback of a failed transaction."""
+
+from __future__ import annotations
+
+from ..proto import messages as m
+from ..sharding.merge import merge_results
+from .shard_link import ShardLost
+
+_Z, _E, _C, _EMPTY = (ord(c) for c in "ZECI")
+
+
+def rollback_quietly(session, shard_link) -> None:
+    try:
+        shard_link.send_request(m.query("ROLLBACK"), 1, session.client.request_time)
+        for _ in shard_link.messages():
+            pass
+    except ShardLost:
+        pass
+
+
+def merge_replies(session, links, merge, skip, hide) -> tuple[bytes, bool]:
+    """Merge the shards' replies statement by statement (a text may hold
+    several) up to every shard's ReadyForQuery; ``skip``: message types
+    dropped from the shards' replies (ParseComplete...), ``hide``: from the
+    merged ones (b"T"...). Sends the merged rows as they come; returns the
+    tail to send and whether it failed."""
+    statuses = {}
+    send = session.client.send
+    pending: list = []
+    failed = False
+
+    def stream(shard_link):
+        for mtype, body in shard_link.messages():
+            if mtype == _Z:              # not reached: peeked before
+                statuses[shard_link.shard] = body[:1]
+                return
+            if mtype in skip:
+                continue
+            yield mtype, body
+            if mtype == _C or mtype == _E or mtype == _EMPTY:
+                return
+
+    while True:
+        live = []
+        for shard_link in links:
+            if shard_link.shard in statuses:
+                continue
+            while shard_link.peek() in skip:
+                next(shard_link.messages())
+            if shard_link.peek() == _Z:
+                statuses[shard_link.shard] = next(shard_link.messages())[1][:1]
+            else:
+                live.append(shard_link)
+        if not live:
+            break
+        for piece in merge_results(merge, [stream(lk) for lk in live]):
+            kind = piece[:1]
+            if kind == b"E":
+                failed = True
+            elif kind in hide:
+                continue
+            pending.append(piece)
+            if len(pending) >= 64:
+                send(b"".join(pending))
+                pending.clear()
+    if failed and session.status == b"T":
+        session.status = b"E"
+        for shard_link in session.links.values():
+            if statuses.get(shard_link.shard) == b"T":
+                rollback_quietly(session, shard_link)
+    return b"".join(pending), failed
