@@ -142,7 +142,7 @@ def _carry_out(app, decision, server) -> bool:
     (PgBouncer's default "<empty>" sends an empty query, the cheapest round
     trip); True when it answered."""
     if decision is RETIRE:
-        server.close("server lifetime over")
+        server.close("database configuration changed" if server.stale else "server lifetime over")
         return False
     settings = app.settings
     sql = "" if settings.server_check_query == "<empty>" else settings.server_check_query

@@ -90,6 +90,9 @@ class ServerReleaser:
         if server.tx_status != b"I":
             server.close("server_reset_query left a transaction open")
             return
+        if server.stale:      # a RELOAD or RECONNECT came while the reset query ran
+            server.close("database configuration changed")
+            return
         if not server.closed:
             server.pool.release(server)
         if self.app.shutting_down:

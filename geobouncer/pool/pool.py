@@ -17,7 +17,7 @@ from .states import SV_ACTIVE, SV_IDLE, SV_USED
 # Checkout decisions (Pool.checkout): the net layer carries them out.
 TAKE = "take"      # an idle server, ready: use it
 CHECK = "check"    # an idle server, idle past server_check_delay: run server_check_query first
-RETIRE = "retire"  # an idle server past server_lifetime: close it and ask again
+RETIRE = "retire"  # an idle server past server_lifetime or stale: close it and ask again
 OPEN = "open"      # no idle server, and a new one may be opened
 WAIT = "wait"      # no idle server and no room: queue as a waiter
 # Check-in decisions (Pool.checkin).
@@ -109,7 +109,7 @@ class Pool:
             server.state = SV_ACTIVE
             self.active.add(server)
             life = self.db.server_lifetime or lifetime
-            if life > 0 and now - server.created_at > life:
+            if server.stale or (life > 0 and now - server.created_at > life):
                 return RETIRE, server
             if check_delay is not None and now - server.idle_since > check_delay:
                 return CHECK, server

@@ -89,6 +89,26 @@ def test_sighup_logs_and_reloads(b):
                timeout=10, message="the new default_pool_size")
 
 
+def test_reload_during_the_reset_query_retires_the_server(pg, bouncer):
+    """A RELOAD that changes a database's server while a session's server is
+    still running its reset query: that server is closed, never handed to the
+    next client (CI once caught it being reused; PgBouncer closes it)."""
+    sb = bouncer(databases={"app": pg.conninfo("app")},
+                 pgbouncer={"pool_mode": "session", "default_pool_size": 1,
+                           "server_reset_query": "SELECT pg_sleep(1)"})
+    conn = sb.connect("app", "app", autocommit=True)
+    first = _one(conn, "SELECT pg_backend_pid()")
+    conn.close()                                           # the reset query starts
+    mark = sb.log_offset()
+    sb.rewrite(databases={"app": pg.conninfo("app", user="app")})   # another server login
+    logged(sb, "RELOAD command issued", mark)
+    conn = sb.connect("app", "app", autocommit=True)
+    try:
+        assert _one(conn, "SELECT pg_backend_pid()") != first
+    finally:
+        conn.close()
+
+
 def test_sigquit_exits_at_once(b):
     conn = b.connect("app", "app")
     try:

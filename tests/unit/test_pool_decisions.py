@@ -92,6 +92,16 @@ def test_checkout_retires_old_servers_and_checks_long_idle_ones():
     assert pool.checkout(100.0, 50.0, None)[0] == TAKE           # no check query configured
 
 
+def test_checkout_retires_a_stale_idle_server():
+    # A RELOAD marks servers busy at that moment (a session's reset query, say)
+    # stale; one that still reaches the idle list is never handed out.
+    pool = make_pool()
+    server = opened(pool, Server(created_at=99.0))
+    server.stale = True
+    pool.release(server)
+    assert pool.checkout(100.0, 0, None) == (RETIRE, server)
+
+
 def test_checkin_parks_hands_over_resets_or_closes():
     pool = make_pool()
     s = opened(pool, Server(created_at=0.0))
