@@ -85,8 +85,29 @@ class Janitor:
             return
         self.app.releaser.release_idle(server)
 
+    @staticmethod
+    def _check_sharded(client, session, now: float, s) -> None:
+        """The same timeouts for a client linked to several shards' servers."""
+        servers = session.linked_servers()
+        busy = [server for server in servers if server.outstanding > 0]
+        if busy:
+            if s.query_timeout > 0 and any(now - sv.request_started > s.query_timeout for sv in busy):
+                for server in servers:
+                    server.close("query timeout")
+                client.shutdown("08P01", "query timeout")
+        elif session.status != b"I":
+            if s.idle_transaction_timeout > 0 and now - client.request_time > s.idle_transaction_timeout:
+                for server in servers:
+                    server.close("idle transaction timeout")
+                client.shutdown("25P03", "idle transaction timeout")
+        elif s.client_idle_timeout > 0 and now - client.request_time > s.client_idle_timeout:
+            client.shutdown("08P01", "client_idle_timeout")
+
     def check_client_timeouts(self, client, now: float, s) -> None:
         if client.closing or client.state == "login":
+            return
+        if client.shard_session is not None:
+            self._check_sharded(client, client.shard_session, now, s)
             return
         server = client.server
         if server is None:

@@ -16,8 +16,8 @@ import struct
 
 from ..proto import messages as m
 from ..proto.framing import ProtocolError
-from ..sharding.merge import merge_results
 from ..sharding.rules import ShardingError
+from . import shard_portal
 from .checkout import ClientError
 from .shard_link import ShardLost
 
@@ -44,7 +44,7 @@ class Statement:
 
 
 class Portal:
-    __slots__ = ("statement", "params", "formats", "result_formats", "bind_tail")
+    __slots__ = ("statement", "params", "formats", "result_formats", "bind_tail", "kept")
 
     def __init__(self, statement, params, formats, result_formats, bind_tail):
         self.statement = statement
@@ -52,6 +52,7 @@ class Portal:
         self.formats = formats
         self.result_formats = result_formats
         self.bind_tail = bind_tail      # the Bind body after the portal and statement names
+        self.kept = None                # a row-limited result being handed out (shard_portal)
 
 
 class ExtendedState:
@@ -136,7 +137,8 @@ def _message(session, state, mtype: int, body: bytes) -> None:
         if name and name in state.statements:
             raise ClientError("42P05", f'prepared statement "{name.decode(errors="replace")}" '
                                        "already exists", close=False)
-        sql = text.decode("utf-8", "surrogateescape")
+        from .sharded import rewritten
+        sql = rewritten(session, text.decode("utf-8", "surrogateescape"))
         state.statements[name] = Statement(sql, body[pos:], session.planner.plan(sql))
         state.out.append(PARSE_COMPLETE)
     elif mtype == _B:
@@ -156,7 +158,11 @@ def _message(session, state, mtype: int, body: bytes) -> None:
         if portal is None:
             raise ClientError("34000", f'portal "{portal_name.decode(errors="replace")}" does not exist',
                               close=False)
-        _execute(session, state, portal)
+        limit = shard_portal.max_rows(body, pos)
+        if portal.kept is not None:            # a suspended portal: its next rows
+            state.out.append(portal.kept.take(limit)[0])
+            return
+        _execute(session, state, portal, limit)
     elif mtype == _CL:
         kind, name = body[:1], _cstr(body, 1)[0]
         (state.statements if kind == b"S" else state.portals).pop(name, None)
@@ -231,8 +237,8 @@ def _parse_and_bind(statement, sql: str, portal) -> bytes:
             + m.message(b"B", b"\x00\x00" + portal.bind_tail))
 
 
-def _execute(session, state, portal) -> None:
-    from .sharded import local_reply
+def _execute(session, state, portal, limit: int = 0) -> None:
+    from .shard_tx import local_reply
     statement = portal.statement
     plan = statement.plan
     local = local_reply(session, plan, statement.text)
@@ -251,6 +257,8 @@ def _execute(session, state, portal) -> None:
     else:
         session.counters.single_shard += 1
     _flush(session, state)
+    kept = shard_portal.Kept() if limit else None
+    sink = kept.add if kept is not None else session.client.send
     links = session.take(targets)
     try:
         if len(links) == 1:
@@ -258,31 +266,49 @@ def _execute(session, state, portal) -> None:
             shard_link = links[0]
             shard_link.send_request(batch, 1, session.client.request_time)
             shard_link.errored = False
-            status = shard_link.raw_until_ready(session.client.send, _DROP)
+            status = shard_link.raw_until_ready(sink, _DROP)
             from .sharded import after
             after(session, shard_link, status)
             if shard_link.errored:
                 state.failed = True
-            return
-        sql = plan.shard_sql or statement.text
-        batch = (_parse_and_bind(statement, sql, portal) + m.message(b"D", b"P\x00") + m.execute() + m.SYNC)
-        _run_many(session, state, links, batch, plan.merge)
+        else:
+            sql = plan.shard_sql or statement.text
+            batch = (_parse_and_bind(statement, sql, portal) + m.message(b"D", b"P\x00") + m.execute()
+                     + m.SYNC)
+            _run_many(session, state, links, batch, plan.merge, kept)
     finally:
         session.give_back(links)
+    if kept is not None:
+        _hand_out(session, state, portal, kept, limit)
 
 
-def _run_many(session, state, links, batch: bytes, merge) -> None:
+def _hand_out(session, state, portal, kept, limit: int) -> None:
+    """A row-limited Execute: its first ``limit`` rows now, the rest kept."""
+    if not kept.finish():
+        raise ClientError("54000", "the result of a row-limited Execute on a sharded database is kept "
+                                   f"in the pooler, and this one exceeds {shard_portal.MAX_KEPT >> 20} MB",
+                          close=False)
+    state.out.append(kept.take(0 if state.failed else limit)[0])
+    if not state.failed:
+        portal.kept = kept
+
+
+def _run_many(session, state, links, batch: bytes, merge, kept=None) -> None:
     from .shard_replies import merge_replies
     now = session.client.request_time
     for shard_link in links:
         shard_link.send_request(batch, 1, now)
     _flush(session, state)
     # The description came with Describe: the merged one is left out.
-    tail, failed = merge_replies(session, links, merge, _DESCRIBE_DROP, (b"T", b"n"))
+    tail, failed = merge_replies(session, links, merge, _DESCRIBE_DROP, (b"T", b"n"),
+                                 kept.add if kept is not None else None)
     if failed:
         state.failed = True
     if tail:
-        state.out.append(tail)
+        if kept is not None:
+            kept.add(tail)
+        else:
+            state.out.append(tail)
 
 
 __all__ = ["ExtendedState", "message", "ShardLost"]

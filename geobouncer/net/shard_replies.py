@@ -19,14 +19,15 @@ def rollback_quietly(session, shard_link) -> None:
         pass
 
 
-def merge_replies(session, links, merge, skip, hide) -> tuple[bytes, bool]:
+def merge_replies(session, links, merge, skip, hide, send=None) -> tuple[bytes, bool]:
     """Merge the shards' replies statement by statement (a text may hold
     several) up to every shard's ReadyForQuery; ``skip``: message types
     dropped from the shards' replies (ParseComplete...), ``hide``: from the
-    merged ones (b"T"...). Sends the merged rows as they come; returns the
-    tail to send and whether it failed."""
+    merged ones (b"T"...). Sends the merged rows as they come (to ``send``,
+    the client's socket by default); returns the tail to send and whether it
+    failed."""
     statuses = {}
-    send = session.client.send
+    send = send or session.client.send
     pending: list = []
     failed = False
 

@@ -23,15 +23,17 @@ from collections import deque
 from time import monotonic
 
 from ..proto import messages as m
+from ..routing import RewriteFailed
 from ..sharding.counters import ShardCounters
 from ..sharding.plan import Planner
 from ..sharding.rules import ShardingError
-from . import extended_shard, two_phase
+from . import extended_shard
 from .checkout import ClientError
 from .fastio import receiver
 from .login import ClientGone
 from .shard_link import ShardLost, link, unlink
 from .shard_replies import merge_replies, rollback_quietly
+from .shard_tx import local_reply, shard_for_key
 
 log = logging.getLogger("geobouncer")
 
@@ -41,6 +43,7 @@ _P, _B, _D, _S, _H, _F, _CLOSE = (ord(c) for c in "PBDSHFC")
 _EXTENDED = frozenset((_P, _B, _D, _S, _H, _CLOSE, ord("E")))
 _COPY_STRAYS = frozenset(b"dcf")
 
+_ROUTABLE = frozenset(("route", "all"))
 _planners: dict = {}
 
 
@@ -55,7 +58,8 @@ class ShardSession:
     """A sharded client's state: its transaction and the shards it holds."""
 
     __slots__ = ("client", "app", "sdb", "planner", "pools", "links", "status", "begin_sql",
-                 "forced_shard", "forced_key", "extended", "counters", "next_message", "written")
+                 "forced_shard", "forced_key", "extended", "counters", "next_message", "written",
+                 "tx_started")
 
     def __init__(self, client):
         app = client.app
@@ -72,6 +76,7 @@ class ShardSession:
         self.extended = extended_shard.ExtendedState()
         self.next_message = None             # the client's next message (Inbox.next)
         self.written: set[int] = set()       # shards this transaction wrote to
+        self.tx_started: float | None = None  # when the open transaction began (SHOW STATS)
         self.counters = app.shard_stats.setdefault(self.sdb.name, ShardCounters())
 
     def pool(self, shard: int):
@@ -134,13 +139,20 @@ class ShardSession:
 
     # --- targets --------------------------------------------------------------
     def resolve_targets(self, plan, params=(), formats=()):
-        """The shards a statement goes to: forced by a hint or SET, else the plan's."""
+        """The shards a statement goes to: a comment hint, else SET
+        geobouncer.shard / sharding_key, else the routing hook's answer (one of
+        this database's shard entries), else the plan's."""
+        hooks = self.app.hooks
         if plan.hint is not None:
             shard = plan.hint
         elif self.forced_shard is not None:
             shard = self.forced_shard
         elif self.forced_key is not None:
             shard = shard_for_key(self.sdb, self.forced_key)
+        elif hooks.has_routing and plan.kind in _ROUTABLE and (
+                key := hooks.route(self.client.user, plan.sql, self.status != b"I",
+                                   self.sdb.shards.__contains__)) is not None:
+            shard = self.sdb.shards.index(key)
         else:
             targets = plan.targets(params, formats)
             return frozenset(range(len(self.sdb.shards))) if targets is None else targets
@@ -163,28 +175,31 @@ class ShardSession:
             self.written = written
 
 
-def shard_for_key(sdb, value: str) -> int:
-    """SET geobouncer.sharding_key: the shard the database's first rule maps it to."""
-    if not sdb.tables:
-        raise ShardingError("22023", f"database {sdb.name} has no [sharded_tables] rule to map a key with")
-    return sdb.tables[0].shard_for_text(value)
-
-
 def serve(client) -> None:
     """The loop: whole messages from the client, one at a time."""
     session = client.shard_session = ShardSession(client)
     inbox = Inbox(client)
     session.next_message = inbox.next
+    stats = client.pool.stats            # SHOW STATS: the sharded database's own row
+    _count_sent(client, stats)
+    started = None                       # the first message of the request being served
     try:
         while True:
             mtype, body = inbox.next()
-            client.request_time = monotonic()
+            now = client.request_time = monotonic()
             if mtype == _X:
                 raise ClientGone()
+            if started is None:
+                started = now
             if mtype == _Q:
                 _simple(session, body)
+                _count(session, stats, started)
+                started = None
             elif mtype in _EXTENDED:
                 extended_shard.message(session, mtype, body)
+                if mtype == _S:
+                    _count(session, stats, started)
+                    started = None
             elif mtype in _COPY_STRAYS:
                 continue            # CopyData / CopyDone / CopyFail outside COPY: ignored, as PostgreSQL does
             else:
@@ -193,12 +208,36 @@ def serve(client) -> None:
         session.close_all()
 
 
+def _count_sent(client, stats) -> None:
+    send = client.send
+
+    def counted(data) -> None:
+        stats.bytes_sent += len(data)
+        send(data)
+    client.send = counted
+
+
+def _count(session, stats, started: float) -> None:
+    """A request answered: a query; and a transaction when it left none open
+    (SHOW STATS counts for the sharded database as PgBouncer does for a pool)."""
+    now = monotonic()
+    stats.query_count += 1
+    stats.query_time += int((now - started) * 1e6)
+    if session.status == b"I":
+        stats.xact_count += 1
+        stats.xact_time += int((now - (session.tx_started or started)) * 1e6)
+        session.tx_started = None
+    elif session.tx_started is None:
+        session.tx_started = started
+
+
 class Inbox:
     """The client's messages one by one, read through its ClientScanner."""
 
-    __slots__ = ("recv", "buf", "queue", "scan")
+    __slots__ = ("recv", "buf", "queue", "scan", "stats")
 
     def __init__(self, client):
+        self.stats = client.pool.stats
         self.recv = receiver(client.sock, RECV_SIZE, client)
         self.buf = bytearray(client.pending)
         client.pending = b""
@@ -217,6 +256,7 @@ class Inbox:
                 buf += data
                 continue
             queue.extend((mtype, bytes(buf[start + 5:end])) for mtype, start, end in msgs)
+            self.stats.bytes_received += msgs[-1][2]
             del buf[:msgs[-1][2]]
         return queue.popleft()
 
@@ -248,10 +288,22 @@ def shard_lost(session) -> bytes:
                             + ("; the transaction was rolled back" if in_transaction else ""))
 
 
+def rewritten(session, text: str) -> str:
+    """rewrite_query's text for a sharded statement (planned after it)."""
+    hooks = session.app.hooks
+    if not hooks.has_rewrite:
+        return text
+    try:
+        new_text = hooks.rewrite(session.client.user, text, session.status != b"I")
+    except RewriteFailed as exc:
+        raise ClientError("XX000", f"query rewrite failed: {exc}") from None
+    return text if new_text is None else new_text
+
+
 def _simple(session, body: bytes) -> None:
     text = body[:-1].decode("utf-8", "surrogateescape")
     try:
-        out = run_statement(session, text)
+        out = run_statement(session, rewritten(session, text))
     except ShardLost:
         out = shard_lost(session)
     except ShardingError as exc:
@@ -262,42 +314,6 @@ def _simple(session, body: bytes) -> None:
         out = error_reply(session, exc.sqlstate, exc.text)
     if out is not None:
         _reply(session, out)
-
-
-def local_reply(session, plan, text: str):
-    """What the pooler answers itself (BEGIN, COMMIT/ROLLBACK of an untouched
-    transaction, SET geobouncer.*, refusals): the reply without
-    ReadyForQuery, or None when the statement goes to shards."""
-    kind = plan.kind
-    session.counters.queries += 1
-    if kind == "begin":
-        if session.status != b"I":
-            return (m.notice_response("there is already a transaction in progress", "25001", "WARNING")
-                    + m.command_complete("BEGIN"))
-        session.status = b"T"
-        session.begin_sql = text
-        return m.command_complete("BEGIN")
-    if kind in ("commit", "rollback"):
-        return _finish(session, kind)
-    if session.status == b"E":
-        return m.error_response("25P02", "current transaction is aborted, commands ignored until "
-                                         "end of transaction block")
-    if kind == "set_shard":
-        if not 0 <= plan.value < len(session.sdb.shards):
-            raise ShardingError("22023", f"no shard {plan.value}: database {session.sdb.name} has "
-                                         f"{len(session.sdb.shards)} shards (0 to {len(session.sdb.shards) - 1})")
-        session.forced_shard, session.forced_key = plan.value, None
-        return m.command_complete("SET")
-    if kind == "set_key":
-        shard_for_key(session.sdb, plan.value)     # a value no shard takes: the error now
-        session.forced_key, session.forced_shard = plan.value, None
-        return m.command_complete("SET")
-    if kind == "reset_shard":
-        session.forced_shard = session.forced_key = None
-        return m.command_complete("RESET")
-    if kind == "error":
-        raise ShardingError(*plan.error)
-    return None
 
 
 def run_statement(session, text: str):
@@ -362,33 +378,3 @@ def _many_shards(session, links, texts: dict, merge):
     for shard_link in links:
         shard_link.send_request(m.query(texts[shard_link.shard]), 1, now)
     return merge_replies(session, links, merge, (), ())[0]
-
-
-def _finish(session, kind: str):
-    """COMMIT / ROLLBACK: answered here when no shard was touched."""
-    links = list(session.links.values())
-    failed = session.status == b"E"
-    try:
-        if session.status == b"I":
-            warning = m.notice_response("there is no transaction in progress", "25P01", "WARNING")
-            return warning + m.command_complete("COMMIT" if kind == "commit" else "ROLLBACK")
-        if not links:
-            tag = "ROLLBACK" if failed or kind == "rollback" else "COMMIT"
-            return m.command_complete(tag)
-        if kind == "rollback" or failed:
-            for shard_link in links:
-                rollback_quietly(session, shard_link)
-            return m.command_complete("ROLLBACK")
-        if len(session.written) <= 1:
-            # One shard wrote (or none): a plain COMMIT on each, the writer last.
-            links.sort(key=lambda lk: lk.shard in session.written)
-            out = []
-            for shard_link in links:
-                shard_link.send_request(m.query("COMMIT"), 1, session.client.request_time)
-                out = [m.message(bytes((mtype,)), body) for mtype, body in shard_link.messages()
-                       if mtype != _Z]
-            return b"".join(out)
-        return two_phase.commit(session, [lk for lk in links if lk.shard in session.written]
-                                + [lk for lk in links if lk.shard not in session.written])
-    finally:
-        session.end_transaction()

@@ -17,7 +17,7 @@ from .rows import parse_data_row
 class _Acc:
     """Combines one aggregate column of one group."""
 
-    __slots__ = ("agg", "oid", "parse", "key", "value", "count", "raw", "best")
+    __slots__ = ("agg", "oid", "parse", "key", "value", "count", "raw", "best", "count_parse")
 
     def __init__(self, agg, oids):
         self.agg, self.oid = agg, oids[agg.column]
@@ -29,13 +29,15 @@ class _Acc:
             self.key = V.key_func(self.oid)
         else:
             self.parse = V.sum_parser(self.oid)
+        if agg.count_column is not None:
+            self.count_parse = V.sum_parser(oids[agg.count_column])
 
     def add(self, row) -> None:
         raw = row[self.agg.column]
         func = self.agg.func
         if func == "avg":
             c = row[self.agg.count_column]
-            self.count += int(c) if c is not None else 0
+            self.count += self.count_parse(c) if c is not None else 0
         if raw is None:
             return
         if func in ("min", "max"):
@@ -51,7 +53,7 @@ class _Acc:
         if func in ("min", "max"):
             return self.raw
         if func == "count":
-            return str(self.value or 0).encode()
+            return V.format_value(self.oid, self.value or 0)
         if func == "sum":
             return None if self.value is None else V.format_value(self.oid, self.value)
         if self.count == 0 or self.value is None:

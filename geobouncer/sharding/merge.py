@@ -198,7 +198,7 @@ class _Plan:
                 raise MergeError("42804", f"shard {i} returned columns that differ from shard 0's"
                                  " (names, number or types)")
         self.spec = spec
-        self.oids = [f[3] for f in first]
+        self.oids = [f[3] if f[6] == 0 else -f[3] for f in first]   # -oid: binary format
         self.ncols = len(first)
         self.visible = self.ncols if spec is None or spec.visible is None else min(spec.visible, self.ncols)
         out = list(first)
@@ -206,10 +206,10 @@ class _Plan:
             self._check(spec, first)
             for agg in spec.aggregates:
                 if agg.func == "avg":
-                    oid = V.FLOAT8 if self.oids[agg.column] in (V.FLOAT4, V.FLOAT8) else V.NUMERIC
+                    oid = V.FLOAT8 if abs(self.oids[agg.column]) in (V.FLOAT4, V.FLOAT8) else V.NUMERIC
                     f = out[agg.column]
                     out[agg.column] = (f[0], 0, 0, oid, 8 if oid == V.FLOAT8 else -1, -1, 0)
-        self.out_oids = [f[3] for f in out]     # avg columns: numeric or float8
+        self.out_oids = [f[3] if f[6] == 0 else -f[3] for f in out]   # avg columns: numeric or float8
         self.out_fields = out[:self.visible]
 
     def _check(self, spec: MergeSpec, fields):
@@ -227,9 +227,9 @@ class _Plan:
         for col in used:
             if col >= self.ncols:
                 raise MergeError("XX000", f"merge column {col} is not in the shards' result")
-            if fields[col][6] != 0:
-                raise MergeError("0A000", "binary result columns cannot be sorted, grouped or"
-                                 " aggregated across shards")
+        for agg in spec.aggregates:
+            if agg.func == "avg" and fields[agg.column][6] != 0:
+                raise MergeError("0A000", "avg across shards cannot be returned in binary format")
         for col in {k.column for k in spec.order_by} | set(spec.group_by) | (
                 set(range(self.visible)) if spec.distinct else set()):
             V.key_func(self.oids[col])

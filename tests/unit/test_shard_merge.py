@@ -155,11 +155,56 @@ def test_mismatched_row_descriptions(cols):
     assert rows == [] and final == ("E", "42804")
 
 
-def test_binary_column_refused_for_sort():
-    rd = bytearray(row_description(INT))
-    rd[-2:] = b"\x00\x01"
-    s = msgs(bytes(rd), data_row([b"\x00\x00\x00\x01"]), command_complete("SELECT 1"))
-    _, _, final = decode(run(MergeSpec(order_by=(SortKey(0),)), [s, s]))
+def binary_shard(cols, rows, tag=None):
+    """A shard's result in binary format (asyncpg's): every column's format code 1."""
+    rd = bytearray(row_description([(name, oid) for name, oid, _ in cols]))
+    pos = 7
+    for name, _, _ in cols:
+        pos += len(name) + 1 + 16
+        rd[pos:pos + 2] = b"\x00\x01"
+        pos += 2
+    enc = [encode for _, _, encode in cols]
+    out = [bytes(rd)] + [data_row([None if v is None else e(v) for e, v in zip(enc, r)]) for r in rows]
+    out.append(command_complete(tag or f"SELECT {len(rows)}"))
+    return msgs(*out)
+
+
+def i4(v):
+    return v.to_bytes(4, "big", signed=True)
+
+
+def i8(v):
+    return v.to_bytes(8, "big", signed=True)
+
+
+def test_binary_columns_sort_by_value_not_by_bytes():
+    # As bytes, -1 (ff ff ff ff) would sort after 2; by value it comes first.
+    cols = [("id", 23, i4), ("t", 25, str.encode)]
+    a = binary_shard(cols, [[-5, "x"], [2, "b"]])
+    b = binary_shard(cols, [[-1, "a"], [7, "c"]])
+    out = run(MergeSpec(order_by=(SortKey(0),)), [a, b])
+    rows = [parse_data_row(m[5:]) for m in out if m[:1] == b"D"]
+    assert [int.from_bytes(r[0], "big", signed=True) for r in rows] == [-5, -1, 2, 7]
+    fields = parse_row_description(out[0][5:])
+    assert [f[6] for f in fields] == [1, 1]            # still binary for the client
+
+
+def test_binary_count_sum_min_max_combined_in_binary():
+    cols = [("count", 20, i8), ("sum", 20, i8), ("min", 23, i4), ("max", 23, i4)]
+    spec = MergeSpec(aggregates=(Agg(0, "count"), Agg(1, "sum"), Agg(2, "min"), Agg(3, "max")))
+    out = run(spec, [binary_shard(cols, [[2, 10, -3, 4]]), binary_shard(cols, [[3, -4, 1, 9]])])
+    (row,) = [parse_data_row(m[5:]) for m in out if m[:1] == b"D"]
+    assert row == [i8(5), i8(6), i4(-3), i4(9)]
+
+
+@pytest.mark.parametrize("cols, spec", [
+    ([("n", 1700, bytes)], MergeSpec(order_by=(SortKey(0),))),              # binary numeric
+    ([("a", 1700, bytes), ("c", 20, i8)], MergeSpec(aggregates=(Agg(0, "avg", count_column=1),),
+                                                    visible=1)),
+])
+def test_binary_columns_the_merge_cannot_read_are_refused(cols, spec):
+    s = binary_shard(cols, [[b"\x00\x00\x00\x00\x00\x00\x00\x00"] + ([1] if len(cols) > 1 else [])])
+    _, _, final = decode(run(spec, [s, s]))
     assert final == ("E", "0A000")
 
 

@@ -1,0 +1,211 @@
+"""Sharding beyond placement and merging: Execute with a row limit (portals
+suspended and resumed, compared with PostgreSQL's own answer), the routing and
+rewrite hooks on a sharded database, its row in SHOW STATS, and the client
+timeouts (query_timeout, idle_transaction_timeout) for a client linked to
+several shards. Three shards are three databases of one cluster (see
+test_sharding.py for the fixtures)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+
+import asyncpg
+import psycopg2
+import pytest
+from _util_pool import RawClient, message, query_message
+from fixtures.ports import wait_until
+from test_sharding import expected_shards, placement, shard_pg, sharded, shards  # noqa: F401,F811 (fixtures)
+
+pytestmark = pytest.mark.geobouncer_only("sharding (PgDog style)")
+
+
+def _fill(b, count=10):
+    conn = b.connect("app", autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO users (id, name) VALUES " + ",".join(f"({i}, 'u{i}')"
+                                                                     for i in range(1, count + 1)))
+    conn.close()
+    ref = b.connect("ref", autocommit=True)
+    with ref.cursor() as cur:
+        cur.execute("INSERT INTO users (id, name) SELECT g, 'u' || g FROM generate_series(1, %s) g",
+                    (count,))
+    ref.close()
+
+
+def _raw(b, database):
+    raw = RawClient(b.host, b.port, timeout=15)
+    replies = raw.login("app", "app_pw", database)
+    assert replies[-1][0] == b"Z", replies
+    return raw
+
+
+def _limited_exchange(raw, sql: str, limits, sync_between: bool) -> list[tuple[bytes, bytes]]:
+    """Parse + Bind a named portal, then one Execute per limit; inside a
+    transaction when Syncs separate them (a portal lives until its end)."""
+    out = []
+    if sync_between:
+        raw.send(query_message("BEGIN"))
+        out += raw.read_until(b"Z")
+    raw.send(message(b"P", b"\x00" + sql.encode() + b"\x00\x00\x00")
+             + message(b"B", b"p1\x00\x00" + struct.pack("!HHH", 0, 0, 0))
+             + message(b"D", b"Pp1\x00"))
+    for limit in limits:
+        raw.send(message(b"E", b"p1\x00" + struct.pack("!i", limit)))
+        if sync_between:
+            raw.send(message(b"S"))
+            out += raw.read_until(b"Z")
+    if sync_between:
+        raw.send(query_message("COMMIT"))
+    else:
+        raw.send(message(b"S"))
+    out += raw.read_until(b"Z")
+    return out
+
+
+def _normal(replies):
+    """Table OIDs in RowDescription differ between databases: left out."""
+    out = []
+    for mtype, body in replies:
+        if mtype == b"T":
+            count, pos, fields = struct.unpack_from("!H", body)[0], 2, []
+            for _ in range(count):
+                end = body.index(b"\x00", pos)
+                fields.append(body[pos:end] + body[end + 5:end + 19])   # name, then past the table OID
+                pos = end + 19
+            body = b"|".join(fields)
+        out.append((mtype, body))
+    return out
+
+
+@pytest.mark.parametrize("sync_between", [False, True], ids=["one-sync", "sync-each"])
+@pytest.mark.parametrize("sql", ["SELECT id, name FROM users ORDER BY id",
+                                 "SELECT count(*) FROM users"])
+def test_row_limited_execute_answers_as_postgresql_does(sharded, sql, sync_between):
+    b = sharded()
+    _fill(b)
+    answers = {}
+    for database in ("ref", "app"):               # PostgreSQL itself, then the sharded database
+        with _raw(b, database) as raw:
+            answers[database] = _limited_exchange(raw, sql, [3, 3, 3, 3, 3], sync_between)
+    assert _normal(answers["app"]) == _normal(answers["ref"])
+    kinds = [t for t, _ in answers["app"]]
+    rows = [body for t, body in answers["app"] if t == b"D"]
+    assert len(rows) == (10 if "ORDER" in sql else 1)
+    assert kinds.count(b"s") == (3 if "ORDER" in sql else 0)   # 3 + 3 + 3 suspended, then 1
+
+
+def test_asyncpg_cursor_with_prefetch_reads_every_row_in_order(sharded):
+    b = sharded()
+    _fill(b, 40)
+
+    async def read():
+        conn = await asyncpg.connect(host=b.host, port=b.port, user="app", password="app_pw",
+                                     database="app", statement_cache_size=0)
+        try:
+            async with conn.transaction():
+                merged = [r["id"] async for r in conn.cursor("SELECT id FROM users ORDER BY id",
+                                                              prefetch=7)]
+                keyed = [r["id"] async for r in conn.cursor(
+                    "SELECT id FROM users WHERE id = $1", 17, prefetch=1)]
+                cursor = await conn.cursor("SELECT id FROM users ORDER BY id DESC")
+                first = await cursor.fetch(5)
+                more = await cursor.fetch(5)
+            return merged, keyed, [r["id"] for r in first + more]
+        finally:
+            await conn.close()
+
+    merged, keyed, fetched = asyncio.run(asyncio.wait_for(read(), 30))
+    assert merged == list(range(1, 41))
+    assert keyed == [17]
+    assert fetched == list(range(40, 30, -1))
+
+
+ROUTING = '''
+def routing_rules(username, query, in_transaction):
+    if "to_shard_2" in query:
+        return "sh_2"          # one of app's shard entries
+    if "to_ref" in query:
+        return "ref"           # a database that is not a shard of app: ignored for app
+    return None
+'''
+REWRITE = '''
+def rewrite_query(username, query, in_transaction):
+    return query.replace("users_everywhere", "users")
+'''
+
+
+def test_routing_and_rewrite_hooks_on_a_sharded_database(sharded, shards, tmp_path):
+    (tmp_path / "routing.py").write_text(ROUTING)
+    (tmp_path / "rewrite.py").write_text(REWRITE)
+    b = sharded(routing_rules_py_module_file=str(tmp_path / "routing.py"),
+                rewrite_query_py_module_file=str(tmp_path / "rewrite.py"), admin_users="postgres")
+    conn = b.connect("app", autocommit=True)
+    with conn.cursor() as cur:
+        # The hook sends these rows to shard 2, whatever their key hashes to.
+        cur.execute("INSERT INTO users (id, name) VALUES (1, 'a'), (2, 'b'), (3, 'c') /* to_shard_2 */")
+        cur.execute("SELECT count(*) FROM users_everywhere /* to_shard_2 */")
+        assert cur.fetchone() == (3,)
+        # An answer that is not one of app's shards is ignored: the key routes.
+        cur.execute("INSERT INTO users (id, name) VALUES (4, 'd') /* to_ref */")
+        cur.execute("SELECT count(*) FROM users_everywhere")      # rewritten, then every shard
+        assert cur.fetchone() == (4,)
+    conn.close()
+    placed = placement(shards, "users", "id")
+    assert {placed["1"], placed["2"], placed["3"]} == {2}      # where the hook sent them
+    assert placed["4"] == expected_shards(shards, "users", "id", [4], "bigint")["4"]   # by its key
+    routes = {row[1]: row[2] for row in b.admin("SHOW ROUTING") if row[0] == "route"}
+    assert routes.get("sh_2", 0) >= 2
+
+
+def test_show_stats_has_a_row_for_the_sharded_database(sharded):
+    b = sharded(admin_users="postgres")
+    conn = b.connect("app", autocommit=True)
+    with conn.cursor() as cur:
+        for i in range(3):
+            cur.execute("SELECT count(*) FROM users WHERE id = %s", (i,))
+    conn.autocommit = False
+    with conn.cursor() as cur:                   # BEGIN, INSERT, SELECT, COMMIT: one transaction
+        cur.execute("INSERT INTO users (id, name) VALUES (7, 'seven')")
+        cur.execute("SELECT name FROM users WHERE id = 7")
+    conn.commit()
+    conn.close()
+    rows = {row.database: row for row in b.admin("SHOW STATS")}
+    app = rows["app"]
+    assert app.total_query_count == 7
+    assert app.total_xact_count == 4
+    assert app.total_received > 0 and app.total_sent > 0
+    assert app.total_query_time > 0 and app.total_xact_time > 0
+    assert sum(rows[name].total_query_count for name in ("sh_0", "sh_1", "sh_2")) >= 4
+
+
+def test_query_timeout_closes_a_sharded_client_and_its_shard_servers(sharded, shards):
+    b = sharded(query_timeout=1, admin_users="postgres")
+    conn = b.connect("app", autocommit=True)
+    started = time.monotonic()
+    with pytest.raises(psycopg2.OperationalError), conn.cursor() as cur:   # libpq: "server closed"
+        cur.execute("SELECT pg_sleep(30)")                      # no table: every shard
+    assert time.monotonic() - started < 10
+    wait_until(lambda: "closing because: query timeout" in b.log_text(), timeout=5, message="logged")
+    other = b.connect("app", autocommit=True)                   # nothing else noticed
+    with other.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users")
+        assert cur.fetchone() == (0,)
+    other.close()
+
+
+def test_idle_transaction_timeout_ends_a_sharded_transaction(sharded):
+    b = sharded(idle_transaction_timeout=1)
+    conn = b.connect("app")
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO users (id, name) VALUES (5, 'five')")   # a transaction stays open
+    time.sleep(2.5)
+    with pytest.raises(psycopg2.Error), conn.cursor() as cur:
+        cur.execute("SELECT 1")
+    conn.close()
+    check = b.connect("app", autocommit=True)
+    with check.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users WHERE id = 5")
+        assert cur.fetchone() == (0,)                                   # rolled back
+    check.close()
