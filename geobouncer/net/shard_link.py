@@ -92,15 +92,33 @@ class ShardLink:
                 chunk = self.queue.get()
                 if chunk is _LOST:
                     raise ShardLost()
-                self.buf = self.buf[self.pos:] + chunk if self.pos < len(self.buf) else chunk
-                self.pos = 0
+                self._feed(chunk)
                 continue
             mtype, start, end = found
             body = self.buf[start:end]
+            if type(body) is bytearray:
+                body = bytes(body)
             self.pos = end
             yield mtype, body
             if mtype == _Z:
                 return
+
+    def _feed(self, chunk: bytes) -> None:
+        """Append a chunk after what is left unread. A message spread over many
+        chunks grows a bytearray in place (linear), not bytes copied anew
+        for every chunk (quadratic)."""
+        buf, pos = self.buf, self.pos
+        if pos >= len(buf):
+            self.buf = chunk                      # the common case: nothing left over
+        elif type(buf) is bytearray:
+            if pos:
+                del buf[:pos]
+            buf += chunk
+        else:
+            grown = bytearray(buf[pos:])
+            grown += chunk
+            self.buf = grown
+        self.pos = 0
 
     def peek(self) -> int:
         """The type of the next reply message (waiting for its first byte)."""
@@ -146,8 +164,7 @@ class ShardLink:
             chunk = self.queue.get()
             if chunk is _LOST:
                 raise ShardLost()
-            self.buf = buf[self.pos:] + chunk if self.pos < len(buf) else chunk
-            self.pos = 0
+            self._feed(chunk)
 
 
 def link(app, client, shard: int, pool) -> ShardLink:

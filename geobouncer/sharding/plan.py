@@ -224,10 +224,15 @@ class Planner:
         if explain:  # EXPLAIN's rows are plan text: route like its query, never merge
             write = isinstance(node.query, WRITE_NODES)
             node = node.query
-        if isinstance(node, ast.UpdateStmt) and self._sets_key(node):
+        if isinstance(node, ast.UpdateStmt) and self._sets_key(node, node.targetList):
             return Plan("error", sql, hint, True, error=(
                 "0A000", "UPDATE of a sharding key column is not supported (the row would "
                          "have to move to another shard)"))
+        conflict = getattr(node, "onConflictClause", None) if isinstance(node, ast.InsertStmt) else None
+        if conflict is not None and self._sets_key(node, conflict.targetList):
+            return Plan("error", sql, hint, True, error=(
+                "0A000", "INSERT ... ON CONFLICT DO UPDATE of a sharding key column is not "
+                         "supported (the row would have to move to another shard)"))
         from .keys import KeyFinder
         finder = KeyFinder(self.sdb)
         cond, rows = finder.statement(node)
@@ -252,11 +257,12 @@ class Planner:
         return any(r.table is not None for r in self.sdb.columns_for(rel.relname,
                                                                       rel.schemaname))
 
-    def _sets_key(self, node):
+    def _sets_key(self, node, targets):
+        """Does this SET list (UPDATE's, or ON CONFLICT DO UPDATE's) assign a key column?"""
         rel = node.relation
         return any(isinstance(t, ast.ResTarget) and t.name and
                    self.sdb.rule_for(rel.relname, rel.schemaname, t.name) is not None
-                   for t in node.targetList or ())
+                   for t in targets or ())
 
 
 def _locks(node):

@@ -209,3 +209,20 @@ def test_idle_transaction_timeout_ends_a_sharded_transaction(sharded):
         cur.execute("SELECT count(*) FROM users WHERE id = 5")
         assert cur.fetchone() == (0,)                                   # rolled back
     check.close()
+
+
+def test_big_values_cross_the_sharded_path_whole(sharded):
+    """A row of many megabytes reaches the pooler in many chunks: reassembled
+    whole, on the one-shard path and through the merge."""
+    b = sharded()
+    big = "x" * (12 << 20) + "end"
+    conn = b.connect("app", autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO docs (key, body) VALUES ('big', %s), ('small', 'y')", (big,))
+        cur.execute("SELECT body FROM docs WHERE key = 'big'")           # one shard
+        assert cur.fetchone()[0] == big
+        cur.execute("SELECT key, length(body), body FROM docs ORDER BY key")   # merged
+        rows = cur.fetchall()
+        assert [(k, n) for k, n, _ in rows] == [("big", len(big)), ("small", 1)]
+        assert rows[0][2] == big
+    conn.close()

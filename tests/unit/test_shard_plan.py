@@ -51,6 +51,11 @@ KINDS = [
     ("insert into orders (n) values (1)", "route"), ("insert into other values (1)", "route"),
     ("COPY users (id, name) FROM STDIN", "route"), ("select 1 into t2 from users", "all"),
     ("RESET ALL", "all"), ("SET geobouncer.shard = '1'", "set_shard"), ("COPY users TO STDOUT", "all"),
+    ("insert into users (id, name) values (1, 'a') on conflict (id) do update set id = 2", "error"),
+    ("insert into orders (user_id, n) values (1, 2) on conflict do update set user_id = excluded.user_id",
+     "error"),
+    ("insert into users (id, name) values (1, 'a') on conflict (id) do update set name = 'b'", "route"),
+    ("insert into users (id, name) values (1, 'a') on conflict do nothing", "route"),
 ]
 
 
