@@ -31,6 +31,13 @@ sharded_ini_tables() {
     printf '\n[sharded_tables]\nusers = database=app column=id type=bigint\n'
 }
 
+# bench_db TARGET: the database pgbench runs on, through TARGET or directly.
+bench_db() {
+    if [[ $SHARDED != 1 ]]; then echo bench
+    elif [[ $1 == sharded ]]; then echo app
+    else echo plain; fi
+}
+
 # The pgbench script: one keyed lookup per transaction.
 sharded_script() {
     printf '\\set id random(1, %d)\nSELECT id, name, balance FROM users WHERE id = :id;\n' "$ROWS" >"$WORK/keyed-lookup.sql"
