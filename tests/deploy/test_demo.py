@@ -153,3 +153,82 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_sharded_demo_tour_and_cleanup(tmp_path):
+    """scripts/demo --sharded with DEMO_SETUP_ONLY=1: rows written through the
+    sharded entry are on the shards, keyed lookups answer from the key's shard,
+    cross-shard queries are merged, SHOW SHARDS lists the three; then everything
+    is stopped and removed."""
+    env = demo_env(tmp_path)
+    env["DEMO_SETUP_ONLY"] = "1"
+    done = subprocess.run([str(DEMO), "--sharded"], env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=60)
+    text = done.stdout
+    assert done.returncode == 0, text + done.stderr
+    port, pgroot = re.search(r"databases of one PostgreSQL on 127\.0\.0\.1:(\d+) \(data in (\S+)\)",
+                             text).groups()
+
+    # 1. where the rows are, asked of each shard directly: every user once, 30 payments
+    on_shard = {}
+    payments = 0
+    for shard in ("demo_0", "demo_1", "demo_2"):
+        [row] = answers(text, f"{shard}:")
+        ids, count = row.split(" | ")
+        on_shard[shard] = [int(i) for i in ids.split()]
+        payments += int(count)
+    assert sorted(i for ids in on_shard.values() for i in ids) == list(range(1, 13)), text
+    assert all(on_shard.values()) and payments == 30, text     # 12 keys: no shard left empty
+    shard_of = {i: shard for shard, ids in on_shard.items() for i in ids}
+
+    # 2. keyed lookups: the key's shard answers; a user's payments are on that shard
+    assert answers(text, "user 7:") == [f"{shard_of[7]} | 7 | frances"], text
+    assert answers(text, "user 8:") == [f"{shard_of[8]} | 8 | ken"], text
+    [mine] = answers(text, "user 7's payments:")
+    assert mine.split(" | ")[:2] == [shard_of[7], "3"], text        # payments 6, 18 and 30
+
+    # 3. merged across shards
+    assert answers(text, "count across shards:") == ["12"], text
+    assert answers(text, "rows per shard (GROUP BY):") == [
+        f"{shard} | {len(ids)}" for shard, ids in sorted(on_shard.items())], text
+    assert answers(text, "ORDER BY ... LIMIT:") == ["1 | ada", "3 | alan", "5 | barbara", "10 | dennis"]
+    totals = answers(text, "totals per user (GROUP BY, ORDER BY):")
+    assert [row.split(" | ")[:2] for row in totals] == [["1", "2"], ["2", "3"], ["3", "2"]], text
+    [refused] = answers(text, "refused (string_agg cannot be merged):")
+    assert refused.startswith("ERROR:") and "string_agg" in refused, text
+
+    # 4. the admin console
+    shards = [row.split(" | ") for row in answers(text, "SHOW SHARDS:")]
+    assert [(r[0], r[1], r[2], r[4], r[6]) for r in shards] == [
+        ("demo", str(n), f"demo_{n}", port, "up") for n in range(3)], text
+    assert all(int(r[10]) == 3 for r in shards), text     # single-shard: the three lookups
+
+    # Torn down: the directories, the listeners, the processes.
+    assert "demo stopped" in done.stderr
+    assert not Path(env["DEMO_DIR"]).exists() and not Path(pgroot).exists()
+    for listening in (port, env["DEMO_PORT"]):
+        wait_until(lambda p=listening: not _accepts(int(p)), timeout=10, message=f"port {listening} closed")
+    assert not _pids_mentioning(pgroot, env["DEMO_DIR"]), "processes left behind"
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _pids_mentioning(*paths: str) -> list[int]:
+    """Processes whose command line names one of paths (the postmaster's -D, geobouncer's -c)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if any(path in cmdline for path in paths):
+            found.append(int(proc.name))
+    return found
