@@ -45,7 +45,7 @@ log = logging.getLogger("geobouncer")
 
 
 
-class Bouncer(FailoverWiring):
+class Bouncer:
     def __init__(self, config_path: str):
         self.config_path = config_path
         self.cfg = load_config(config_path)
@@ -83,6 +83,7 @@ class Bouncer(FailoverWiring):
         self.clusters: dict[str, Cluster] = {}          # databases with a topology_query
         self.replica_sets: dict[str, ReplicaSet] = {}   # databases that list replicas
         self.extra_entries: dict = {}                   # node and replica keys -> entries
+        self.failover = FailoverWiring(self)            # clusters and replica sets <-> pools
         self.shard_stats: dict = {}                     # sharded database -> ShardCounters
         self.classifier = Classifier(self.settings.write_functions)
         try:
@@ -94,7 +95,7 @@ class Bouncer(FailoverWiring):
     def start(self) -> None:
         self.signals.install()        # before listening: a signal must never find the default action
         self.listeners.start(inherited_sockets())
-        self._setup_failover()
+        self.failover.setup()
         gevent.spawn(self.janitor.run)
         if self.cfg.sharded:
             from .net.two_phase import recovery_loop
@@ -194,7 +195,7 @@ class Bouncer(FailoverWiring):
         for error in self.hooks.reload(self.settings, new.resolve_path):
             log.debug("hook reload: %s", error)
         self.classifier = Classifier(self.settings.write_functions)
-        self._reload_failover(new)
+        self.failover.reload(new)
 
     def database_for(self, name: str):
         if name not in self.cfg.databases and name in self.extra_entries:
@@ -236,7 +237,7 @@ class Bouncer(FailoverWiring):
             pool = Pool(db, server_user, self._limits(db, server_user), self.counters)
             pool.registry = self.registry
             pool.parsed = self.registry.parsed_set()
-            pool.on_failure = self.server_trouble
+            pool.on_failure = self.failover.server_trouble
             pool.cluster = self.clusters.get(db.name)
             self._set_tracking(pool)
             pool.tracked = frozenset(self.tracked.values())

@@ -25,7 +25,7 @@ def node_entry(entry, name: str, host: str, port: int):
 def run(app, entry, host: str, port: int, sql: str, timeout: float) -> list[list[str | None]]:
     """Connect to host:port as the database's pool user, run ``sql``, close.
     Raises ProbeFailed with the reason."""
-    creds = app.probe_credentials(entry)
+    creds = app.failover.probe_credentials(entry)
     if creds is None:
         raise ProbeFailed(f"no credentials yet to reach {entry.name} (no client has logged in)")
     user, password, scram_keys = creds

@@ -72,7 +72,7 @@ class ReplicaSet:
         if how == RANDOM:
             return random.choice(candidates)
         if how == LEAST_ACTIVE:
-            return min(candidates, key=self.app.active_servers_for)
+            return min(candidates, key=self.app.failover.active_servers_for)
         self._next += 1
         return candidates[self._next % len(candidates)]
 
@@ -98,13 +98,13 @@ class ReplicaSet:
                 self.check_all()
             except Exception:  # noqa: BLE001 - health checks must go on
                 log.exception("health check of %s failed", self.name)
-            if not any(r.checked for r in self.replicas) and self.app.probe_credentials(self.entry) is None:
+            if not any(r.checked for r in self.replicas) and self.app.failover.probe_credentials(self.entry) is None:
                 gevent.sleep(0.2)    # check as soon as the first client gives credentials
             else:
                 gevent.sleep(self.app.settings.health_check_period or 5.0)
 
     def check_all(self) -> None:
-        if self.app.probe_credentials(self.entry) is None:
+        if self.app.failover.probe_credentials(self.entry) is None:
             return      # no client has logged in yet: nothing to log in with, no ban
         timeout = self.app.settings.health_check_timeout or 2.0
         host = self.entry.hosts[0] if self.entry.hosts else "127.0.0.1"

@@ -89,7 +89,7 @@ class Cluster:
         """Run the topology query until it works (the writer may be down at start)."""
         delay = max(self.app.settings.polling_frequency, 0.5)
         while not self._stopped and not self.discovered:
-            if self.app.probe_credentials(self.entry) is None:
+            if self.app.failover.probe_credentials(self.entry) is None:
                 # Without user= in the entry, the first client's login gives us one.
                 gevent.sleep(0.2)
                 continue
@@ -115,7 +115,7 @@ class Cluster:
             if host:
                 self._add_node(host, port, f"{host}:{port}")
         self.discovered = True
-        self.app.register_cluster_nodes(self)
+        self.app.failover.register_cluster_nodes(self)
         log.info("topology of %s: %s", self.name, ", ".join(n.key for n in self.nodes.values()))
         if self._in_recovery(writer) is True:
             # The configured host is a reader now (an earlier switchover): find the writer.
@@ -183,7 +183,7 @@ class Cluster:
         self.switching = True
         self.ready.clear()
         log.warning("%s: writer %s failed (%s): switchover started", self.name, node.key, reason)
-        self.app.writer_lost(self, node)
+        self.app.failover.writer_lost(self, node)
         if self._poller is None or self._poller.dead:
             self._poller = gevent.spawn(self._poll_for_writer)
 
@@ -225,7 +225,7 @@ class Cluster:
         elif old is not node:
             log.info("%s: writer is %s", self.name, node.key)
         self.switching = False
-        self.app.writer_changed(self, old, node)
+        self.app.failover.writer_changed(self, old, node)
         self.ready.set()
 
     def _in_recovery(self, node: Node) -> bool | None:

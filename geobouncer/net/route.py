@@ -98,7 +98,7 @@ def _split_target(client, kind: str) -> str:
     """Reads (and BEGIN READ ONLY) to a healthy replica, the rest to the primary."""
     primary = client.pool.db.name
     if kind == _READ or kind == _BEGIN_READ_ONLY:
-        return client.app.pick_replica(primary) or primary
+        return client.app.failover.pick_replica(primary) or primary
     return primary
 
 
