@@ -185,8 +185,9 @@ def parse_user(name: str, connstr: str) -> UserEntry:
 
 def parse_peer(name: str, connstr: str) -> PeerEntry:
     """The entry for ``peer_id = connstr`` in ``[peers]``."""
-    if not name.isdigit() or not 1 <= int(name) <= 65535:
-        raise ConfigError("peer id must be a number from 1 to 65535", key=name)
+    if not name.isdigit() or not 1 <= int(name) <= 16383:
+        # A cancel key carries 14 bits of peer id (PgBouncer's layout, as peer_id).
+        raise ConfigError("peer id must be a number from 1 to 16383", key=name)
     fields = _typed_fields(connstr, PEER_KEYS, {}, f"peer {name}")
     if not fields.get("host"):
         raise ConfigError(f"peer {name}: host is required", key=name)

@@ -310,6 +310,7 @@ def test_peer_entries(tmp_path):
     [
         ("zero = host=h", "peer id must be a number"),
         ("0 = host=h", "peer id must be"),
+        ("16384 = host=h", "from 1 to 16383"),       # more than a cancel key's 14 bits
         ("3 = port=1", "host is required"),
         ("3 = host=h user=x", "unknown parameter"),
     ],
