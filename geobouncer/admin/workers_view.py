@@ -16,7 +16,7 @@ import struct
 
 from ..proto import messages as m
 
-__all__ = ["BUILDERS", "ask_peer", "show_worker", "show_workers"]
+__all__ = ["BUILDERS", "ask_peer", "per_worker", "show_worker", "show_workers"]
 
 TIMEOUT = 2.0
 COLUMNS = [("worker", 23), ("pid", 23), ("state", 25), ("clients", 23), ("servers", 23)]
@@ -121,4 +121,24 @@ class _Reader:
         return head[:1], self._take(size - 4)
 
 
-BUILDERS = {"worker": show_worker, "workers": show_workers}
+def per_worker(what: str):
+    """``SHOW WORKER_POOLS`` (STATS, CLIENTS, SERVERS): PgBouncer's ``SHOW
+    POOLS`` of every worker, each row led by its worker's peer id. The plain
+    commands stay per worker, with PgBouncer's columns, for the tools that
+    parse them; these give the whole pooler from one connection. A worker
+    that does not answer in time has no rows (SHOW WORKERS says unreachable)."""
+    def build(app):
+        from . import show
+        cols, rows = show.BUILDERS[what](app)
+        out = [[app.settings.peer_id, *row] for row in rows]
+        for peer_id, entry in sorted(app.cfg.peers.items()):
+            try:
+                out.extend([peer_id, *row] for row in ask_peer(entry, f"SHOW {what.upper()}"))
+            except (OSError, PeerUnreachable):
+                continue
+        return [("worker", 23), *cols], out
+    return build
+
+
+BUILDERS = {"worker": show_worker, "workers": show_workers,
+            **{f"worker_{what}": per_worker(what) for what in ("pools", "stats", "clients", "servers")}}

@@ -2,7 +2,8 @@
 
 - SHOW WORKERS on one connection has one row per worker: its peer id, its pid
   (the supervisor's children), its state and its client and server counts,
-  the other workers asked over their unix sockets;
+  the other workers asked over their unix sockets; SHOW WORKER_POOLS (STATS,
+  CLIENTS, SERVERS) every worker's rows, led by the worker's id;
 - PAUSE, RESUME and RELOAD on one console apply to every worker; SHUTDOWN
   stops every worker and the supervisor.
 
@@ -37,6 +38,30 @@ def test_show_workers_lists_every_worker_from_one_connection(pg, bouncer):
         # other worker (counted there while it answers), wherever SO_REUSEPORT put them
         assert sum(int(r.clients) for r in rows) == 8
         assert sum(int(r.servers) for r in rows) >= 1
+    finally:
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.timeout(90)
+def test_per_worker_pools_stats_clients_servers_from_one_connection(pg, bouncer):
+    b = start_workers(bouncer)
+    held = [b.connect("app", "app", autocommit=True) for _ in range(6)]
+    try:
+        for conn in held:
+            conn.cursor().execute("SELECT 1")
+        pools = b.admin("SHOW WORKER_POOLS")
+        assert pools[0]._fields[:3] == ("worker", "database", "user")
+        app = [r for r in pools if r.database == "app"]
+        # the six clients, on whichever worker accepted each
+        assert sum(int(r.cl_active) for r in app) == 6
+        clients = [r for r in b.admin("SHOW WORKER_CLIENTS") if r.database == "app"]
+        assert len(clients) == 6 and {int(r.worker) for r in clients} <= {1, 2}
+        by_worker = {int(r.worker): int(r.total_query_count)
+                     for r in b.admin("SHOW WORKER_STATS") if r.database == "app"}
+        assert sum(by_worker.values()) >= 6
+        servers = [r for r in b.admin("SHOW WORKER_SERVERS") if r.database == "app"]
+        assert len(servers) >= 1 and all(int(r.worker) in (1, 2) for r in servers)
     finally:
         for conn in held:
             conn.close()
