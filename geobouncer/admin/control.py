@@ -224,6 +224,17 @@ class Control:
                 self.app.releaser.reconnect_pool(pool)
         return m.command_complete("RECONNECT")
 
+    def cmd_worker_event(self, client, arg, sql):
+        """geobouncer's own, between workers only (admin/worker_events.py)."""
+        from . import fanout, worker_events
+        self._need_admin(client)
+        if not fanout.is_forwarded(client):
+            raise AdminError("WORKER_EVENT is sent by geobouncer's workers to one another")
+        refused = worker_events.receive(self.app, arg)
+        if refused is not None:
+            raise AdminError(refused)
+        return m.command_complete("WORKER_EVENT")
+
     def cmd_wait_close(self, client, arg, sql):
         self._need_admin(client)
         if arg:

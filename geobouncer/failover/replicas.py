@@ -76,7 +76,7 @@ class ReplicaSet:
         self._next += 1
         return candidates[self._next % len(candidates)]
 
-    def ban(self, key: str, reason: str) -> None:
+    def ban(self, key: str, reason: str, announce: bool = True) -> None:
         for replica in self.replicas:
             if replica.key == key and replica.banned_until <= monotonic():
                 replica.banned_until = monotonic() + self.app.settings.replica_ban_time
@@ -84,6 +84,8 @@ class ReplicaSet:
                 replica.failures += 1
                 log.warning("replica %s banned for %.0fs: %s", key, self.app.settings.replica_ban_time,
                             reason)
+                if announce:
+                    self.app.failover.announce("ban", self.name, key)
 
     # --- health checks ---------------------------------------------------------
     def start(self) -> None:

@@ -184,6 +184,7 @@ class Cluster:
         self.ready.clear()
         log.warning("%s: writer %s failed (%s): switchover started", self.name, node.key, reason)
         self.app.failover.writer_lost(self, node)
+        self.app.failover.announce("writer_failed", self.name, node.host, node.port)
         if self._poller is None or self._poller.dead:
             self._poller = gevent.spawn(self._poll_for_writer)
 
@@ -224,9 +225,23 @@ class Cluster:
             log.warning("%s: %s is the new writer (switchover took %.0f ms)", self.name, node.key, took)
         elif old is not node:
             log.info("%s: writer is %s", self.name, node.key)
+        announce = self.switching or old is not node
         self.switching = False
         self.app.failover.writer_changed(self, old, node)
         self.ready.set()
+        if announce and old is not None:
+            self.app.failover.announce("writer", self.name, node.host, node.port)
+
+    def peer_found_writer(self, host: str, port: int) -> None:
+        """Another worker has a new writer at host:port: check ours (workers = N)."""
+        if self.is_writer(host, port) or self._stopped:
+            return
+        node = next((n for n in self.nodes.values() if (n.host, n.port) == (host, port)), None)
+        if self.switching:
+            if node is not None and not node.probing:
+                gevent.spawn(self._poll_node, node)       # promoted if it is not in recovery
+        elif self.writer is not None:
+            self.writer_failed(self.writer.host, self.writer.port, "another worker found a new writer")
 
     def _in_recovery(self, node: Node) -> bool | None:
         try:

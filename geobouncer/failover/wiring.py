@@ -116,6 +116,12 @@ class FailoverWiring:
             if any(r.key == name for r in replicas.replicas):
                 replicas.ban(name, reason)
 
+    def announce(self, event: str, *fields) -> None:
+        """Tell the other workers what this one found (admin/worker_events.py)."""
+        if self.app.cfg.peers:
+            from ..admin import worker_events
+            worker_events.send(self.app, event, *fields)
+
     def active_servers_for(self, replica) -> int:
         return sum(len(p.active) for p in self.app.pools.values() if p.db.name == replica.key)
 
