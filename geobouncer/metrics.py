@@ -334,12 +334,23 @@ class MetricsServer:
             except Exception:  # noqa: BLE001 - a scrape must never take the pooler down
                 log.exception("metrics scrape failed")
                 return _reply(start_response, "500 Internal Server Error", "scrape failed\n")
+        if path == "/metrics/all":       # every worker's, combined (metrics_all.py)
+            try:
+                from prometheus_client import generate_latest
+
+                from .metrics_all import combined
+                text = combined(generate_latest(self.registry).decode(), environ.get("SERVER_NAME", ""),
+                                self.app.settings.metrics_port)
+            except Exception:  # noqa: BLE001 - a scrape must never take the pooler down
+                log.exception("metrics scrape failed")
+                return _reply(start_response, "500 Internal Server Error", "scrape failed\n")
+            return _reply(start_response, "200 OK", text, "text/plain; version=0.0.4; charset=utf-8")
         if path == "/healthz":
             return _reply(start_response, "200 OK", f"ok geobouncer {__version__}\n")
         if path == "/readyz":
             ready, why = self.readiness.check()
             return _reply(start_response, "200 OK" if ready else "503 Service Unavailable", why + "\n")
-        return _reply(start_response, "404 Not Found", "try /metrics, /healthz or /readyz\n")
+        return _reply(start_response, "404 Not Found", "try /metrics, /metrics/all, /healthz or /readyz\n")
 
 
 def _addresses(value: str) -> list[str]:
@@ -354,8 +365,8 @@ def _addresses(value: str) -> list[str]:
     return out
 
 
-def _reply(start_response, status: str, text: str):
+def _reply(start_response, status: str, text: str, content_type: str = "text/plain; charset=utf-8"):
     body = text.encode()
-    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+    start_response(status, [("Content-Type", content_type),
                             ("Content-Length", str(len(body)))])
     return [body]

@@ -22,7 +22,8 @@ then sees the configuration with these changes (``worker_view``):
   so the workers together never open more server connections than one process
   would (a limit below N becomes 1 per worker);
 - no pidfile (the supervisor's); metrics_port, when set, becomes
-  metrics_port + index - 1: each worker is its own scrape target.
+  metrics_port + index - 1: each worker is its own scrape target (and its
+  /metrics/all the whole pooler's, metrics_all.py).
 
 Signals to the supervisor are passed to every worker: SIGHUP (RELOAD), SIGUSR1
 (PAUSE), SIGUSR2 (RESUME), SIGINT (safe shutdown), SIGTERM (shutdown once

@@ -22,12 +22,14 @@ import subprocess
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import psycopg2
 import psycopg2.errors
 import pytest
 from fixtures.pooler import TARGET
 from fixtures.ports import free_port, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 from geobouncer.pool.cancel_keys import peer_of
 
@@ -170,7 +172,7 @@ def test_rolling_restart_under_pgbench_loses_nothing(pg, bouncer, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_each_worker_serves_its_own_metrics(bouncer):
+def test_each_worker_serves_its_own_metrics_and_all_of_them(pg, bouncer):
     for _ in range(50):                      # two free ports in a row
         port = free_port()
         with socket.socket() as probe:
@@ -179,9 +181,34 @@ def test_each_worker_serves_its_own_metrics(bouncer):
                 break
             except OSError:
                 continue
-    start_workers(bouncer, metrics_port=port, metrics_listen_addr="127.0.0.1")
+    b = start_workers(bouncer, metrics_port=port, metrics_listen_addr="127.0.0.1")
     for p in (port, port + 1):
         wait_until(lambda p=p: urllib.request.urlopen(f"http://127.0.0.1:{p}/healthz", timeout=5).status
                    == 200, timeout=15, message=f"metrics on {p}")
         text = urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=5).read().decode()
         assert "pgbouncer_config_max_client_connections 50.0" in text   # 100 split two ways
+    # /metrics/all on either worker: the whole pooler under the same names.
+    held = []
+    try:
+        for index in (1, 2):      # clients on both workers, through their private sockets
+            where = str(next(Path(b.workdir).rglob(f"w{index}/.s.PGSQL.{b.port}")).parent)
+            for _ in range(index + 1):
+                conn = psycopg2.connect(host=where, port=b.port, dbname="app", user="app",
+                                        password=b.userlist["app"])
+                conn.autocommit = True
+                conn.cursor().execute("SELECT 1")
+                held.append(conn)
+        for p in (port, port + 1):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics/all", timeout=10).read().decode()
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            value = {f"{s.name}{sorted(s.labels.items())}": s.value
+                     for f in families.values() for s in f.samples}
+            assert value["pgbouncer_config_max_client_connections[]"] == 100.0    # 50 + 50
+            assert value["pgbouncer_up[]"] == 1.0
+            assert value["geobouncer_workers_scraped[]"] == 2.0
+            active = value["pgbouncer_pools_client_active_connections[('database', 'app'), ('user', 'app')]"]
+            assert active == 5.0                       # 2 on worker 1, 3 on worker 2
+            assert value["pgbouncer_stats_queries_pooled_total[('database', 'app')]"] >= 5
+    finally:
+        for conn in held:
+            conn.close()
