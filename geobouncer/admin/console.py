@@ -125,9 +125,11 @@ class AdminConsole:
                 and fanout.shutdown_all(arg.upper()):
             return m.command_complete("SHUTDOWN")
         out = handler(client, arg, sql)
-        if verb in fanout.FORWARDED and self.app.cfg.peers and fanout.supervisor_pid() \
-                and not fanout.is_forwarded(client):
-            fanout.forward(self.app, sql)
+        if self.app.cfg.peers and fanout.supervisor_pid() and not fanout.is_forwarded(client):
+            if verb in fanout.FORWARDED:
+                fanout.forward(self.app, sql)
+            elif verb == "SUSPEND":
+                fanout.suspend_all(self.app, (self.app.settings.suspend_timeout or 10) + 5)
         return out
 
     # --- SHOW ----------------------------------------------------------------------

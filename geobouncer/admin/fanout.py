@@ -8,9 +8,12 @@ them on again. A peer's refusal (e.g. "already suspended/paused") is logged,
 not returned: the command did what it could everywhere. SHUTDOWN in any mode
 goes to the supervisor as the signal it passes on to every worker (SIGQUIT,
 SIGINT for WAIT_FOR_SERVERS, SIGTERM for WAIT_FOR_CLIENTS), since a worker
-exiting alone would just be started again. SUSPEND is not sent on: it lasts
-only as long as the console connection that gave it (PgBouncer resumes when that
-connection closes), so it would need a held connection to every peer (open).
+exiting alone would just be started again. SUSPEND holds a console connection
+to every other worker and suspends it there; the SUSPEND answers once every
+worker is suspended. While this worker stays suspended the connections stay
+open; when it resumes (RESUME, or its last admin leaving, as PgBouncer does)
+each is sent RESUME and closed, and a worker whose connection breaks resumes
+by itself (its last admin left).
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import os
 import signal
 
 import gevent
+import gevent.event
 
 from . import workers_view
 
 log = logging.getLogger("geobouncer")
 
-__all__ = ["FORWARDED", "MARK", "forward", "is_forwarded", "supervisor_pid"]
+__all__ = ["FORWARDED", "MARK", "forward", "is_forwarded", "supervisor_pid", "suspend_all"]
 
 FORWARDED = ("RELOAD", "PAUSE", "RESUME")
 MARK = "geobouncer-worker"
@@ -53,6 +57,37 @@ def _one(peer_id: int, entry, sql: str) -> None:
         workers_view.ask_peer(entry, sql, MARK, timeout=None)
     except (OSError, workers_view.PeerUnreachable) as exc:
         log.warning("worker %d: %s: %s", peer_id, sql.strip(), exc)
+
+
+def suspend_all(app, limit: float | None) -> None:
+    """SUSPEND every other worker, and keep it suspended as long as this one is.
+    Returns once each has answered (or failed, or ``limit`` seconds passed)."""
+    answered = [gevent.event.Event() for _ in app.cfg.peers]
+    for (peer_id, entry), done in zip(sorted(app.cfg.peers.items()), answered):
+        gevent.spawn(_hold_suspended, app, peer_id, entry, done)
+    for done in answered:
+        done.wait(limit)
+
+
+def _hold_suspended(app, peer_id: int, entry, answered) -> None:
+    try:
+        session = workers_view.PeerSession(entry, MARK)
+    except (OSError, workers_view.PeerUnreachable) as exc:
+        log.warning("worker %d: SUSPEND: %s", peer_id, exc)
+        answered.set()
+        return
+    try:
+        session.run("SUSPEND", timeout=None)
+        answered.set()
+        while app.suspended and not app.shutting_down:
+            gevent.sleep(0.1)
+        session.run("RESUME")
+    except (OSError, workers_view.PeerUnreachable) as exc:
+        # "pooler is not paused/suspended": a RESUME sent on already did it.
+        log.debug("worker %d: SUSPEND/RESUME: %s", peer_id, exc)
+    finally:
+        answered.set()
+        session.close()
 
 
 def shutdown_all(mode: str) -> bool:

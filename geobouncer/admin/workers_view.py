@@ -16,7 +16,7 @@ import struct
 
 from ..proto import messages as m
 
-__all__ = ["BUILDERS", "ask_peer", "per_worker", "show_worker", "show_workers"]
+__all__ = ["BUILDERS", "PeerSession", "ask_peer", "per_worker", "show_worker", "show_workers"]
 
 TIMEOUT = 2.0
 COLUMNS = [("worker", 23), ("pid", 23), ("state", 25), ("clients", 23), ("servers", 23)]
@@ -53,25 +53,52 @@ def _address(entry):
     return socket.AF_INET, (entry.host, entry.port)
 
 
-def ask_peer(entry, sql: str, application_name: str = "", timeout: float | None = TIMEOUT) -> list[list]:
-    """Run one admin command on a peer; its data rows (text values, None for NULL).
-    ``timeout`` bounds every read (None: PAUSE and SUSPEND wait as long as they must)."""
-    family, address = _address(entry)
-    params = {"user": "pgbouncer", "database": "pgbouncer"}
-    if application_name:
-        params["application_name"] = application_name
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(TIMEOUT)
-        sock.connect(address)
-        sock.sendall(m.startup_message(params))
-        reader = _Reader(sock)
-        _until_ready(reader, None)
-        sock.settimeout(timeout)
-        sock.sendall(m.query(sql))
+class PeerSession:
+    """A console connection to a peer, held open for several commands
+    (``ask_peer`` for one; SUSPEND keeps one while the pooler is suspended)."""
+
+    __slots__ = ("sock", "reader")
+
+    def __init__(self, entry, application_name: str = ""):
+        family, address = _address(entry)
+        params = {"user": "pgbouncer", "database": "pgbouncer"}
+        if application_name:
+            params["application_name"] = application_name
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(TIMEOUT)
+            self.sock.connect(address)
+            self.sock.sendall(m.startup_message(params))
+            self.reader = _Reader(self.sock)
+            _until_ready(self.reader, None)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def run(self, sql: str, timeout: float | None = TIMEOUT) -> list[list]:
+        """One command; its data rows (text values, None for NULL). ``timeout``
+        bounds every read (None: PAUSE and SUSPEND wait as long as they must)."""
+        self.sock.settimeout(timeout)
+        self.sock.sendall(m.query(sql))
         rows: list[list] = []
-        _until_ready(reader, rows)
-        sock.sendall(m.message(b"X"))
+        _until_ready(self.reader, rows)
         return rows
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(m.message(b"X"))
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def ask_peer(entry, sql: str, application_name: str = "", timeout: float | None = TIMEOUT) -> list[list]:
+    """Run one admin command on a peer; its data rows (text values, None for NULL)."""
+    session = PeerSession(entry, application_name)
+    try:
+        return session.run(sql, timeout)
+    finally:
+        session.close()
 
 
 def _until_ready(reader, rows) -> None:

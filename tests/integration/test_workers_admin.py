@@ -4,8 +4,8 @@
   (the supervisor's children), its state and its client and server counts,
   the other workers asked over their unix sockets; SHOW WORKER_POOLS (STATS,
   CLIENTS, SERVERS) every worker's rows, led by the worker's id;
-- PAUSE, RESUME and RELOAD on one console apply to every worker; SHUTDOWN
-  stops every worker and the supervisor.
+- PAUSE, RESUME, SUSPEND and RELOAD on one console apply to every worker;
+  SHUTDOWN stops every worker and the supervisor.
 
 geobouncer only (PgBouncer has no workers setting).
 """
@@ -13,6 +13,7 @@ geobouncer only (PgBouncer has no workers setting).
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from fixtures.pooler import TARGET
@@ -82,6 +83,32 @@ def test_pause_resume_on_one_console_apply_to_every_worker(pg, bouncer):
     b.admin("RESUME app")
     assert states(b) == ["active", "active"]
     conn = b.connect("app", "app", autocommit=True)     # serving again, wherever it lands
+    conn.cursor().execute("SELECT 1")
+    conn.close()
+
+
+@pytest.mark.timeout(90)
+def test_suspend_on_one_console_suspends_every_worker_while_it_lasts(pg, bouncer):
+    b = start_workers(bouncer)
+    for ending in ("RESUME", "close"):
+        mark = b.log_offset()
+        console = b.connect("pgbouncer", "postgres", autocommit=True)
+        try:
+            cur = console.cursor()
+            cur.execute("SUSPEND")
+            # A suspended worker takes no new connection (PgBouncer's SUSPEND), so
+            # its state is read from the log: both said so before SUSPEND returned.
+            issued = re.findall(r"\[(\d+)\] LOG SUSPEND command issued", b.log_text(mark))
+            assert {int(pid) for pid in issued} == worker_pids(b)
+            cur.execute("SHOW WORKER")
+            assert cur.fetchone()[2] == "suspended"
+            if ending == "RESUME":
+                console.cursor().execute("RESUME")
+        finally:
+            console.close()          # PgBouncer resumes when the last admin leaves
+        wait_until(lambda: states(b) == ["active", "active"], timeout=10,
+                   message=f"every worker active again after {ending}")
+    conn = b.connect("app", "app", autocommit=True)
     conn.cursor().execute("SELECT 1")
     conn.close()
 
