@@ -23,6 +23,7 @@ from collections import deque
 from time import monotonic
 
 from ..proto import messages as m
+from ..proto.framing import ProtocolError
 from ..routing import RewriteFailed
 from ..sharding.counters import ShardCounters
 from ..sharding.plan import Planner
@@ -301,6 +302,8 @@ def rewritten(session, text: str) -> str:
 
 
 def _simple(session, body: bytes) -> None:
+    if body[-1:] != b"\x00" or b"\x00" in body[:-1]:
+        raise ProtocolError("invalid string in message")     # as PostgreSQL says; FATAL here
     text = body[:-1].decode("utf-8", "surrogateescape")
     try:
         out = run_statement(session, rewritten(session, text))

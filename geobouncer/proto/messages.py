@@ -20,7 +20,9 @@ def message(mtype: bytes, body: bytes = b"") -> bytes:
 
 
 def cstr(text: str) -> bytes:
-    return text.encode() + b"\x00"
+    # surrogateescape: a client's non-UTF-8 bytes, decoded that way to be read
+    # as text, go back out as they came (the server is the one to refuse them).
+    return text.encode("utf-8", "surrogateescape") + b"\x00"
 
 
 # --- backend messages -------------------------------------------------------

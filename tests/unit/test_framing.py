@@ -146,3 +146,9 @@ def test_sasl_initial_response():
     msg = m.sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=abc")
     (mtype, body), = split_messages(msg)[0]
     assert m.parse_sasl_initial_response(body) == ("SCRAM-SHA-256", b"n,,n=,r=abc")
+
+
+def test_text_decoded_with_surrogateescape_goes_back_out_byte_for_byte():
+    raw = b"SELECT '\xff\xfe caf\xc3\xa9'"
+    text = raw.decode("utf-8", "surrogateescape")
+    assert m.query(text) == b"Q" + (len(raw) + 5).to_bytes(4, "big") + raw + b"\x00"
