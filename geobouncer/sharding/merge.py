@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..proto.messages import command_complete, data_row, error_response, message
 from . import values as V
 from .aggregate import group_rows
-from .rows import C, I, NODATA, T, Shard, cut_short, Sink, parse_data_row, parse_row_description, row_description_body
+from .rows import COPY_OUT, C, I, NODATA, T, Shard, cut_short, Sink, parse_data_row, parse_row_description, row_description_body
 
 
 
@@ -47,6 +47,7 @@ class MergeSpec:
     aggregates: tuple[Agg, ...] = ()
     distinct: bool = False
     visible: int | None = None
+    copy_header: bool = False            # COPY TO STDOUT (CSV HEADER): the first shard's header only
 
 
 class MergeError(Exception):
@@ -135,6 +136,9 @@ def _merge(spec, shards, sink) -> Iterator[bytes]:
             if NODATA in kinds:
                 yield message(b"n")
             sink.complete = command_complete(sum_tags([s.tag for s in shards]).decode(errors="replace"))
+        return
+    if kinds == {COPY_OUT}:
+        yield from _copy_out(spec, heads, shards, sink)
         return
     if kinds != {T}:
         sink.fail(error_response("XX000", "shards returned different kinds of results to one statement"))
@@ -266,6 +270,27 @@ class _Plan:
                 merged = _distinct(merged, self.oids, self.visible)
             it = (data_row(row[:self.visible]) for row in merged)
         yield from _window(it, 0 if spec is None else spec.offset, None if spec is None else spec.limit)
+
+
+def _copy_out(spec, heads, shards, sink) -> Iterator[bytes]:
+    """COPY TO STDOUT on every shard: one CopyOutResponse, every shard's
+    CopyData in shard order, one CopyDone; the COPY counts summed."""
+    if any(bytes(h[1]) != bytes(heads[0][1]) for h in heads):
+        sink.fail(error_response("42804", "shards answered COPY with different formats or columns"))
+        return
+    yield message(b"H", heads[0][1])
+    skip_header = spec is not None and spec.copy_header
+    for number, shard in enumerate(shards):
+        first = True
+        for body in shard.copy_data():
+            if first and number and skip_header:
+                first = False
+                continue
+            first = False
+            yield message(b"d", body)
+    if sink.error is None:
+        yield message(b"c")
+        sink.complete = command_complete(sum_tags([s.tag for s in shards]).decode(errors="replace"))
 
 
 def _distinct(rows, oids, visible):

@@ -7,6 +7,7 @@ import struct
 from ..proto.messages import error_response, message
 
 T, D, C, E, I, N, NODATA = (ord(c) for c in "TDCEINn")
+COPY_OUT, COPY_DATA = ord("H"), ord("d")
 _FIELD = struct.Struct("!IhIhih")
 _H = struct.Struct("!H")
 _i32 = struct.Struct("!i")
@@ -110,6 +111,17 @@ class Shard:
             if msg is None:
                 return
             if msg[0] == D:
+                yield msg[1]
+            elif self.done:
+                return
+
+    def copy_data(self):
+        """CopyData bodies until the end of this shard's COPY TO (CopyDone skipped)."""
+        while True:
+            msg = self._next()
+            if msg is None:
+                return
+            if msg[0] == COPY_DATA:
                 yield msg[1]
             elif self.done:
                 return

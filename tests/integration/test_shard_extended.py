@@ -8,6 +8,7 @@ test_sharding.py for the fixtures)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import struct
 import time
 
@@ -226,3 +227,28 @@ def test_big_values_cross_the_sharded_path_whole(sharded):
         assert [(k, n) for k, n, _ in rows] == [("big", len(big)), ("small", 1)]
         assert rows[0][2] == big
     conn.close()
+
+
+def test_copy_to_stdout_concatenates_every_shard(sharded):
+    b = sharded()
+    _fill(b, 12)
+    conn = b.connect("app", autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            out = io.StringIO()
+            cur.copy_expert("COPY users (id, name) TO STDOUT", out)
+            assert sorted(out.getvalue().splitlines(), key=lambda r: int(r.split("\t")[0])) == \
+                [f"{i}\tu{i}" for i in range(1, 13)]
+            assert cur.rowcount == 12                              # COPY 12: the tags summed
+            out = io.StringIO()
+            cur.copy_expert("COPY (SELECT id FROM users WHERE id > 6) TO STDOUT WITH (FORMAT csv, HEADER)",
+                            out)
+            lines = out.getvalue().splitlines()
+            assert lines[0] == "id" and sorted(map(int, lines[1:])) == list(range(7, 13))   # one header
+            with pytest.raises(psycopg2.Error) as info:
+                cur.copy_expert("COPY (SELECT count(*) FROM users) TO STDOUT", io.StringIO())
+            assert info.value.pgcode == "0A000"                    # a sum of counts, never three counts
+            cur.execute("SELECT count(*) FROM users")
+            assert cur.fetchone() == (12,)
+    finally:
+        conn.close()

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from geobouncer.proto.messages import (command_complete, data_row, error_response, notice_response,
+from geobouncer.proto.messages import (command_complete, data_row, error_response, message, notice_response,
                                        parse_error_fields, row_description)
 from geobouncer.sharding import values as V
 from geobouncer.sharding.merge import Agg, MergeSpec, SortKey, merge_results
@@ -370,3 +370,22 @@ def test_no_data_statements():
 def test_mixed_result_kinds_are_an_error():
     _, _, final = decode(run(None, [shard(INT, [[1]]), msgs(command_complete("UPDATE 1"))]))
     assert final == ("E", "XX000")
+
+
+def copy_out(rows, header=None, fmt=b"\x00\x00\x01\x00\x00"):
+    out = [message(b"H", fmt)] + ([message(b"d", header)] if header else [])
+    out += [message(b"d", r) for r in rows] + [message(b"c"), command_complete(f"COPY {len(rows)}")]
+    return msgs(*out)
+
+
+def test_copy_out_concatenated_with_one_header_and_summed_count():
+    spec = MergeSpec(copy_header=True)
+    out = run(spec, [copy_out([b"1\n", b"4\n"], b"id\n"), copy_out([], b"id\n"), copy_out([b"2\n"], b"id\n")])
+    assert [m[:1] for m in out] == [b"H", b"d", b"d", b"d", b"d", b"c", b"C"]
+    assert [m[5:] for m in out if m[:1] == b"d"] == [b"id\n", b"1\n", b"4\n", b"2\n"]
+    assert out[-1] == command_complete("COPY 3")
+
+
+def test_copy_out_with_different_formats_is_an_error():
+    out = run(None, [copy_out([b"1\n"]), copy_out([b"2\n"], fmt=b"\x01\x00\x01\x00\x01")])
+    assert decode(out)[2] == ("E", "42804")
