@@ -30,6 +30,7 @@ _Z, _E, _D = ord("Z"), ord("E"), ord("D")
 PREFIX = "geobouncer:"
 RECOVER_AFTER = 5.0       # seconds a prepared transaction may wait for its commit
 RECOVER_EVERY = 10.0
+_LOST = {"C": "08006", "M": "server connection lost on a shard during COMMIT: the transaction was rolled back"}
 
 
 def _run(session, shard_link, sql: str):
@@ -52,7 +53,10 @@ def _first_value(body: bytes):
 def commit(session, links) -> bytes:
     """COMMIT on several shards. Returns the reply (without ReadyForQuery)."""
     decider = links[0]
-    rows, error = _run(session, decider, "SELECT pg_current_xact_id()")
+    try:
+        rows, error = _run(session, decider, "SELECT pg_current_xact_id()")
+    except ShardLost:
+        rows, error = [], _LOST
     if error is not None:
         return _abort(session, links, [], error, {})
     # Unique per shard too: two shards may be databases of one cluster.
@@ -61,7 +65,12 @@ def commit(session, links) -> bytes:
     prepared = []
     for shard_link in links:
         gid = gids[shard_link.shard]
-        _, error = _run(session, shard_link, f"PREPARE TRANSACTION '{gid}'")
+        try:
+            _, error = _run(session, shard_link, f"PREPARE TRANSACTION '{gid}'")
+        except ShardLost:
+            # Lost before it said: whatever it did, it never committed; the
+            # others are rolled back now (recovery finishes a prepared one left there).
+            error = _LOST
         if error is not None:
             return _abort(session, links, prepared, error, gids)
         prepared.append(shard_link)
@@ -80,6 +89,8 @@ def commit(session, links) -> bytes:
 
 def _abort(session, links, prepared, error, gids: dict) -> bytes:
     for shard_link in links:
+        if shard_link.lost:
+            continue
         try:
             if shard_link in prepared:
                 _run(session, shard_link, f"ROLLBACK PREPARED '{gids[shard_link.shard]}'")
