@@ -32,6 +32,7 @@ PARSE_COMPLETE = m.message(b"1")
 BIND_COMPLETE = m.message(b"2")
 CLOSE_COMPLETE = m.message(b"3")
 NO_DATA = m.message(b"n")
+DESCRIBE_PORTAL = m.message(b"D", b"P\x00")
 
 
 class Statement:
@@ -56,13 +57,14 @@ class Portal:
 
 
 class ExtendedState:
-    __slots__ = ("statements", "portals", "out", "failed")
+    __slots__ = ("statements", "portals", "out", "failed", "deferred")
 
     def __init__(self):
         self.statements: dict[bytes, Statement] = {}
         self.portals: dict[bytes, Portal] = {}
         self.out: list[bytes] = []
         self.failed = False
+        self.deferred: bytes | None = None   # a Describe of this portal, sent with its Execute
 
 
 def _cstr(body: bytes, pos: int) -> tuple[bytes, int]:
@@ -111,6 +113,15 @@ def message(session, mtype: int, body: bytes) -> None:
     if state.failed and mtype != _S:
         return
     try:
+        deferred = state.deferred
+        if deferred is not None:
+            state.deferred = None
+            if mtype == _X and body.startswith(deferred + b"\x00"):
+                _message(session, state, mtype, body, describe=True)    # one round trip for both
+                return
+            _describe(session, state, b"P" + deferred + b"\x00")
+            if state.failed and mtype != _S:
+                return
         _message(session, state, mtype, body)
     except ShardLost:
         from .sharded import shard_lost
@@ -130,7 +141,7 @@ def _fail(session, state, sqlstate: str, text: str) -> None:
     state.failed = True
 
 
-def _message(session, state, mtype: int, body: bytes) -> None:
+def _message(session, state, mtype: int, body: bytes, describe: bool = False) -> None:
     if mtype == _P:
         name, pos = _cstr(body, 0)
         text, pos = _cstr(body, pos)
@@ -151,7 +162,11 @@ def _message(session, state, mtype: int, body: bytes) -> None:
         state.portals[portal_name] = portal
         state.out.append(BIND_COMPLETE)
     elif mtype == _D:
-        _describe(session, state, body)
+        if body[:1] == b"P" and body.endswith(b"\x00") and body.count(b"\x00") == 1 \
+                and body[1:-1] in state.portals and state.portals[body[1:-1]].kept is None:
+            state.deferred = body[1:-1]       # answered with the Execute if one follows
+        else:
+            _describe(session, state, body)
     elif mtype == _X:
         portal_name, pos = _cstr(body, 0)
         portal = state.portals.get(portal_name)
@@ -162,7 +177,7 @@ def _message(session, state, mtype: int, body: bytes) -> None:
         if portal.kept is not None:            # a suspended portal: its next rows
             state.out.append(portal.kept.take(limit)[0])
             return
-        _execute(session, state, portal, limit)
+        _execute(session, state, portal, limit, describe)
     elif mtype == _CL:
         kind, name = body[:1], _cstr(body, 1)[0]
         (state.statements if kind == b"S" else state.portals).pop(name, None)
@@ -237,13 +252,15 @@ def _parse_and_bind(statement, sql: str, portal) -> bytes:
             + m.message(b"B", b"\x00\x00" + portal.bind_tail))
 
 
-def _execute(session, state, portal, limit: int = 0) -> None:
+def _execute(session, state, portal, limit: int = 0, describe: bool = False) -> None:
+    """Run a portal; with ``describe`` its Describe too, in the same batch
+    (its RowDescription or NoData passed on before the rows)."""
     from .shard_tx import local_reply
     statement = portal.statement
     plan = statement.plan
     local = local_reply(session, plan, statement.text)
     if local is not None:
-        state.out.append(local)
+        state.out.append(NO_DATA + local if describe else local)
         return
     targets = session.resolve_targets(plan, portal.params, portal.formats)
     session.check_transaction(targets, plan.write)
@@ -262,7 +279,8 @@ def _execute(session, state, portal, limit: int = 0) -> None:
     links = session.take(targets)
     try:
         if len(links) == 1:
-            batch = _parse_and_bind(statement, statement.text, portal) + m.execute() + m.SYNC
+            batch = (_parse_and_bind(statement, statement.text, portal)
+                     + (DESCRIBE_PORTAL if describe else b"") + m.execute() + m.SYNC)
             shard_link = links[0]
             shard_link.send_request(batch, 1, session.client.request_time)
             shard_link.errored = False
@@ -275,7 +293,7 @@ def _execute(session, state, portal, limit: int = 0) -> None:
             sql = plan.shard_sql or statement.text
             batch = (_parse_and_bind(statement, sql, portal) + m.message(b"D", b"P\x00") + m.execute()
                      + m.SYNC)
-            _run_many(session, state, links, batch, plan.merge, kept)
+            _run_many(session, state, links, batch, plan.merge, kept, describe)
     finally:
         session.give_back(links)
     if kept is not None:
@@ -293,14 +311,15 @@ def _hand_out(session, state, portal, kept, limit: int) -> None:
         portal.kept = kept
 
 
-def _run_many(session, state, links, batch: bytes, merge, kept=None) -> None:
+def _run_many(session, state, links, batch: bytes, merge, kept=None, describe: bool = False) -> None:
     from .shard_replies import merge_replies
     now = session.client.request_time
     for shard_link in links:
         shard_link.send_request(batch, 1, now)
     _flush(session, state)
-    # The description came with Describe: the merged one is left out.
-    tail, failed = merge_replies(session, links, merge, _DESCRIBE_DROP, (b"T", b"n"),
+    # The description came with a Describe answered before: the merged one is
+    # left out (kept when the Describe came along with this Execute).
+    tail, failed = merge_replies(session, links, merge, _DESCRIBE_DROP, () if describe else (b"T", b"n"),
                                  kept.add if kept is not None else None)
     if failed:
         state.failed = True

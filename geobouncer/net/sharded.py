@@ -139,7 +139,7 @@ class ShardSession:
         self.links.clear()
 
     # --- targets --------------------------------------------------------------
-    def resolve_targets(self, plan, params=(), formats=()):
+    def resolve_targets(self, plan, params=(), formats=(), text=None):
         """The shards a statement goes to: a comment hint, else SET
         geobouncer.shard / sharding_key, else the routing hook's answer (one of
         this database's shard entries), else the plan's."""
@@ -151,7 +151,7 @@ class ShardSession:
         elif self.forced_key is not None:
             shard = shard_for_key(self.sdb, self.forced_key)
         elif hooks.has_routing and plan.kind in _ROUTABLE and (
-                key := hooks.route(self.client.user, plan.sql, self.status != b"I",
+                key := hooks.route(self.client.user, text or plan.sql, self.status != b"I",
                                    self.sdb.shards.__contains__)) is not None:
             shard = self.sdb.shards.index(key)
         else:
@@ -322,11 +322,11 @@ def _simple(session, body: bytes) -> None:
 def run_statement(session, text: str):
     """One simple Query. Returns the reply to send before ReadyForQuery, or
     None when the replies were passed on already (ReadyForQuery included)."""
-    plan = session.planner.plan(text)
+    plan, params = session.planner.plan_text(text)
     local = local_reply(session, plan, text)
     if local is not None:
         return local
-    targets = session.resolve_targets(plan)
+    targets = session.resolve_targets(plan, params, (), text)
     session.check_transaction(targets, plan.write)
     split = plan.split() if len(targets) > 1 else None
     if len(targets) > 1 and plan.merge_error is not None and split is None:

@@ -84,6 +84,13 @@ class Plan:
         return _deparse_split(stmt, per)
 
 
+def _names_shards(plan, params) -> bool:
+    try:
+        return plan.targets(params, ()) is not None
+    except ShardingError:
+        return False                 # the text's own plan reports the bad key
+
+
 class Args:
     __slots__ = ("params", "formats")
 
@@ -181,6 +188,23 @@ class Planner:
         if len(cache) > self.cache_size:
             cache.popitem(last=False)
         return plan
+
+    def plan_text(self, sql):
+        """A simple Query's (plan, text parameters): the plan of the text, or of
+        its normalized form with the constants as parameters (template.py),
+        so texts that differ only in their constants share one parse."""
+        plan = self._cache.get(sql)
+        if plan is None and sql.isascii() and len(sql) <= MAX_CACHED_TEXT:
+            from . import template
+            found = template.constants(sql)
+            if found is not None:
+                shared = self.plan(found[0])
+                # Shared only when it names the shards: a text the template
+                # would send everywhere is planned itself (it may hold a key
+                # the parameters hide, as in = any('{1,4}')).
+                if template.usable(shared) and _names_shards(shared, found[1]):
+                    return shared, found[1]
+        return self.plan(sql), ()
 
     def _plan(self, sql):
         hint = _hint(sql)
