@@ -85,8 +85,14 @@ class SecretLookup:
     def _auth_query(self, db, auth_user: str, user: str):
         dbname = db.auth_dbname or self.app.settings.auth_dbname or db.name
         entry = self.app.database_for(dbname) or db
+        sql = db.auth_query
+        if getattr(entry, "shards", None):
+            # A sharded database has no server of its own: its first shard answers
+            # (as it gives the welcome parameters), with that shard's auth_query.
+            entry = self.app.database_for(entry.shards[0]) or entry
+            sql = sql or entry.auth_query
         pool = self.app.get_pool(entry, auth_user, None, forced_user=auth_user)
-        sql = db.auth_query or self.app.settings.auth_query or DEFAULT_AUTH_QUERY
+        sql = sql or self.app.settings.auth_query or DEFAULT_AUTH_QUERY
         probe = _Probe()
         try:
             server = acquire_server(self.app, pool, probe)

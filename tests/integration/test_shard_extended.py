@@ -252,3 +252,19 @@ def test_copy_to_stdout_concatenates_every_shard(sharded):
             assert cur.fetchone() == (12,)
     finally:
         conn.close()
+
+
+def test_auth_query_of_a_sharded_database_asks_its_first_shard(shards, bouncer):
+    from fixtures.cluster import ROLE_PASSWORDS
+    databases = {name: shards.conninfo(name) for name in ("sh_0", "sh_1", "sh_2")}
+    databases["app"] = "shards=sh_0,sh_1,sh_2 auth_user=postgres"
+    b = bouncer(databases=databases, userlist={"postgres": ROLE_PASSWORDS["postgres"]},
+                pgbouncer={"pool_mode": "transaction", "auth_type": "md5"},
+                extra_ini="[sharded_tables]\nusers = database=app column=id type=bigint\n")
+    conn = b.connect("app", "app", password=ROLE_PASSWORDS["app"], autocommit=True)   # not in auth_file
+    with conn.cursor() as cur:
+        cur.execute("SELECT current_user")
+        assert cur.fetchone() == ("app",)
+    conn.close()
+    with pytest.raises(psycopg2.OperationalError):
+        b.connect("app", "app", password="wrong")
