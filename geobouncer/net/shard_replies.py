@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from ..proto import messages as m
 from ..sharding.merge import merge_results
+from ..sharding.rows import parse_data_row
 from .shard_link import ShardLost
 
-_Z, _E, _C, _EMPTY = (ord(c) for c in "ZECI")
+_Z, _E, _C, _EMPTY, _D = (ord(c) for c in "ZECID")
 
 
 def rollback_quietly(session, shard_link) -> None:
@@ -17,6 +18,39 @@ def rollback_quietly(session, shard_link) -> None:
             pass
     except ShardLost:
         pass
+
+
+COLLATION_QUERY = ("SELECT datcollate, coalesce(to_jsonb(d) ->> 'datlocprovider', 'c') "
+                   "FROM pg_database d WHERE datname = current_database()")
+
+
+def learn_collation(session) -> None:
+    """Once per sharded database (kept on its planner): do all its shards order
+    text by its bytes (libc C / POSIX / C.UTF-8)? Unknown (a shard could not be
+    asked) counts as no, and the next client asks again."""
+    from .shard_link import link, unlink
+    planner = session.planner
+    if planner.bytewise_text is not None:
+        return
+    answers = []
+    try:
+        for shard in range(len(session.sdb.shards)):
+            shard_link = link(session.app, session.client, shard, session.pool(shard))
+            try:
+                shard_link.send_request(m.query(COLLATION_QUERY), 1, session.client.request_time)
+                answers.append([parse_data_row(body) for mtype, body in shard_link.messages()
+                                if mtype == _D])
+            finally:
+                unlink(session.app, shard_link, session.client.request_time)
+    except Exception:  # noqa: BLE001 - a shard down now: asked again by the next client
+        return
+    planner.bytewise_text = all(
+        rows and rows[0][1] in (b"c", "c") and _bytewise(rows[0][0]) for rows in answers)
+
+
+def _bytewise(collate) -> bool:
+    name = (collate.decode() if isinstance(collate, bytes) else str(collate)).lower()
+    return name in ("c", "posix") or name.startswith("c.")
 
 
 def merge_replies(session, links, merge, skip, hide, send=None) -> tuple[bytes, bool]:
@@ -55,7 +89,7 @@ def merge_replies(session, links, merge, skip, hide, send=None) -> tuple[bytes, 
                 live.append(shard_link)
         if not live:
             break
-        for piece in merge_results(merge, [stream(lk) for lk in live]):
+        for piece in merge_results(merge, [stream(lk) for lk in live], bool(session.planner.bytewise_text)):
             kind = piece[:1]
             if kind == b"E":
                 failed = True

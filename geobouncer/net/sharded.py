@@ -33,7 +33,7 @@ from .checkout import ClientError
 from .fastio import receiver
 from .login import ClientGone
 from .shard_link import ShardLost, link, unlink
-from .shard_replies import merge_replies, rollback_quietly
+from .shard_replies import learn_collation, merge_replies, rollback_quietly
 from .shard_tx import local_reply, shard_for_key
 
 log = logging.getLogger("geobouncer")
@@ -181,6 +181,7 @@ def serve(client) -> None:
     session = client.shard_session = ShardSession(client)
     inbox = Inbox(client)
     session.next_message = inbox.next
+    learn_collation(session)             # once per sharded database
     stats = client.pool.stats            # SHOW STATS: the sharded database's own row
     _count_sent(client, stats)
     started = None                       # the first message of the request being served

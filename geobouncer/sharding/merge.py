@@ -29,6 +29,7 @@ class SortKey:
     column: int
     descending: bool = False
     nulls_first: bool | None = None      # None: PostgreSQL's default (NULLS LAST for ASC)
+    bytewise: bool = False               # COLLATE "C" (or POSIX, ucs_basic): byte order asked for
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,16 @@ def sort_key(keys: tuple[SortKey, ...], oids: list[int]):
     return key
 
 
-def merge_results(spec: MergeSpec | None, streams: list[Iterator[tuple[int, bytes]]]) -> Iterator[bytes]:
+def merge_results(spec: MergeSpec | None, streams: list[Iterator[tuple[int, bytes]]],
+                  bytewise_text: bool = True) -> Iterator[bytes]:
+    """``bytewise_text``: the shards' collation orders text as its bytes (C,
+    POSIX, C.UTF-8). When it does not, text cannot be ordered or compared
+    across shards here (the merge compares bytes): refused, unless the query
+    asks for COLLATE "C"."""
     sink = Sink()
     shards = [Shard(s, sink) for s in streams]
     try:
-        yield from _merge(spec, shards, sink)
+        yield from _merge(spec, shards, sink, bytewise_text)
     finally:                       # also when the caller closes us: the servers finish
         for shard in shards:
             shard.drain()
@@ -120,7 +126,7 @@ def merge_results(spec: MergeSpec | None, streams: list[Iterator[tuple[int, byte
         yield sink.complete
 
 
-def _merge(spec, shards, sink) -> Iterator[bytes]:
+def _merge(spec, shards, sink, bytewise_text: bool = True) -> Iterator[bytes]:
     heads = [shard.head() for shard in shards]
     yield from sink.flush()
     if sink.error is not None:
@@ -145,7 +151,7 @@ def _merge(spec, shards, sink) -> Iterator[bytes]:
         return
     try:
         fields = [parse_row_description(h[1]) for h in heads]
-        plan = _Plan(spec, fields)
+        plan = _Plan(spec, fields, bytewise_text)
     except MergeError as exc:
         sink.fail(error_response(exc.sqlstate, exc.text))
         return
@@ -195,7 +201,7 @@ class _Plan:
 
     __slots__ = ("spec", "oids", "out_oids", "out_fields", "ncols", "visible")
 
-    def __init__(self, spec: MergeSpec | None, fields: list[list[tuple]]):
+    def __init__(self, spec: MergeSpec | None, fields: list[list[tuple]], bytewise_text: bool = True):
         first = fields[0]
         for i, other in enumerate(fields[1:], 1):
             if len(other) != len(first) or any(a[0] != b[0] or a[3] != b[3] for a, b in zip(first, other)):
@@ -208,6 +214,8 @@ class _Plan:
         out = list(first)
         if spec is not None:
             self._check(spec, first)
+            if not bytewise_text:
+                self._check_collation(spec)
             for agg in spec.aggregates:
                 if agg.func == "avg":
                     oid = V.FLOAT8 if abs(self.oids[agg.column]) in (V.FLOAT4, V.FLOAT8) else V.NUMERIC
@@ -244,6 +252,14 @@ class _Plan:
                 V.sum_parser(self.oids[agg.column])
             if agg.count_column is not None:
                 V.sum_parser(self.oids[agg.count_column])
+
+    def _check_collation(self, spec: MergeSpec) -> None:
+        text = [abs(oid) in V.TEXT_OIDS for oid in self.oids]
+        if any(text[k.column] and not k.bytewise for k in spec.order_by) or any(
+                text[a.column] for a in spec.aggregates if a.func in ("min", "max")):
+            raise MergeError("0A000", "the shards' collation does not order text by its bytes, and "
+                                      "the pooler merges text in byte order: ORDER BY (or min/max of) "
+                                      'text across shards needs COLLATE "C"')
 
     def _out(self, body: bytes) -> bytes:
         """A DataRow passed on as it came, or trimmed to the visible columns."""

@@ -163,12 +163,13 @@ def _deparse_split(stmt, per):
 
 
 class Planner:
-    __slots__ = ("sdb", "cache_size", "_cache")
+    __slots__ = ("sdb", "cache_size", "_cache", "bytewise_text")
 
     def __init__(self, sdb, cache_size=2048):
         self.sdb = sdb
         self.cache_size = max(1, int(cache_size))
         self._cache = collections.OrderedDict()
+        self.bytewise_text = None      # do the shards order text by its bytes? (asked by the loop)
 
     def plan(self, sql):
         cache = self._cache

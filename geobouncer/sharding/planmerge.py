@@ -13,6 +13,7 @@ from pglast.stream import RawStream
 from .merge import Agg, MergeSpec, SortKey
 
 AGGS = frozenset(("count", "sum", "min", "max", "avg"))
+BYTEWISE_COLLATIONS = frozenset(("c", "posix", "ucs_basic"))   # the orders the merge compares in
 OTHER_AGGS = frozenset((
     "array_agg", "string_agg", "json_agg", "jsonb_agg", "json_object_agg", "jsonb_object_agg",
     "bool_and", "bool_or", "every", "bit_and", "bit_or", "bit_xor", "xmlagg", "stddev",
@@ -113,8 +114,14 @@ def _merge(node):
             raise Unsupported("ORDER BY ... USING")
         nulls = {enums.SortByNulls.SORTBY_NULLS_FIRST: True,
                  enums.SortByNulls.SORTBY_NULLS_LAST: False}.get(s.sortby_nulls)
-        order.append(SortKey(position(s.node, "ORDER BY"),
-                             s.sortby_dir == enums.SortByDir.SORTBY_DESC, nulls))
+        expr, bytewise = s.node, False
+        if isinstance(expr, ast.CollateClause):
+            collation = expr.collname[-1].sval if expr.collname else ""
+            if collation.lower() not in BYTEWISE_COLLATIONS:
+                raise Unsupported(f'ORDER BY ... COLLATE "{collation}"')
+            expr, bytewise = expr.arg, True
+        order.append(SortKey(position(expr, "ORDER BY"),
+                             s.sortby_dir == enums.SortByDir.SORTBY_DESC, nulls, bytewise))
     limit, offset = _int(node.limitCount, "LIMIT"), _int(node.limitOffset, "OFFSET") or 0
     if node.limitOption == enums.LimitOption.LIMIT_OPTION_WITH_TIES:
         raise Unsupported("FETCH ... WITH TIES")

@@ -18,6 +18,7 @@ INT_OIDS = frozenset((20, 21, 23, 26))          # int8, int2, int4, oid
 FLOAT4, FLOAT8, NUMERIC, INT8 = 700, 701, 1700, 20
 BYTES_OIDS = frozenset((18, 19, 25, 705, 1043, 1082, 1083, 1114, 1184, 1266, 2950))
 BPCHAR, BOOL = 1042, 16
+TEXT_OIDS = frozenset((18, 19, 25, 705, 1043, BPCHAR))   # ordered by collation in PostgreSQL
 
 # Exact decimal arithmetic: additions never round; Inf + -Inf = NaN like PostgreSQL.
 EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN, traps=[])

@@ -268,3 +268,46 @@ def test_auth_query_of_a_sharded_database_asks_its_first_shard(shards, bouncer):
     conn.close()
     with pytest.raises(psycopg2.OperationalError):
         b.connect("app", "app", password="wrong")
+
+
+def test_text_order_across_shards_with_a_collation_that_is_not_bytewise(shard_pg, bouncer):
+    """Shards whose collation (ICU en-US) does not order text by its bytes: the
+    merge, which compares bytes, refuses ORDER BY / min / max of text rather than
+    answer in another order than PostgreSQL would; COLLATE "C" asks for byte
+    order, and then the answer is the reference's."""
+    from test_sharding import direct
+    names = ("icu_0", "icu_1", "icu_2", "icu_ref")
+    admin = shard_pg.connect("postgres", autocommit=True)
+    with admin.cursor() as cur:
+        for name in names:
+            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+            cur.execute(f"CREATE DATABASE {name} OWNER app TEMPLATE template0 LOCALE_PROVIDER icu "
+                        "ICU_LOCALE 'en-US' LOCALE 'C'")
+    admin.close()
+    rows = [(i, name) for i, name in enumerate(["b", "A", "a", "C", "c", "B", "Ä", "z", "Z"], 1)]
+    for name in names:
+        with direct(shard_pg, name) as conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+            if name == "icu_ref":
+                cur.executemany("INSERT INTO users (id, name) VALUES (%s, %s)", rows)
+    databases = {name: shard_pg.conninfo(name) for name in names}
+    databases["app"] = "shards=icu_0,icu_1,icu_2"
+    b = bouncer(databases=databases, pgbouncer={"pool_mode": "transaction"},
+                extra_ini="[sharded_tables]\nusers = database=app column=id type=bigint\n")
+    conn, ref = b.connect("app", autocommit=True), b.connect("icu_ref", autocommit=True)
+    try:
+        with conn.cursor() as cur, ref.cursor() as rcur:
+            cur.executemany("INSERT INTO users (id, name) VALUES (%s, %s)", rows)
+            for sql in ("SELECT name FROM users ORDER BY name", "SELECT min(name) FROM users"):
+                with pytest.raises(psycopg2.Error) as info:
+                    cur.execute(sql)
+                assert info.value.pgcode == "0A000" and 'COLLATE "C"' in str(info.value)
+            for sql in ('SELECT name FROM users ORDER BY name COLLATE "C"',
+                        'SELECT id, name FROM users ORDER BY name COLLATE "C" DESC LIMIT 4',
+                        "SELECT count(*) FROM users", "SELECT id FROM users ORDER BY id"):
+                cur.execute(sql)
+                rcur.execute(sql)
+                assert cur.fetchall() == rcur.fetchall(), sql
+    finally:
+        conn.close()
+        ref.close()
