@@ -31,16 +31,20 @@ def worker_socket_dir(b, index: int) -> str:
     return str(found[0].parent)
 
 
-def _port_via(host: str, port: int) -> int:
-    conn = psycopg2.connect(host=host, port=port, dbname="app", user="app",
-                            password=ROLE_PASSWORDS["app"], connect_timeout=5)
+def _query_via(host: str, port: int, sql: str, dbname: str = "app", user: str = "app") -> list[tuple]:
+    conn = psycopg2.connect(host=host, port=port, dbname=dbname, user=user,
+                            password=ROLE_PASSWORDS[user], connect_timeout=5)
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT inet_server_port()")
-            return cur.fetchone()[0]
+            cur.execute(sql)
+            return cur.fetchall()
     finally:
         conn.close()
+
+
+def _port_via(host: str, port: int) -> int:
+    return _query_via(host, port, "SELECT inet_server_port()")[0][0]
 
 
 @pytest.mark.timeout(120)
@@ -81,18 +85,6 @@ def test_one_worker_detects_a_failed_writer_and_every_worker_switches(make_pg, m
     assert topo[ep(replica)] == "writer"
 
 
-def _admin_via(host: str, port: int, sql: str) -> list[tuple]:
-    conn = psycopg2.connect(host=host, port=port, dbname="pgbouncer", user="postgres",
-                            password=ROLE_PASSWORDS["postgres"], connect_timeout=5)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            return cur.fetchall()
-    finally:
-        conn.close()
-
-
 @pytest.mark.timeout(120)
 def test_a_replica_banned_by_one_worker_is_banned_by_every_worker(make_pg, make_replica, bouncer):
     primary = make_pg()
@@ -109,7 +101,7 @@ def test_a_replica_banned_by_one_worker_is_banned_by_every_worker(make_pg, make_
     w1, w2 = worker_socket_dir(b, 1), worker_socket_dir(b, 2)
 
     def banned(where) -> int:
-        return sum(row[4] for row in _admin_via(where, b.port, "SHOW REPLICAS"))
+        return sum(row[4] for row in _query_via(where, b.port, "SHOW REPLICAS", "pgbouncer", "postgres"))
     wait_until(lambda: _port_via(w1, b.port) == r1.port, timeout=20, message="reads on the replica")
     assert banned(w1) == banned(w2) == 0
     r1.stop("immediate")

@@ -17,8 +17,7 @@ class ModMapping:
         return {"eu": 0, "us": 1}.get(value)
 
 
-@pytest.fixture(scope="module")
-def planner():
+def make_planner():
     m = ModMapping()
     sdb = ShardedDatabase("app", ("app_0", "app_1", "app_2"), (
         ShardedTable("users", "users", "app", "id", "int8", m),
@@ -26,6 +25,11 @@ def planner():
         ShardedTable("regions", "public.regions", "app", "region", "text", m),
     ))
     return Planner(sdb, cache_size=64)
+
+
+@pytest.fixture(scope="module")
+def planner():
+    return make_planner()
 
 
 KINDS = [

@@ -6,21 +6,10 @@ text's own plan. Pure: no database."""
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_shard_plan import TARGETS, KINDS, ModMapping
+from test_shard_plan import KINDS, TARGETS, make_planner
 
-from geobouncer.sharding.plan import Planner
-from geobouncer.sharding.rules import ShardedDatabase, ShardedTable, ShardingError
+from geobouncer.sharding.rules import ShardingError
 from geobouncer.sharding.template import constants
-
-
-def make_planner():
-    m = ModMapping()
-    sdb = ShardedDatabase("app", ("app_0", "app_1", "app_2"), (
-        ShardedTable("users", "users", "app", "id", "int8", m),
-        ShardedTable("by_user", None, "app", "user_id", "int8", m),
-        ShardedTable("regions", "public.regions", "app", "region", "text", m),
-    ))
-    return Planner(sdb, cache_size=64)
 
 
 def outcome(plan, params):
