@@ -239,6 +239,11 @@ def _execute(session, state, portal) -> None:
     if local is not None:
         state.out.append(local)
         return
+    if plan.copy is not None:
+        # The rows would be read by the client loop, which is waiting for the
+        # shards here: refused, as COPY FROM STDIN is split per row only in a Query.
+        raise ShardingError("0A000", "COPY FROM STDIN on a sharded database needs the simple query "
+                                     "protocol (a Query message), not Parse/Bind/Execute")
     targets = session.resolve_targets(plan, portal.params, portal.formats)
     session.check_transaction(targets, plan.write)
     if len(targets) > 1:

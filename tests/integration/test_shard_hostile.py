@@ -18,7 +18,8 @@ hostile row survived on any shard, no shard has a session idling in a
 transaction or a prepared transaction left, pooled servers are clean, the
 pooler's log has no Traceback and its RSS stays bounded.
 
-Reproduce with ``GEOBOUNCER_FUZZ_SEED=<seed>`` (shared with test_fuzz.py).
+The attacks are in shard_attacks.py; the defects found are the xfail tests at
+the end. Reproduce with ``GEOBOUNCER_FUZZ_SEED=<seed>`` (shared with test_fuzz.py).
 """
 
 from __future__ import annotations
@@ -34,223 +35,19 @@ import psycopg
 import psycopg2
 import pytest
 import test_fuzz as fz
-from _util_pool import close_quietly, message, parse_error_fields, query_message, query_one
+from _util_pool import RawClient, close_quietly, message, query_message, query_one, run_in_thread
 from fixtures.ports import wait_until
+from shard_attacks import ATTACKS, BAD_KEYS, HOSTILE_ID, KEYED, run_one
 from shardfix import SHARDS, _keys_on_two_shards, direct, shard_pg, sharded, shards  # noqa: F401
-from test_fuzz import SYNC, Bad, Hostile, Record, answer_or_close, bind_msg, execute_msg, parse_msg
+from test_fuzz import SYNC, bind_msg, execute_msg, parse_msg, summarize
 
 pytestmark = pytest.mark.geobouncer_only("sharding (PgDog style)")
 
 ROWS = 300                 # users 1..300, loaded before the storm
-HOSTILE_ID = 100000        # hostile writes use ids from here: none may survive
 STORM_COUNT = 150
 STORM_SECONDS = 20.0
 SETTINGS = {"max_packet_size": fz.MAX_PACKET, "two_phase_commit": 1, "default_pool_size": 6,
             "max_client_conn": 200, "query_wait_timeout": 20}
-KEYED = "SELECT id, name FROM users WHERE id = $1"
-BIG = "SELECT repeat('x', 2000) FROM generate_series(1, 20000)"     # every shard: 3 x 40 MB
-CROSS = ["SELECT id, name FROM users ORDER BY id", "SELECT count(*), sum(id) FROM users",
-         "SELECT team, count(*) FROM users GROUP BY team ORDER BY team",
-         "SELECT id FROM users ORDER BY id DESC LIMIT 7 OFFSET 3",
-         "SELECT repeat('y', 1000), id FROM users, generate_series(1, 20) ORDER BY id"]
-
-
-def bind_fmt(params, formats, stmt=b""):
-    """A Bind with explicit parameter format codes."""
-    body = b"\x00" + stmt + b"\x00" + struct.pack(f"!H{len(formats)}h", len(formats), *formats)
-    body += struct.pack("!H", len(params))
-    for p in params:
-        body += struct.pack("!i", len(p)) + p
-    return message(b"B", body + struct.pack("!H", 0))
-
-
-P_KEYED = parse_msg(KEYED)
-P_DOCS = parse_msg("SELECT body FROM docs WHERE key = $1")
-# (name, messages): each is followed by Sync and a check query; the pooler
-# answers with an error (08P01 and a close for a protocol violation) or goes on.
-SHARD_MALFORMED = [
-    ("B-unknown-statement", bind_msg([b"1"], stmt=b"gb_nope") + execute_msg()),
-    ("B-too-few-params", P_KEYED + bind_msg([]) + execute_msg()),
-    ("B-too-many-params", P_KEYED + bind_msg([b"1", b"2", b"3"]) + execute_msg()),
-    ("B-binary-key-3-bytes", P_KEYED + bind_fmt([b"abc"], [1]) + execute_msg()),
-    ("B-binary-key-16-bytes", P_KEYED + bind_fmt([b"\x01" * 16], [1]) + execute_msg()),
-    ("B-text-key-not-a-number", P_KEYED + bind_msg([b"12abc"]) + execute_msg()),
-    ("B-format-count-disagrees", P_KEYED + bind_fmt([b"1"], [0, 1, 0]) + execute_msg()),
-    ("B-bad-format-code", P_KEYED + bind_fmt([b"1"], [7]) + execute_msg()),
-    ("B-negative-length", P_KEYED + message(b"B", b"\x00\x00" + struct.pack("!HHi", 0, 1, -5)
-                                            + struct.pack("!H", 0)) + execute_msg()),
-    ("B-result-formats-short", P_KEYED + message(b"B", b"\x00\x00" + struct.pack("!HHi", 0, 1, 1)
-                                                 + b"1" + struct.pack("!H", 9)) + execute_msg()),
-    ("P-duplicate-name", parse_msg("SELECT 1", b"s1") + parse_msg("SELECT 2", b"s1")),
-    ("P-unterminated-types", message(b"P", b"\x00" + KEYED.encode() + b"\x00" + struct.pack("!H", 3))
-     + bind_msg([b"1"]) + execute_msg()),
-    ("D-statement-unknown", fz.describe_msg(b"S", b"gb_nope")),
-    ("D-portal-unknown", fz.describe_msg(b"P", b"gb_nope")),
-    ("D-bad-kind", P_KEYED + message(b"D", b"Q\x00")),
-    ("E-unknown-portal", execute_msg(b"gb_nope")),
-    ("C-bad-kind", parse_msg("SELECT 1", b"s2") + message(b"C", b"Zs2\x00")),
-    ("C-unterminated", message(b"C", b"Ss2")),
-]
-# Faults in the sharding key itself (a Traceback today): see the xfail test below.
-BAD_KEYS = [
-    ("B-text-key-bad-utf8", P_DOCS + bind_msg([b"\xff\xfe"]) + execute_msg()),
-    ("B-binary-text-key-bad-utf8", P_DOCS + bind_fmt([b"k\xff"], [1]) + execute_msg()),
-    ("Q-key-bad-utf8", message(b"Q", b"SELECT body FROM docs WHERE key = '\xff'\x00")),
-    ("Q-bad-utf8", message(b"Q", b"SELECT '\xff\xfe' FROM users WHERE id = 1\x00")),
-]
-
-
-# test_fuzz.py's malformed bodies, but those with a bug of their own (xfail tests below)
-KNOWN_BAD = {"Q-unterminated", "Q-bad-utf8"}
-FUZZ_MALFORMED = [(name, before + bad) for name, before, bad in fz.MALFORMED if name not in KNOWN_BAD]
-
-
-def attack_shard_malformed(h: Hostile, table=SHARD_MALFORMED) -> None:
-    name, msgs = h.rng.choice(table)
-    with_sync = h.rng.random() < 0.8
-    h.note(f"{name} {'+Sync' if with_sync else 'then vanish'}")
-    h.login()
-    if with_sync:
-        h.send(msgs + SYNC + query_message("SELECT 42 AS check_query"))
-        answer_or_close(h, b"42")
-    else:
-        h.send(msgs + (fz.FLUSH if h.rng.random() < 0.5 else b""))
-        time.sleep(h.rng.uniform(0, 0.05))
-        h.check_errors(h.vanish(), fz.pg_any)
-
-
-def attack_fuzz_malformed(h: Hostile) -> None:
-    attack_shard_malformed(h, FUZZ_MALFORMED)
-
-
-def read_bytes(h: Hostile, limit: int) -> int:
-    """Read up to ``limit`` bytes of replies (kept for h.drain, which checks them); returns how many."""
-    got = 0
-    while got < limit:
-        try:
-            chunk = h.raw.sock.recv(min(65536, limit - got))
-        except (ConnectionResetError, socket.timeout, TimeoutError):
-            break
-        if not chunk:
-            break
-        got += len(chunk)
-        h.raw.buf += chunk
-    return got
-
-
-def attack_query_vanish(h: Hostile) -> None:
-    """A cross-shard query (simple or extended, maybe pipelined), left at any byte of its reply."""
-    sql = h.rng.choice(CROSS)
-    extended = h.rng.random() < 0.4
-    one = fz.extended_query(sql, []) if extended else query_message(sql)
-    count = h.rng.randint(1, 3)
-    read = h.rng.choice([0, 1, 6, 40, 200, 5000, 100000, 1 << 20])
-    h.note(f"{count}x {sql[:30]!r} {'ext' if extended else 'simple'} read {read}")
-    h.login()
-    h.send(one * count)
-    h.note(f"got {read_bytes(h, read)}")
-    h.check_errors(h.vanish(), fz.POOLER)
-
-
-def attack_copy_vanish(h: Hostile) -> None:
-    """COPY users FROM STDIN, some hostile rows, then a cut, garbage or a disappearance."""
-    csv = h.rng.random() < 0.5
-    h.login()
-    h.send(query_message("COPY users (id, name) FROM STDIN" + (" WITH (FORMAT csv)" if csv else "")))
-    msgs = h.raw.read_until(b"GEZ")
-    if not msgs or msgs[-1][0] != b"G":
-        raise Bad(f"no CopyInResponse: {fz.summarize(msgs)}")
-    sep = "," if csv else "\t"
-    data = "".join(f"{HOSTILE_ID + h.rng.randrange(10 ** 6)}{sep}hostile\n"
-                   for _ in range(h.rng.randint(0, 200))).encode()
-    cut = h.rng.randint(0, len(data))
-    h.send(message(b"d", data[:cut]))
-    end = h.rng.choice(["vanish", "cut-message", "garbage-type", "query", "terminate"])
-    h.note(f"{'csv' if csv else 'text'} {cut}/{len(data)} bytes, then {end}")
-    if end == "cut-message":
-        h.send(message(b"d", data[cut:] or b"1")[:-1])
-    elif end == "garbage-type":
-        h.send(message(b"~", b"junk"))
-    elif end == "query":
-        h.send(query_message("SELECT 1"))
-    elif end == "terminate":
-        h.send(fz.TERMINATE)
-    time.sleep(h.rng.uniform(0, 0.05))
-    h.check_errors(h.vanish(), fz.pg_any)
-
-
-def attack_tx_vanish(h: Hostile) -> None:
-    """BEGIN, writes on one or two shards (two_phase_commit), maybe a cross-shard read, then gone."""
-    keys = [HOSTILE_ID + h.rng.randrange(10 ** 6) for _ in range(h.rng.randint(1, 3))]
-    steps = ["BEGIN"] + [f"INSERT INTO users (id, name) VALUES ({k}, 'hostile-tx')" for k in keys]
-    if h.rng.random() < 0.5:
-        steps.insert(h.rng.randint(1, len(steps)), "SELECT count(*) FROM users")
-    h.login()
-    h.send(b"".join(query_message(sql) for sql in steps))
-    msgs = h.read_until_ready(len(steps))
-    if msgs[-1] != (b"Z", b"T") or [m for m in msgs if m[0] == b"E"]:
-        raise Bad(f"the transaction is not open: {fz.summarize(msgs)}")
-    end = h.rng.choice(["vanish", "garbage", "half-commit", "commit-unread", "unknown-type"])
-    h.note(f"{len(keys)} keys, then {end}; ready={msgs[-1][1]!r}")
-    if end == "garbage":
-        h.send(h.rng.randbytes(h.rng.randint(1, 300)))
-    elif end == "half-commit":
-        h.send(query_message("ROLLBACK")[:-3])
-    elif end == "commit-unread":
-        h.send(query_message("SELECT pg_sleep(0.05); ROLLBACK"))
-    elif end == "unknown-type":
-        h.send(message(b"~", b"junk"))
-    h.check_errors(h.vanish(), fz.pg_any)
-
-
-def attack_copydata_outside(h: Hostile) -> None:
-    """CopyData / CopyDone / CopyFail outside COPY are ignored (as PostgreSQL does)."""
-    strays = message(b"d", h.rng.randbytes(h.rng.randint(0, 2000))) + message(b"c") + message(b"f", b"x\x00")
-    h.login()
-    h.send(strays + query_message("SELECT 42"))
-    answer_or_close(h, b"42")
-
-
-def attack_huge_query(h: Hostile) -> None:
-    """A complete, valid query of more than max_packet_size: 08P01 and a close."""
-    size = fz.MAX_PACKET + h.rng.choice([1, 1000, fz.MAX_PACKET])
-    h.login()
-    h.send(query_message("SELECT '" + "x" * size + "' FROM users"))
-    fz.expect_rejected(h)
-
-
-def attack_unread_big(h: Hostile) -> None:
-    """A large cross-shard result nobody reads, then the client leaves."""
-    h.login()
-    h.send(query_message(BIG))
-    time.sleep(h.rng.uniform(0.2, 1.0))
-    h.note(f"read {read_bytes(h, h.rng.choice([0, 100, 1 << 20]))}")
-    h.check_errors(h.vanish(), fz.POOLER)
-
-
-REUSED = ["random_bytes", "random_frames", "truncated", "lie_more", "lie_short", "huge_length",
-          "unknown_type", "query_then_garbage", "copydata_50mb",
-          "half_parse", "pipeline_vanish"]      # not begin_then_garbage: its text spans shards
-ATTACKS = {**{name: fz.ATTACKS[name][0] for name in REUSED},
-           "shard_malformed": attack_shard_malformed, "fuzz_malformed": attack_fuzz_malformed,
-           "query_vanish": attack_query_vanish, "query_vanish2": attack_query_vanish,
-           "copy_vanish": attack_copy_vanish, "tx_vanish": attack_tx_vanish,
-           "copydata_outside": attack_copydata_outside, "huge_query": attack_huge_query,
-           "unread_big": attack_unread_big}
-
-
-def run_one(b, name: str, seed: int, fn=None) -> Record:
-    rec = Record(0, name, seed)
-    h = Hostile(b, random.Random(seed), rec)
-    try:
-        (fn or ATTACKS[name])(h)
-    except Bad as exc:
-        rec.failure = str(exc)
-    except Exception as exc:  # noqa: BLE001 - any surprise is a finding
-        rec.failure = f"{type(exc).__name__}: {exc}"
-    finally:
-        h.close()
-    return rec
 
 
 # -- good clients and the checks afterwards ------------------------------------------------------
@@ -420,4 +217,111 @@ def test_hostile_storm_on_a_sharded_database_beside_good_clients(sharded, shards
     assert min(done) > 0 and len(records) >= 60, (done, len(records))
     check_shards_clean(b, shards)
     assert fz.rss_kb(b.pid) < fz.RSS_LIMIT_KB, (rss_before, fz.rss_kb(b.pid))
+    check_log(b)
+
+
+def raw_login(b) -> RawClient:
+    raw = RawClient(b.host, b.port, timeout=fz.IO_TIMEOUT)
+    replies = raw.login("app", "app_pw", "app")
+    assert replies and replies[-1][0] == b"Z", summarize(replies)
+    return raw
+
+
+def reset(raw: RawClient) -> None:
+    """The network drops the connection: RST, no goodbye."""
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.close()
+
+
+def reply_of(b, data: bytes, count: int = 1) -> list:
+    raw = raw_login(b)
+    try:
+        raw.send(data)
+        out = []
+        for _ in range(count):
+            out += raw.read_until(b"Z", limit=100000)
+        return out
+    finally:
+        raw.close()
+
+
+def test_leaving_at_every_point_of_a_cross_shard_request_and_reply(sharded, shards):
+    b = sharded(**SETTINGS)
+    load_users(b)
+    sql = "SELECT id, name FROM users ORDER BY id"
+    requests = {"simple": query_message(sql) * 2,
+                "extended": parse_msg(sql) + bind_msg([]) + fz.describe_msg() + execute_msg() + SYNC}
+    for kind, data in requests.items():
+        msgs = reply_of(b, data, 2 if kind == "simple" else 1)
+        want = b"TCZTCZ" if kind == "simple" else b"12TCZ"
+        assert bytes(m[0][0] for m in msgs if m[0] != b"D") == want, summarize(msgs)
+        assert [int(fz.datarow_values(m[1])[0]) for m in msgs if m[0] == b"D"][:ROWS] == list(range(1, ROWS + 1))
+        total = sum(5 + len(body) for _, body in msgs)
+        ends, pos = [], 0
+        for _, body in msgs:
+            pos += 5 + len(body)
+            ends.append(pos)
+        points = sorted({0, 1, 4, 5, 6, total - 1} | set(ends[:3] + ends[-4:-1]) | set(ends[5::40]))
+        for cut in range(1, len(data)):         # the request cut at every byte
+            raw = raw_login(b)
+            raw.send(data[:cut])
+            reset(raw)
+        for point in points:                    # the reply left at these bytes
+            raw = raw_login(b)
+            raw.send(data)
+            got = 0
+            while got < point:
+                chunk = raw.sock.recv(point - got)
+                assert chunk, f"{kind}: the pooler closed at byte {got} of {total}"
+                got += len(chunk)
+            reset(raw) if point % 2 else raw.close()
+        assert query_one(b.connect("app", autocommit=True), "SELECT count(*) FROM users") == (ROWS,)
+    check_shards_clean(b, shards)
+    check_log(b)
+
+
+def test_a_shard_server_lost_mid_request_fails_that_request_only(sharded, shards):
+    b = sharded(**SETTINGS)
+    load_users(b)
+
+    def kill_soon():
+        time.sleep(0.4)
+        with direct(shards, "postgres") as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'sh_1' "
+                        "AND query LIKE '%%pg_sleep(1.5)%%' AND pid <> pg_backend_pid()")
+            return cur.fetchall()
+
+    conn = b.connect("app")
+    for in_tx in (False, True):
+        conn.autocommit = not in_tx
+        with conn.cursor() as cur:
+            if in_tx:
+                cur.execute("INSERT INTO users (id, name) VALUES (%s, 'lost')", (HOSTILE_ID,))
+            killer = run_in_thread(kill_soon)
+            with pytest.raises(psycopg2.OperationalError) as info:
+                cur.execute("SELECT id FROM users, pg_sleep(1.5) ORDER BY id")
+            assert info.value.pgcode == "08006", info.value
+            assert killer.get(10) == [(True,)]
+        if in_tx:
+            conn.rollback()
+        assert query_one(conn, "SELECT count(*) FROM users") == (ROWS,)
+        conn.rollback()
+    conn.close()
+    check_shards_clean(b, shards)
+    check_log(b)
+
+
+def test_copy_in_the_extended_protocol_is_refused_not_hung(sharded, shards):
+    """A COPY FROM STDIN sent with Parse/Bind/Execute hung the client and left
+    every shard's server in COPY, active forever, even after the client left."""
+    b = sharded(**SETTINGS)
+    raw = raw_login(b)
+    raw.send(parse_msg("COPY users (id, name) FROM STDIN") + bind_msg([]) + execute_msg() + SYNC)
+    msgs = raw.read_until(b"Z")
+    errors = [fz.parse_error_fields(body) for t, body in msgs if t == b"E"]
+    assert [e["C"] for e in errors] == ["0A000"], summarize(msgs)
+    raw.send(query_message("SELECT count(*) FROM users"))
+    assert [m[0] for m in raw.read_until(b"Z")] == [b"T", b"D", b"C", b"Z"]
+    reset(raw)
+    check_shards_clean(b, shards)
     check_log(b)
