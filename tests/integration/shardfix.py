@@ -69,13 +69,14 @@ class direct:
 
 @pytest.fixture
 def shards(shard_pg):
-    """Fresh tables on every shard and on the reference database."""
+    """Fresh tables on every shard and on the reference database (prepared
+    transactions a test left are rolled back first: they hold locks DROP TABLE waits for)."""
     for name in SHARDS + ("sh_ref",):
         with direct(shard_pg, name) as conn, conn.cursor() as cur:
-            cur.execute(SCHEMA + (REFERENCE if name == "sh_ref" else ""))
             cur.execute("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")
             for (gid,) in cur.fetchall():
                 cur.execute(f"ROLLBACK PREPARED '{gid}'")
+            cur.execute(SCHEMA + (REFERENCE if name == "sh_ref" else ""))
     return shard_pg
 
 
