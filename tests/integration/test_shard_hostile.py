@@ -19,11 +19,13 @@ transaction or a prepared transaction left, pooled servers are clean, the
 pooler's log has no Traceback and its RSS stays bounded.
 
 Good clients and the checks are in shardcheck.py; the defects found are the
-strict xfail tests at the end. Reproduce with ``GEOBOUNCER_FUZZ_SEED=<seed>`` (shared with test_fuzz.py).
+strict xfail tests at the end. Reproduce with ``GEOBOUNCER_FUZZ_SEED=<seed>`` (shared with test_fuzz.py);
+``GEOBOUNCER_SHARD_FUZZ_COUNT=N`` sizes the storm.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -41,8 +43,8 @@ from test_fuzz import SYNC, bind_msg, execute_msg, parse_msg, summarize
 
 pytestmark = pytest.mark.geobouncer_only("sharding (PgDog style)")
 
-STORM_COUNT = 150
-STORM_SECONDS = 20.0
+STORM_COUNT = int(os.environ.get("GEOBOUNCER_SHARD_FUZZ_COUNT", "150"))    # attacks at most
+STORM_SECONDS = 20.0 * max(1, STORM_COUNT // 150)                           # none starts later
 SETTINGS = {"max_packet_size": fz.MAX_PACKET, "two_phase_commit": 1, "default_pool_size": POOL_SIZE,
             "max_client_conn": 200, "query_wait_timeout": 20}
 
@@ -237,6 +239,40 @@ def test_shard_lost_during_two_phase_commit_rolls_back_the_prepared_shards_at_on
     assert b"COMMIT" not in b"".join(body for t, body in msgs if t == b"C"), summarize(msgs)
     check_shards_clean(b, shards, prepared_timeout=3)    # not left for the recovery (5 to 15 s later)
     assert committed(shards, [a, c]) == set()
+
+
+
+def copy_csv(b, chunks, done=True) -> list:
+    """COPY users (id, name) FROM STDIN as CSV: the CopyData ``chunks``, then CopyDone."""
+    raw = raw_login(b)
+    raw.send(query_message("COPY users (id, name) FROM STDIN WITH (FORMAT csv)"))
+    assert raw.read_until(b"GEZ")[-1][0] == b"G"
+    for chunk in chunks:
+        raw.send(message(b"d", chunk))
+    raw.send(message(b"c"))
+    msgs = raw.read_until(b"Z")
+    raw.close()
+    return msgs
+
+
+def test_long_or_broken_csv_copy_rows_get_an_error_or_go_through(sharded, shards):
+    """A CSV field over 128 kB (the csv module's default limit), an empty line
+    or a NUL were a Traceback; a quote that never closes was rescanned from
+    its start at every CopyData and held without bound."""
+    b = sharded(**SETTINGS)
+    big = "x" * 300000
+    msgs = copy_csv(b, [b'1,"' + big[:1000].encode(), big[1000:].encode() + b'"\n2,small\n'])
+    assert (b"C", b"COPY 2\x00") in msgs, summarize(msgs)
+    assert query_one(b.connect("app", autocommit=True), "SELECT length(name) FROM users WHERE id = 1") == (300000,)
+    for broken in (b"3,a\n\n4,b\n", b"5,a\x00b\n"):
+        codes = [e["C"] for e in errors_in(copy_csv(b, [broken]))]
+        assert codes and not codes[0].startswith("XX"), codes
+    never_closed = [b'9,"'] + [b"y" * 1000000] * 68            # 68 MB, over MAX_ROW (64 MiB)
+    codes = [e["C"] for e in errors_in(copy_csv(b, never_closed))]
+    assert codes == ["54000"], codes
+    assert fz.rss_kb(b.pid) < fz.RSS_LIMIT_KB
+    check_shards_clean(b, shards)
+    check_log(b)
 
 
 # -- defects found: each fails today (strict xfail); drop the mark with the fix ----------------
