@@ -136,6 +136,8 @@ def _message(session, state, mtype: int, body: bytes) -> None:
         if name and name in state.statements:
             raise ClientError("42P05", f'prepared statement "{name.decode(errors="replace")}" '
                                        "already exists", close=False)
+        if len(body) < pos + 2 or len(body) != pos + 2 + 4 * _U16.unpack_from(body, pos)[0]:
+            raise ProtocolError("invalid Parse message: parameter types do not match their count")
         sql = text.decode("utf-8", "surrogateescape")
         state.statements[name] = Statement(sql, body[pos:], session.planner.plan(sql))
         state.out.append(PARSE_COMPLETE)
@@ -152,6 +154,8 @@ def _message(session, state, mtype: int, body: bytes) -> None:
         _describe(session, state, body)
     elif mtype == _X:
         portal_name, pos = _cstr(body, 0)
+        if len(body) != pos + 4:
+            raise ProtocolError("invalid Execute message")
         portal = state.portals.get(portal_name)
         if portal is None:
             raise ClientError("34000", f'portal "{portal_name.decode(errors="replace")}" does not exist',
@@ -159,6 +163,8 @@ def _message(session, state, mtype: int, body: bytes) -> None:
         _execute(session, state, portal)
     elif mtype == _CL:
         kind, name = body[:1], _cstr(body, 1)[0]
+        if kind not in (b"S", b"P"):
+            raise ProtocolError("invalid CLOSE message subtype")
         (state.statements if kind == b"S" else state.portals).pop(name, None)
         state.out.append(CLOSE_COMPLETE)
     elif mtype == _H:
