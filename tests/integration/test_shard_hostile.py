@@ -247,7 +247,7 @@ def test_shard_lost_during_two_phase_commit_rolls_back_the_prepared_shards_at_on
 
 
 
-def copy_csv(b, chunks, done=True) -> list:
+def copy_csv(b, chunks) -> list:
     """COPY users (id, name) FROM STDIN as CSV: the CopyData ``chunks``, then CopyDone."""
     raw = raw_login(b)
     raw.send(query_message("COPY users (id, name) FROM STDIN WITH (FORMAT csv)"))
@@ -296,9 +296,9 @@ def test_a_malformed_extended_message_is_08P01_and_a_close(sharded, shards):
 
 
 # -- defects found: each fails today (strict xfail); drop the mark with the fix ----------------
-def error_then_alive(b, data: bytes, codes=None) -> list:
-    """``data`` gets an ErrorResponse (a SQLSTATE in ``codes``, never XX000), and then either a
-    close or a working connection; no Traceback in the log."""
+def error_then_alive(b, data: bytes) -> list:
+    """``data`` gets an ErrorResponse (never XX000), and then either a close or a
+    working connection; no Traceback in the log."""
     raw = raw_login(b)
     raw.send(data)
     msgs = raw.read_until(b"Z")
@@ -307,7 +307,6 @@ def error_then_alive(b, data: bytes, codes=None) -> list:
     raw.close()
     errors = errors_in(msgs)
     assert errors and not errors[0]["C"].startswith("XX"), summarize(msgs)
-    assert codes is None or errors[0]["C"] in codes, summarize(msgs)
     assert not after or fz.datarow_values(after[1][1]) == [b"42"], summarize(after)
     check_log(b)
     return msgs
