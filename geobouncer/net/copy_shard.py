@@ -19,6 +19,8 @@ from ..sharding.rules import ShardingError
 _G, _Z, _E, _C = (ord(c) for c in "GZEC")
 _DATA, _DONE, _FAIL = ord("d"), ord("c"), ord("f")
 _FLUSH_AT = 1 << 16
+MAX_ROW = 1 << 26          # bytes of one COPY row held until its end (and its key) is seen
+csv.field_size_limit(MAX_ROW + 1)   # the csv module's default (128 kB) refuses larger fields
 _TEXT_ESCAPES = {ord("b"): "\b", ord("f"): "\f", ord("n"): "\n", ord("r"): "\r", ord("t"): "\t",
                  ord("v"): "\v", ord("\\"): "\\"}
 
@@ -159,14 +161,16 @@ def session_error(session, fields) -> bytes:
 class RowSplitter:
     """Cuts a COPY stream into rows and tells each row's shard."""
 
-    __slots__ = ("spec", "rule", "key_index", "partial", "pending", "header", "rows", "csv",
-                 "delimiter", "quote", "null", "ended", "_nshards")
+    __slots__ = ("spec", "rule", "key_index", "parts", "held", "inside", "pending", "header", "rows",
+                 "csv", "delimiter", "quote", "null", "ended", "_nshards")
 
     def __init__(self, spec, rule, key_index, nshards: int):
         self.spec = spec
         self.rule = rule
         self.key_index = key_index
-        self.partial = b""
+        self.parts: list[bytes] = []      # the row not ended yet
+        self.held = 0                     # its length
+        self.inside = False               # CSV: inside a quoted field at the end of parts
         self.pending: dict[int, list] = {}
         self.header = bool(spec.header)
         self.rows = 0
@@ -182,36 +186,60 @@ class RowSplitter:
         self._nshards = nshards
 
     def feed(self, data: bytes) -> dict[int, list]:
-        data = self.partial + data
-        start = 0
+        """The complete rows in ``data`` (with what came before), by shard. Each
+        byte is scanned once: a row not ended yet is kept as pieces, at most
+        MAX_ROW bytes (a CSV quote that never closes must not grow without bound)."""
         out = self.pending = {}
+        start = 0
         for end in self._row_ends(data):
-            self._row(data[start:end + 1], out)
+            line = data[start:end + 1]
+            if self.parts:
+                line = b"".join(self.parts) + line
+                self.parts, self.held = [], 0
+            self._row(line, out)
             start = end + 1
-        self.partial = data[start:]
+        if start < len(data):
+            self.parts.append(data[start:])
+            self.held += len(data) - start
+            if self.held > MAX_ROW:
+                raise ShardingError("54000", f"a COPY row longer than {MAX_ROW} bytes on a sharded "
+                                             "database (a CSV quote never closed?)")
         return out
 
     def finish(self) -> dict[int, list]:
         out = self.pending = {}
-        if self.partial:
-            self._row(self.partial + b"\n", out)
-            self.partial = b""
+        if self.parts:
+            self._row(b"".join(self.parts) + b"\n", out)
+            self.parts, self.held = [], 0
         return out
 
     def _row_ends(self, data: bytes):
+        """Offsets of the newlines that end rows; a CSV quote state carries over."""
         if not self.csv:
             pos = data.find(b"\n")
             while pos >= 0:
                 yield pos
                 pos = data.find(b"\n", pos + 1)
             return
-        quote = self.quote[0]
-        inside = False
-        for pos, byte in enumerate(data):    # a quoted field may hold newlines
-            if byte == quote:
-                inside = not inside
-            elif byte == 10 and not inside:
-                yield pos
+        quote, pos, inside, next_quote = self.quote, 0, self.inside, -2
+        while True:                           # a quoted field may hold newlines
+            if inside:
+                pos = data.find(quote, pos)
+                if pos < 0:
+                    break
+                inside, pos = False, pos + 1
+                continue
+            if next_quote != -1 and next_quote < pos:     # -1: no quote further on
+                next_quote = data.find(quote, pos)
+            newline = data.find(b"\n", pos)
+            if next_quote >= 0 and (newline < 0 or next_quote < newline):
+                inside, pos = True, next_quote + 1
+            elif newline >= 0:
+                yield newline
+                pos = newline + 1
+            else:
+                break
+        self.inside = inside
 
     def _row(self, line: bytes, out: dict) -> None:
         if self.ended:
@@ -235,8 +263,11 @@ class RowSplitter:
     def _key(self, line: bytes) -> str:
         body = line.rstrip(b"\n").rstrip(b"\r") if self.csv else line.rstrip(b"\n")
         if self.csv:
-            fields = next(csv.reader(io.StringIO(body.decode("utf-8", "surrogateescape")),
-                                     delimiter=self.delimiter.decode(), quotechar=self.quote.decode()))
+            try:
+                fields = next(csv.reader(io.StringIO(body.decode("utf-8", "surrogateescape")),
+                                         delimiter=self.delimiter.decode(), quotechar=self.quote.decode()))
+            except (csv.Error, StopIteration) as exc:     # a NUL, an empty line...
+                raise ShardingError("22P04", f"bad CSV row in COPY from stdin: {exc or 'empty line'}") from None
             raw = fields[self.key_index] if self.key_index < len(fields) else None
             if raw is None or (raw == self.null.decode() and not _quoted(body, self.key_index, self)):
                 raise ShardingError("23502", "the sharding key of a COPY row is missing or null")

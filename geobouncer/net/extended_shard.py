@@ -148,6 +148,8 @@ def _message(session, state, mtype: int, body: bytes, describe: bool = False) ->
         if name and name in state.statements:
             raise ClientError("42P05", f'prepared statement "{name.decode(errors="replace")}" '
                                        "already exists", close=False)
+        if len(body) < pos + 2 or len(body) != pos + 2 + 4 * _U16.unpack_from(body, pos)[0]:
+            raise ProtocolError("invalid Parse message: parameter types do not match their count")
         from .sharded import rewritten
         sql = rewritten(session, text.decode("utf-8", "surrogateescape"))
         state.statements[name] = Statement(sql, body[pos:], session.planner.plan(sql))
@@ -169,6 +171,8 @@ def _message(session, state, mtype: int, body: bytes, describe: bool = False) ->
             _describe(session, state, body)
     elif mtype == _X:
         portal_name, pos = _cstr(body, 0)
+        if len(body) != pos + 4:
+            raise ProtocolError("invalid Execute message")
         portal = state.portals.get(portal_name)
         if portal is None:
             raise ClientError("34000", f'portal "{portal_name.decode(errors="replace")}" does not exist',
@@ -180,6 +184,8 @@ def _message(session, state, mtype: int, body: bytes, describe: bool = False) ->
         _execute(session, state, portal, limit, describe)
     elif mtype == _CL:
         kind, name = body[:1], _cstr(body, 1)[0]
+        if kind not in (b"S", b"P"):
+            raise ProtocolError("invalid CLOSE message subtype")
         (state.statements if kind == b"S" else state.portals).pop(name, None)
         state.out.append(CLOSE_COMPLETE)
     elif mtype == _H:
@@ -262,6 +268,11 @@ def _execute(session, state, portal, limit: int = 0, describe: bool = False) -> 
     if local is not None:
         state.out.append(NO_DATA + local if describe else local)
         return
+    if plan.copy is not None:
+        # The rows would be read by the client loop, which is waiting for the
+        # shards here: refused, as COPY FROM STDIN is split per row only in a Query.
+        raise ShardingError("0A000", "COPY FROM STDIN on a sharded database needs the simple query "
+                                     "protocol (a Query message), not Parse/Bind/Execute")
     targets = session.resolve_targets(plan, portal.params, portal.formats)
     session.check_transaction(targets, plan.write)
     if len(targets) > 1:
