@@ -150,9 +150,9 @@ def _message(session, state, mtype: int, body: bytes, describe: bool = False) ->
                                        "already exists", close=False)
         if len(body) < pos + 2 or len(body) != pos + 2 + 4 * _U16.unpack_from(body, pos)[0]:
             raise ProtocolError("invalid Parse message: parameter types do not match their count")
-        from .sharded import rewritten
+        from .sharded import plan_statement, rewritten
         sql = rewritten(session, text.decode("utf-8", "surrogateescape"))
-        state.statements[name] = Statement(sql, body[pos:], session.planner.plan(sql))
+        state.statements[name] = Statement(sql, body[pos:], plan_statement(session.planner, sql))
         state.out.append(PARSE_COMPLETE)
     elif mtype == _B:
         portal_name, name, portal = _parse_bind(body)

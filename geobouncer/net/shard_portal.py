@@ -68,16 +68,18 @@ class Kept:
             return _retag(self.last, 0), True
         while messages:
             first = messages[0][0]
-            if first == _D:
-                if limit and rows == limit:
-                    out.append(PORTAL_SUSPENDED)
-                    return b"".join(out), False
-                rows += 1
-            elif first == _C:
+            if first == _C:
                 self.last = messages.popleft()
                 out.append(_retag(self.last, rows))
                 continue
             out.append(messages.popleft())
+            if first == _D:
+                rows += 1
+                if rows == limit:
+                    # PostgreSQL stops at the limit without looking further: a
+                    # result of exactly that many rows is suspended too.
+                    out.append(PORTAL_SUSPENDED)
+                    return b"".join(out), False
         return b"".join(out), True
 
 

@@ -22,11 +22,13 @@ import logging
 from collections import deque
 from time import monotonic
 
+import gevent
+
 from ..proto import messages as m
 from ..proto.framing import ProtocolError
 from ..routing import RewriteFailed
 from ..sharding.counters import ShardCounters
-from ..sharding.plan import Planner
+from ..sharding.plan import MAX_CACHED_TEXT, Planner
 from ..sharding.rules import ShardingError
 from . import extended_shard
 from .checkout import ClientError
@@ -46,6 +48,25 @@ _COPY_STRAYS = frozenset(b"dcf")
 
 _ROUTABLE = frozenset(("route", "all"))
 _planners: dict = {}
+
+
+def plan_for(planner, text: str):
+    """The plan of a simple Query's text. A text too long to be cached
+    (hundreds of kB: a bulk INSERT, or an attack) is planned in a thread, so
+    its parse shares the interpreter with everyone else's work instead of
+    stopping it."""
+    return _off_the_hub(planner.plan_text, text)
+
+
+def plan_statement(planner, text: str):
+    """A Parse's plan (extended protocol), long texts in a thread as above."""
+    return _off_the_hub(planner.plan, text)
+
+
+def _off_the_hub(plan, text: str):
+    if len(text) <= MAX_CACHED_TEXT:
+        return plan(text)
+    return gevent.get_hub().threadpool.apply(plan, (text,))
 
 
 def planner_for(sdb) -> Planner:
@@ -323,7 +344,7 @@ def _simple(session, body: bytes) -> None:
 def run_statement(session, text: str):
     """One simple Query. Returns the reply to send before ReadyForQuery, or
     None when the replies were passed on already (ReadyForQuery included)."""
-    plan, params = session.planner.plan_text(text)
+    plan, params = plan_for(session.planner, text)
     local = local_reply(session, plan, text)
     if local is not None:
         return local

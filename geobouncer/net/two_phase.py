@@ -89,16 +89,35 @@ def commit(session, links) -> bytes:
 
 def _abort(session, links, prepared, error, gids: dict) -> bytes:
     for shard_link in links:
-        if shard_link.lost:
-            continue
+        gid = gids.get(shard_link.shard)
         try:
+            if shard_link.lost:
+                raise ShardLost()
             if shard_link in prepared:
-                _run(session, shard_link, f"ROLLBACK PREPARED '{gids[shard_link.shard]}'")
+                _run(session, shard_link, f"ROLLBACK PREPARED '{gid}'")
             else:
                 _run(session, shard_link, "ROLLBACK")
         except ShardLost:
-            pass
+            if shard_link in prepared:
+                _rollback_on_another_server(session, shard_link.shard, gid)
     return m.error_response(error.get("C", "XX000"), error.get("M", "PREPARE TRANSACTION failed"))
+
+
+def _rollback_on_another_server(session, shard: int, gid: str) -> None:
+    """The server that prepared ``gid`` is gone; the prepared transaction is
+    not: roll it back from a fresh server now, not 5 s later in recovery."""
+    from .checkout import ClientError
+    from .shard_link import link, unlink
+    try:
+        fresh = link(session.app, session.client, shard, session.pool(shard))
+    except ClientError:
+        return                          # the shard is down: recovery rolls it back later
+    try:
+        _run(session, fresh, f"ROLLBACK PREPARED '{gid}'")
+    except ShardLost:
+        pass
+    finally:
+        unlink(session.app, fresh, session.client.request_time)
 
 
 # --- recovery ------------------------------------------------------------------------

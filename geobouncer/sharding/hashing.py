@@ -107,7 +107,10 @@ def _type_hash(ctype: str, value) -> int:
     if ctype in ("int4", "int2"):
         return hash_uint32_extended(value & _M32, seed)
     if ctype == "text":
-        return hash_bytes_extended(value.encode("utf-8") if isinstance(value, str) else value, seed)
+        # surrogateescape: a key that is not UTF-8 is routed by its bytes, and
+        # the shard refuses it as PostgreSQL does (22021), not the pooler with a traceback.
+        return hash_bytes_extended(value.encode("utf-8", "surrogateescape") if isinstance(value, str)
+                                   else value, seed)
     if ctype == "uuid":
         return hash_bytes_extended(value.bytes, seed)
     raise ValueError(f"unsupported sharding key type {ctype!r}")

@@ -294,6 +294,8 @@ def _copy_out(spec, heads, shards, sink) -> Iterator[bytes]:
     if any(bytes(h[1]) != bytes(heads[0][1]) for h in heads):
         sink.fail(error_response("42804", "shards answered COPY with different formats or columns"))
         return
+    if any(shard.nodata for shard in shards):
+        yield message(b"n")                    # the Describe's answer (extended protocol)
     yield message(b"H", heads[0][1])
     skip_header = spec is not None and spec.copy_header
     for number, shard in enumerate(shards):

@@ -66,7 +66,7 @@ def _merge(node):
         if node.distinctClause != (None,):
             raise Unsupported("DISTINCT ON")
         distinct = True
-    texts = [_text(t.val) for t in targets]
+    texts: list = []             # the select items deparsed, when an ORDER/GROUP BY needs them
     names = [t.name for t in targets]
     star = any(isinstance(t.val, ast.ColumnRef) and isinstance(t.val.fields[-1], ast.A_Star)
                for t in targets)
@@ -81,6 +81,8 @@ def _merge(node):
                 and getattr(expr.fields[0], "sval", None) in names:
             return names.index(expr.fields[0].sval)
         if not star:
+            if not texts:
+                texts.extend(_text(t.val) for t in targets)
             t = _text(expr)
             if t in texts:
                 return texts.index(t)

@@ -8,6 +8,7 @@ from ..proto.messages import error_response, message
 
 T, D, C, E, I, N, NODATA = (ord(c) for c in "TDCEINn")
 COPY_OUT, COPY_DATA = ord("H"), ord("d")
+_ASYNC = frozenset(b"NAS")       # NoticeResponse, NotificationResponse, ParameterStatus
 _FIELD = struct.Struct("!IhIhih")
 _H = struct.Struct("!H")
 _i32 = struct.Struct("!i")
@@ -64,20 +65,21 @@ class Sink:
 class Shard:
     """One shard's stream: head (up to RowDescription), rows, end (tag or error)."""
 
-    __slots__ = ("it", "sink", "done", "tag")
+    __slots__ = ("it", "sink", "done", "tag", "nodata")
 
     def __init__(self, it, sink: Sink):
         self.it, self.sink = iter(it), sink
         self.done = False
         self.tag = b""
+        self.nodata = False     # a NoData came first (a Describe's), then the head
 
     def _next(self):
         """The next message that is not a notice, or None at the end of the stream."""
         if self.done:
             return None
         for mtype, body in self.it:
-            if mtype == N:
-                self.sink.pending.append(message(b"N", body))
+            if mtype in _ASYNC:       # notices, notifications, parameter changes: passed on
+                self.sink.pending.append(message(bytes((mtype,)), body))
                 continue
             if mtype == C:
                 self.tag = bytes(body).rstrip(b"\x00")
@@ -98,6 +100,9 @@ class Shard:
             return E, b""
         if msg[0] == NODATA:
             end = self._next()
+            if end is not None and end[0] == COPY_OUT:     # Describe, then Execute of a COPY TO
+                self.nodata = True
+                return end
             if end is None or end[0] == E:
                 self.sink.fail(cut_short())
                 return E, b""

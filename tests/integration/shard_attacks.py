@@ -202,12 +202,10 @@ def attack_unread_big(h: Hostile) -> None:
     h.check_errors(h.vanish(), fz.POOLER)
 
 
-# Not begin_then_garbage: its text spans shards (refused by design). Not yet
-# random_frames: a random Query body is rarely UTF-8, and that is a Traceback
-# today (test_bytes_that_are_not_utf8_...): add it back with the fix.
+# Not begin_then_garbage: its text spans shards (refused by design).
 REUSED = ["random_bytes", "truncated", "lie_more", "lie_short", "huge_length",
           "unknown_type", "query_then_garbage", "copydata_50mb",
-          "half_parse", "pipeline_vanish"]
+          "half_parse", "pipeline_vanish", "random_frames"]
 ATTACKS = {**{name: fz.ATTACKS[name][0] for name in REUSED},
            "shard_malformed": attack_shard_malformed, "fuzz_malformed": attack_fuzz_malformed,
            "query_vanish": attack_query_vanish, "query_vanish2": attack_query_vanish,

@@ -22,8 +22,8 @@ Then one test per way of going away or breaking: leaving at every byte of a
 cross-shard request and of its reply; a shard's server killed mid-request
 (08006 for that request only); the client or a shard lost during PREPARE
 TRANSACTION (two_phase_commit); COPY through Parse/Bind/Execute (refused, it
-hung); CSV COPY rows too long, broken, or a quote that never closes. The
-defects found are the strict xfail tests at the end. Good clients and the
+hung); CSV COPY rows too long, broken, or a quote that never closes; and
+the defects these tests found, each fixed, at the end. Good clients and the
 checks are in shardcheck.py. Reproduce with ``GEOBOUNCER_FUZZ_SEED=<seed>`` (shared with test_fuzz.py);
 ``GEOBOUNCER_SHARD_FUZZ_COUNT=N`` sizes the storm.
 """
@@ -234,8 +234,6 @@ def test_client_gone_during_two_phase_commit_the_pooler_finishes_it(sharded, sha
     check_log(b)
 
 
-@pytest.mark.xfail(strict=True, reason="a shard lost during PREPARE TRANSACTION skips two_phase._abort: "
-                   "the shards prepared already stay prepared (holding their locks) until the recovery loop")
 def test_shard_lost_during_two_phase_commit_rolls_back_the_prepared_shards_at_once(sharded, shards):
     b = sharded(**SETTINGS)
     a, c, msgs = two_shard_commit(b, shards, "server")
@@ -295,7 +293,7 @@ def test_a_malformed_extended_message_is_08P01_and_a_close(sharded, shards):
     check_log(b)
 
 
-# -- defects found: each fails today (strict xfail); drop the mark with the fix ----------------
+# -- defects found by these tests, fixed since -------------------------------------------------
 def error_then_alive(b, data: bytes) -> list:
     """``data`` gets an ErrorResponse (never XX000), and then either a close or a
     working connection; no Traceback in the log."""
@@ -312,8 +310,6 @@ def error_then_alive(b, data: bytes) -> list:
     return msgs
 
 
-@pytest.mark.xfail(strict=True, reason="sharded._simple drops the last byte of a Query without checking "
-                   "it is the NUL: 'SELECT 12' unterminated runs as 'SELECT 1' (PostgreSQL: 08P01)")
 def test_an_unterminated_query_is_a_protocol_violation_not_a_shorter_query(sharded, shards):
     b = sharded(**SETTINGS)
     load_users(b)
@@ -326,9 +322,6 @@ def test_an_unterminated_query_is_a_protocol_violation_not_a_shorter_query(shard
 
 
 @pytest.mark.parametrize("name", [name for name, _ in BAD_KEYS])
-@pytest.mark.xfail(strict=True, reason="bytes that are not UTF-8 in a query text or a text sharding key: "
-                   "UnicodeEncodeError (m.query / rules hashing encode surrogateescape text strictly): "
-                   "XX000 'geobouncer internal error' and a Traceback")
 def test_bytes_that_are_not_utf8_get_an_error_not_a_traceback(sharded, shards, name):
     b = sharded(**SETTINGS)
     data = dict(BAD_KEYS)[name]
@@ -336,8 +329,6 @@ def test_bytes_that_are_not_utf8_get_an_error_not_a_traceback(sharded, shards, n
 
 
 @pytest.mark.parametrize("sql", [KEYED, "SELECT id FROM users WHERE id <= $1 ORDER BY id"])
-@pytest.mark.xfail(strict=True, reason="Execute's max_rows is ignored on a sharded database: every row "
-                   "and CommandComplete come back, never PortalSuspended")
 def test_execute_max_rows_is_honoured_or_refused(sharded, shards, sql):
     b = sharded(**SETTINGS)
     load_users(b)
@@ -352,8 +343,6 @@ def test_execute_max_rows_is_honoured_or_refused(sharded, shards, sql):
 
 
 @pytest.mark.parametrize("protocol", ["simple", "extended"])
-@pytest.mark.xfail(strict=True, reason="COPY ... TO STDOUT across shards: XX000 'shards returned different "
-                   "kinds of results' (simple protocol), or CommandComplete without any row (extended)")
 def test_copy_to_stdout_across_shards_gives_every_row_or_a_clear_refusal(sharded, shards, protocol):
     b = sharded(**SETTINGS)
     load_users(b)
@@ -368,9 +357,6 @@ def test_copy_to_stdout_across_shards_gives_every_row_or_a_clear_refusal(sharded
         assert rows == list(range(1, ROWS + 1)) and (b"C", b"COPY 300\x00") in msgs, summarize(msgs)
 
 
-@pytest.mark.xfail(strict=True, reason="the planner runs in the hub: a 300 kB query of 150,000 select-list "
-                   "items takes 6-10 s (planmerge._merge deparses each item with a new pglast RawStream), "
-                   "and every client of the process waits")
 def test_a_query_of_many_tokens_does_not_stall_every_other_client(sharded, shards):
     b = sharded(**SETTINGS)
     bystander = b.connect("ref", autocommit=True)         # not even a sharded database
@@ -386,8 +372,6 @@ def test_a_query_of_many_tokens_does_not_stall_every_other_client(sharded, shard
     assert took < 3, f"a bystander's SELECT took {took:.1f} s"
 
 
-@pytest.mark.xfail(strict=True, reason="a NotificationResponse from a shard (LISTEN then NOTIFY, every shard) "
-                   "breaks the merge: XX000 'shards returned different kinds of results to one statement'")
 def test_a_notification_from_a_shard_is_not_an_internal_error(sharded, shards):
     b = sharded(**SETTINGS)
     msgs = reply_of(b, query_message("LISTEN gb_hostile") + query_message("NOTIFY gb_hostile"), 2)
