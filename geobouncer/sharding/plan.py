@@ -12,7 +12,7 @@ from pglast.parser import scan
 
 from .rules import ShardingError
 
-HINT_RE = re.compile(r"/\*\s*geobouncer:shard\s*=\s*(\d+)\s*\*/", re.I)
+HINT_RE = re.compile(r"/\*\s*geobouncer:shard\s*=\s*([^\s*]*)\s*\*/", re.I)
 SHARD_GUC = "geobouncer.shard"
 KEY_GUC = "geobouncer.sharding_key"
 WRITE_NODES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
@@ -182,7 +182,10 @@ class Planner:
         except ShardingError as exc:
             plan = Plan("error", sql, error=(exc.sqlstate, exc.text))
         except Exception:  # a pglast surprise: let PostgreSQL judge the text
-            plan = Plan("all", sql, hint=_hint(sql), write=True)
+            try:
+                plan = Plan("all", sql, hint=_hint(sql), write=True)
+            except ShardingError as exc:
+                plan = Plan("error", sql, error=(exc.sqlstate, exc.text))
         if len(sql) > MAX_CACHED_TEXT:
             return plan  # huge texts (bulk INSERTs) are planned each time, not kept
         cache[sql] = plan
@@ -320,8 +323,11 @@ def _hint(sql):
             m = HINT_RE.search(sql)
     if m is None:
         return None
-    n = int(m.group(1))
-    return n if n < 1 << 31 else None
+    value = m.group(1)
+    if not value.isascii() or not value.isdigit():
+        # A hint that cannot be read is an error, never a silent route by the query.
+        raise ShardingError("22023", f"invalid shard number in /* geobouncer:shard={value} */")
+    return int(value)
 
 
 def _transaction(sql, node, hint):

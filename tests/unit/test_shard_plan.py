@@ -89,6 +89,14 @@ def test_hint(planner, sql, hint):
     assert planner.plan(sql).hint == hint
 
 
+@pytest.mark.parametrize("sql", ["/* geobouncer:shard=x */ select 1", "/* geobouncer:shard=-1 */ select 1",
+                                 "/* geobouncer:shard=1e9 */ select * from users where id = 1",
+                                 "/* geobouncer:shard= */ select 1"])
+def test_a_hint_that_cannot_be_read_is_an_error_not_ignored(planner, sql):
+    p = planner.plan(sql)
+    assert p.kind == "error" and p.error[0] == "22023", p
+
+
 @pytest.mark.parametrize("sql,write", [
     ("insert into users (id) values (1)", True), ("update users set a=1 where id=1", True),
     ("delete from users where id=1", True), ("select 1 from users", False),
