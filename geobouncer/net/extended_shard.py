@@ -56,8 +56,12 @@ class Portal:
         self.kept = None                # a row-limited result being handed out (shard_portal)
 
 
+MAX_STATEMENTS = 10000            # per client: the pooler keeps them, not the shards
+MAX_STATEMENT_BYTES = 64 << 20    # their texts together
+
+
 class ExtendedState:
-    __slots__ = ("statements", "portals", "out", "failed", "deferred")
+    __slots__ = ("statements", "portals", "out", "failed", "deferred", "text_bytes")
 
     def __init__(self):
         self.statements: dict[bytes, Statement] = {}
@@ -65,6 +69,7 @@ class ExtendedState:
         self.out: list[bytes] = []
         self.failed = False
         self.deferred: bytes | None = None   # a Describe of this portal, sent with its Execute
+        self.text_bytes = 0                  # the statements' texts together
 
 
 def _cstr(body: bytes, pos: int) -> tuple[bytes, int]:
@@ -150,9 +155,17 @@ def _message(session, state, mtype: int, body: bytes, describe: bool = False) ->
                                        "already exists", close=False)
         if len(body) < pos + 2 or len(body) != pos + 2 + 4 * _U16.unpack_from(body, pos)[0]:
             raise ProtocolError("invalid Parse message: parameter types do not match their count")
+        if len(state.statements) >= MAX_STATEMENTS or state.text_bytes + len(text) > MAX_STATEMENT_BYTES:
+            raise ClientError("54000", "too many prepared statements for one client of a sharded database "
+                                       f"(at most {MAX_STATEMENTS}, {MAX_STATEMENT_BYTES >> 20} MB of text): "
+                                       "close some first", close=False)
         from .sharded import plan_statement, rewritten
         sql = rewritten(session, text.decode("utf-8", "surrogateescape"))
+        old = state.statements.get(name)
+        if old is not None:                   # the unnamed statement, replaced
+            state.text_bytes -= len(old.text)
         state.statements[name] = Statement(sql, body[pos:], plan_statement(session.planner, sql))
+        state.text_bytes += len(sql)
         state.out.append(PARSE_COMPLETE)
     elif mtype == _B:
         portal_name, name, portal = _parse_bind(body)
@@ -186,7 +199,9 @@ def _message(session, state, mtype: int, body: bytes, describe: bool = False) ->
         kind, name = body[:1], _cstr(body, 1)[0]
         if kind not in (b"S", b"P"):
             raise ProtocolError("invalid CLOSE message subtype")
-        (state.statements if kind == b"S" else state.portals).pop(name, None)
+        gone = (state.statements if kind == b"S" else state.portals).pop(name, None)
+        if kind == b"S" and gone is not None:
+            state.text_bytes -= len(gone.text)
         state.out.append(CLOSE_COMPLETE)
     elif mtype == _H:
         _flush(session, state)

@@ -313,3 +313,26 @@ def test_text_order_across_shards_with_a_collation_that_is_not_bytewise(shard_pg
     finally:
         conn.close()
         ref.close()
+
+
+def test_prepared_statements_of_one_client_are_bounded(sharded):
+    """The pooler keeps a sharded client's statements itself: a client that
+    prepares without end gets 54000 and may go on (after closing some)."""
+    b = sharded()
+    raw = RawClient(b.host, b.port, timeout=15)
+    assert raw.login("app", "app_pw", "app")[-1][0] == b"Z"
+    text = "SELECT 1 /* " + "x" * (1 << 20) + " */"          # 1 MB each, 64 MB allowed
+    for i in range(70):
+        raw.send(message(b"P", f"s{i}".encode() + b"\x00" + text.encode() + b"\x00\x00\x00") + message(b"S"))
+        replies = raw.read_until(b"Z")
+        if replies[0][0] == b"E":
+            assert b"C54000" in replies[0][1]
+            break
+    else:
+        raise AssertionError("70 MB of statements were kept")
+    assert 60 <= i <= 64
+    raw.send(message(b"C", b"Ss0\x00") + message(b"C", b"Ss1\x00") + message(b"S"))
+    raw.read_until(b"Z")
+    raw.send(message(b"P", b"again\x00" + text.encode() + b"\x00\x00\x00") + message(b"S"))
+    assert raw.read_until(b"Z")[0][0] == b"1"                 # room again
+    raw.close()
