@@ -302,7 +302,7 @@ def _execute(session, state, portal, limit: int = 0, describe: bool = False) -> 
     _flush(session, state)
     kept = shard_portal.Kept() if limit else None
     sink = kept.add if kept is not None else session.client.send
-    links = session.take(targets)
+    links = session.take(targets, None if plan.write else statement.text)
     try:
         if len(links) == 1:
             batch = (_parse_and_bind(statement, statement.text, portal)

@@ -19,7 +19,6 @@ Outside a transaction each request takes servers and gives them back at once
 from __future__ import annotations
 
 import logging
-from collections import deque
 from time import monotonic
 
 import gevent
@@ -27,20 +26,20 @@ import gevent
 from ..proto import messages as m
 from ..proto.framing import ProtocolError
 from ..routing import RewriteFailed
+from ..routing.classify import READ
 from ..sharding.counters import ShardCounters
 from ..sharding.plan import MAX_CACHED_TEXT, Planner
 from ..sharding.rules import ShardingError
 from . import extended_shard
 from .checkout import ClientError
-from .fastio import receiver
 from .login import ClientGone
 from .shard_link import ShardLost, link, unlink
 from .shard_replies import learn_collation, merge_replies, rollback_quietly
+from .shard_inbox import Inbox, count_request, count_sent
 from .shard_tx import local_reply, shard_for_key
 
 log = logging.getLogger("geobouncer")
 
-RECV_SIZE = 65536
 _Q, _X, _Z, _E, _C, _EMPTY = (ord(c) for c in "QXZECI")
 _P, _B, _D, _S, _H, _F, _CLOSE = (ord(c) for c in "PBDSHFC")
 _EXTENDED = frozenset((_P, _B, _D, _S, _H, _CLOSE, ord("E")))
@@ -115,11 +114,15 @@ class ShardSession:
                 if getattr(server.client, "client", None) is self.client]
 
     # --- servers --------------------------------------------------------------
-    def take(self, shards) -> list:
-        """ShardLinks for ``shards`` (sorted), reusing those the transaction holds."""
+    def take(self, shards, read: str | None = None) -> list:
+        """ShardLinks for ``shards`` (sorted), reusing those the transaction
+        holds. ``read``: the text of a statement that writes nothing; outside a
+        transaction it goes to a replica of a shard with read_write_split."""
         out = []
         for shard in sorted(shards):
             held = self.links.get(shard)
+            if held is None:
+                held = self._link_read(shard, read) if read is not None and self.status == b"I" else None
             if held is None:
                 held = link(self.app, self.client, shard, self.pool(shard))
                 if self.status == b"T":
@@ -128,6 +131,23 @@ class ShardSession:
                         self._send_begin(held)
             out.append(held)
         return out
+
+    def _link_read(self, shard: int, text: str):
+        """A replica's server for a read, as the shard's own read/write split
+        would choose (None: the shard's primary serves it)."""
+        app = self.app
+        name = self.sdb.shards[shard]
+        entry = app.database_for(name)
+        if entry is None or not entry.read_write_split or app.classifier.classify(text) != READ:
+            return None
+        key = app.failover.pick_replica(name)
+        if key is None:
+            return None
+        client = self.client
+        try:
+            return link(app, client, shard, app.get_pool(app.database_for(key), client.user, client.auth_result))
+        except ClientError:
+            return None                  # the replica failed (now banned): the primary serves it
 
     def _send_begin(self, shard_link) -> None:
         shard_link.send_request(m.query(self.begin_sql), 1, self.client.request_time)
@@ -204,7 +224,7 @@ def serve(client) -> None:
     session.next_message = inbox.next
     learn_collation(session)             # once per sharded database
     stats = client.pool.stats            # SHOW STATS: the sharded database's own row
-    _count_sent(client, stats)
+    count_sent(client, stats)
     started = None                       # the first message of the request being served
     try:
         while True:
@@ -216,12 +236,12 @@ def serve(client) -> None:
                 started = now
             if mtype == _Q:
                 _simple(session, body)
-                _count(session, stats, started)
+                count_request(session, stats, started)
                 started = None
             elif mtype in _EXTENDED:
                 extended_shard.message(session, mtype, body)
                 if mtype == _S:
-                    _count(session, stats, started)
+                    count_request(session, stats, started)
                     started = None
             elif mtype in _COPY_STRAYS:
                 continue            # CopyData / CopyDone / CopyFail outside COPY: ignored, as PostgreSQL does
@@ -229,59 +249,6 @@ def serve(client) -> None:
                 raise ClientError("0A000", "this message type is not supported on a sharded database")
     finally:
         session.close_all()
-
-
-def _count_sent(client, stats) -> None:
-    send = client.send
-
-    def counted(data) -> None:
-        stats.bytes_sent += len(data)
-        send(data)
-    client.send = counted
-
-
-def _count(session, stats, started: float) -> None:
-    """A request answered: a query; and a transaction when it left none open
-    (SHOW STATS counts for the sharded database as PgBouncer does for a pool)."""
-    now = monotonic()
-    stats.query_count += 1
-    stats.query_time += int((now - started) * 1e6)
-    if session.status == b"I":
-        stats.xact_count += 1
-        stats.xact_time += int((now - (session.tx_started or started)) * 1e6)
-        session.tx_started = None
-    elif session.tx_started is None:
-        session.tx_started = started
-
-
-class Inbox:
-    """The client's messages one by one, read through its ClientScanner."""
-
-    __slots__ = ("recv", "buf", "queue", "scan", "stats")
-
-    def __init__(self, client):
-        self.stats = client.pool.stats
-        self.recv = receiver(client.sock, RECV_SIZE, client)
-        self.buf = bytearray(client.pending)
-        client.pending = b""
-        self.queue: deque = deque()
-        self.scan = client.scanner.messages
-
-    def next(self) -> tuple[int, bytes]:
-        queue = self.queue
-        while not queue:
-            buf = self.buf
-            msgs = self.scan(buf)
-            if msgs is None:
-                data = self.recv()
-                if not data:
-                    raise ClientGone()
-                buf += data
-                continue
-            queue.extend((mtype, bytes(buf[start + 5:end])) for mtype, start, end in msgs)
-            self.stats.bytes_received += msgs[-1][2]
-            del buf[:msgs[-1][2]]
-        return queue.popleft()
 
 
 def _reply(session, data: bytes) -> None:
@@ -362,7 +329,7 @@ def run_statement(session, text: str):
         return copy_shard.run(session, plan, text, targets)
     if split is not None:
         targets = frozenset(split)
-    links = session.take(targets)
+    links = session.take(targets, None if plan.write else text)
     try:
         if len(links) == 1:
             return _one_shard(session, links[0], split[links[0].shard] if split else text)

@@ -336,3 +336,40 @@ def test_prepared_statements_of_one_client_are_bounded(sharded):
     raw.send(message(b"P", b"again\x00" + text.encode() + b"\x00\x00\x00") + message(b"S"))
     assert raw.read_until(b"Z")[0][0] == b"1"                 # room again
     raw.close()
+
+
+def test_a_shard_with_replicas_has_a_read_write_split_of_its_own(shards, make_replica, bouncer):
+    """Each shard is an ordinary entry: with replicas= and read_write_split, its
+    reads outside a transaction go to a replica, its writes and its
+    transactions to the primary (a streaming replica of the shards' cluster)."""
+    replica = make_replica(shards)
+    databases = {name: shards.conninfo(name) for name in ("sh_0", "sh_1", "sh_2")}
+    for name in databases:
+        databases[name] = {**databases[name], "read_write_split": 1,
+                           "replicas": f"127.0.0.1:{replica.port}"}
+    databases["app"] = "shards=sh_0,sh_1,sh_2"
+    b = bouncer(databases=databases, pgbouncer={"pool_mode": "transaction", "health_check_period": 0.5},
+                extra_ini="[sharded_tables]\nusers = database=app column=id type=bigint\n")
+    conn = b.connect("app", autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO users (id, name) VALUES (1, 'one') RETURNING inet_server_port()")
+            assert cur.fetchone() == (shards.port,)                 # a write: the primary
+            wait_until(lambda: query_port(conn, "SELECT inet_server_port() FROM users WHERE id = 1")
+                       == replica.port, timeout=20, message="the read on the shard's replica")
+            cur.execute("SELECT name FROM users WHERE id = 1")
+            assert cur.fetchone() == ("one",)                       # replicated, read there
+        conn.autocommit = False
+        with conn.cursor() as cur:                                   # a transaction: the primary
+            cur.execute("SELECT inet_server_port() FROM users WHERE id = 1")
+            assert cur.fetchone() == (shards.port,)
+        conn.rollback()
+    finally:
+        conn.close()
+
+
+def query_port(conn, sql):
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        row = cur.fetchone()
+        return row[0] if row else None
