@@ -10,10 +10,12 @@ from __future__ import annotations
 import itertools
 import struct
 
+import psycopg2
 import pytest
 from _util_pool import message, parse_error_fields, query_message
+from shardfix import shard_pg, sharded, shards  # noqa: F401 (fixtures)
+from test_failover import cluster_entry, make_topology
 from test_shard_extended import _fill, _normal, _raw
-from test_sharding import shards, sharded, shard_pg  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.geobouncer_only("sharding (PgDog style)")
 
@@ -162,3 +164,75 @@ def test_an_empty_extended_query_answers_empty_query_response(sharded, describe_
 def test_a_parse_of_invalid_sql_fails_at_the_parse(sharded):
     b = sharded()
     _compare(b, [parse("SELEKT") + bind() + describe() + execute() + SYNC])
+
+
+# --- WORKER_EVENT (admin/worker_events.py) --------------------------------------------
+WORKER_MARK = "geobouncer-worker"            # admin/fanout.py's application_name of a worker
+
+
+def _console(b, sql: str, application_name: str = "review"):
+    """One console command as an admin; (rows or None, error text or None)."""
+    conn = b.connect("pgbouncer", "postgres", autocommit=True, application_name=application_name)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return (cur.fetchall() if cur.description else []), None
+    except psycopg2.Error as exc:
+        return None, str(exc)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def clustered(make_pg, bouncer):
+    """A pooler whose app is a clustered database (a topology of one primary)."""
+    primary = make_pg()
+    make_topology(primary, [primary])
+    return bouncer(databases={"app": cluster_entry(primary)},
+                   pgbouncer={"admin_users": "postgres", "auth_type": "md5"})
+
+
+@pytest.mark.xfail(strict=True, reason="fanout.is_forwarded trusts the client's own "
+                   "application_name: any admin, over TCP, that names itself geobouncer-worker "
+                   "gets WORKER_EVENT acted on")
+def test_worker_events_are_refused_from_an_admin_calling_itself_a_worker(clustered):
+    _, error = _console(clustered, 'WORKER_EVENT "nonsense"', application_name=WORKER_MARK)
+    assert error is not None and "sent by geobouncer's workers" in error
+
+
+@pytest.mark.parametrize("event", [
+    "writer_failed app 127.0.0.1 99999999999999999999",
+    "writer app 127.0.0.1 65536",
+    "writer_failed app '' 5432",
+    "ban app",
+    "ban nowhere 127.0.0.1:1",
+    "ban app 127.0.0.1:1 extra",
+    "writer_failed",
+    "",
+    "   ",
+    "writer_failed app \u00e9\u00e9 5432",
+    "x" * 5000,
+])
+def test_hostile_worker_events_answer_and_leave_the_pooler_serving(clustered, event):
+    _hostile_event(clustered, event)
+
+
+@pytest.mark.xfail(strict=True, reason="worker_events.receive checks the port with "
+                   "str.isdigit(), which '\u00b2' passes, then int() raises ValueError: a "
+                   "Traceback and an internal error instead of 'bad writer_failed event'")
+def test_a_superscript_port_in_a_worker_event_is_refused(clustered):
+    _hostile_event(clustered, "writer_failed app 127.0.0.1 \u00b2")
+
+
+def _hostile_event(b, event: str) -> None:
+    """A forwarded-looking WORKER_EVENT with bad fields: refused (or acted on) with an
+    answer, no Traceback, and the pooler still serves clients and the console."""
+    rows, error = _console(b, f'WORKER_EVENT "{event}"', application_name=WORKER_MARK)
+    assert rows is not None or error is not None
+    assert b.admin("SHOW VERSION")
+    conn = b.connect("app", autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+    conn.close()
+    assert "Traceback" not in b.log_text() + b.output_text()

@@ -12,7 +12,12 @@ from hypothesis import strategies as st
 from test_shard_plan import make_planner
 
 from geobouncer.sharding.plan import Planner
-from geobouncer.sharding.rules import HashMapping, ShardedDatabase, ShardedTable, ShardingError
+from geobouncer.sharding.rules import (
+    HashMapping,
+    ShardedDatabase,
+    ShardedTable,
+    ShardingError,
+)
 
 
 def hash_planner():
