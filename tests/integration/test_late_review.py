@@ -116,6 +116,11 @@ SCENARIOS = {
                                     + SYNC],
     "limited-keyed": [parse(KEYED) + bind(b"", b"", b"9") + describe() + execute(b"", 1) + execute(b"", 1)
                       + execute(b"", 1) + SYNC],
+    "kept-then-close": [parse(ALL) + bind(b"p1") + execute(b"p1", 3) + close(b"p1") + execute(b"p1")
+                        + SYNC],
+    "kept-then-sync": [parse(ALL) + bind(b"p1") + execute(b"p1", 3) + SYNC, execute(b"p1") + SYNC],
+    "kept-rebind": [parse(ALL, b"s") + bind(b"", b"s") + execute(b"", 8) + bind(b"", b"s") + describe()
+                    + execute(b"", 2) + SYNC],
     "describe-begin": ["BEGIN", parse("SELECT name FROM users WHERE id = 4") + bind(b"p1") + describe(b"p1") + SYNC,
                        parse(KEYED) + bind(b"p2", b"", b"1") + describe(b"p2") + execute(b"p1")
                        + execute(b"p2", 1) + SYNC, execute(b"p2") + describe(b"p2") + SYNC, "COMMIT"],
@@ -171,6 +176,14 @@ def test_an_empty_extended_query_answers_empty_query_response(sharded, describe_
 def test_a_parse_of_invalid_sql_fails_at_the_parse(sharded):
     b = sharded()
     _compare(b, [parse("SELEKT") + bind() + describe() + execute() + SYNC])
+
+
+@pytest.mark.xfail(strict=True, reason="a sharded Bind of a value its parameter's type refuses "
+                   "('abc' for a bigint key) answers BindComplete and fails only at the Describe; "
+                   "PostgreSQL fails the Bind (22P02)")
+def test_a_bind_of_a_bad_key_fails_at_the_bind(sharded):
+    b = sharded()
+    _compare(b, [parse(KEYED) + bind(b"", b"", b"abc") + describe() + execute() + SYNC])
 
 
 # --- WORKER_EVENT (admin/worker_events.py) --------------------------------------------
