@@ -296,7 +296,8 @@ def _scrape(port: int, path: str = "/metrics/all", timeout: float = 10) -> dict:
 @pytest.fixture
 def two_workers(pg, bouncer):
     port = _two_ports()
-    b = start_workers(bouncer, metrics_port=port, metrics_listen_addr="127.0.0.1", admin_users="postgres")
+    b = start_workers(bouncer, metrics_port=port, metrics_listen_addr="127.0.0.1", admin_users="postgres",
+                      metrics_request_timeout=3)
     for p in (port, port + 1):
         wait_until(lambda p=p: urllib.request.urlopen(f"http://127.0.0.1:{p}/healthz", timeout=5).status
                    == 200, timeout=15, message=f"metrics on {p}")
@@ -322,8 +323,9 @@ def test_metrics_all_keeps_flags_and_counts_of_configuration(two_workers):
 
 
 def test_metrics_all_answers_a_flood_and_idle_connections_in_bounded_time(two_workers):
-    """32 connections that never send a request held on worker 2's port, then 40
-    /metrics/all at once on each worker: every scrape answers 200 within 15 s."""
+    """32 connections that never send a request (metrics_request_timeout = 3) held on
+    worker 2's port, then 40 /metrics/all at once on each worker: every scrape
+    answers 200 within 15 s."""
     _, port = two_workers
     idle = [socket.create_connection(("127.0.0.1", port + 1), timeout=5) for _ in range(32)]
     try:
