@@ -162,6 +162,8 @@ def test_a_continued_string_shares_the_texts_route(sql):
 @pytest.mark.parametrize("sql", [
     "select * from regions where region = cast(010 as text)",
     "insert into regions (region, n) values (010::text, 1)",
+    "select * from regions where region = cast(-0 as text)",          # PostgreSQL's '0'
+    "insert into regions (region, n) values (cast(-00 as text), 1)",
 ])
 def test_cast_integer_with_leading_zeros_shares_the_texts_route(sql):
     own, shared = both(hash_planner, sql)
