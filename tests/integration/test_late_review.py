@@ -140,6 +140,22 @@ def test_sharded_extended_exchange_matches_postgresql(sharded, name):
     _compare(b, SCENARIOS[name])
 
 
+def _describe_then_wait(b, database: str) -> list:
+    """Describe + Flush, then wait for the description before the Execute (as a driver
+    that needs the row type first does): the deferred Describe must not wait for an Execute."""
+    with _raw(b, database) as raw:
+        raw.send(parse(KEYED) + bind(b"p1", b"", b"3") + describe(b"p1") + message(b"H"))
+        out = raw.read_until(b"Tn")
+        raw.send(execute(b"p1") + SYNC)
+        return _comparable(out + raw.read_until(b"Z"))
+
+
+def test_a_describe_then_flush_is_answered_before_any_execute(sharded):
+    b = sharded()
+    _fill(b)
+    assert _describe_then_wait(b, "app") == _describe_then_wait(b, "ref")
+
+
 @pytest.mark.xfail(strict=True, reason="a sharded client's portals outlive the transaction "
                    "ended by a simple-protocol COMMIT (only a Sync outside a transaction clears "
                    "them): PostgreSQL answers 34000, the pooler hands out the kept rows")
