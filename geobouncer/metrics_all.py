@@ -8,8 +8,9 @@ whole pooler from one target. Counts, bytes, times and connection gauges are
 summed (each worker's split limits sum to the configured ones); a few gauges
 are not additive: ``pgbouncer_up``, ``geobouncer_replica_up`` and
 ``geobouncer_replica_in_rotation`` take the minimum (1 only if every worker
-says so), ``process_start_time_seconds`` the earliest, and the rest below the
-maximum. ``geobouncer_workers`` and ``geobouncer_workers_scraped`` say how
+says so), ``process_start_time_seconds`` the earliest, and the flags, the
+counts of databases, users and pools every worker has alike and the rest in
+_MAX the maximum. ``geobouncer_workers`` and ``geobouncer_workers_scraped`` say how
 many workers there are and how many answered.
 """
 
@@ -31,7 +32,11 @@ _MIN = frozenset(("pgbouncer_up", "geobouncer_replica_up", "geobouncer_replica_i
                   "process_start_time_seconds"))
 _MAX = frozenset(("pgbouncer_version_info", "python_info", "pgbouncer_pools_client_maxwait_seconds",
                   "geobouncer_switchover_in_progress", "geobouncer_replica_lag_bytes",
-                  "geobouncer_topology_node_info", "process_max_fds"))
+                  "geobouncer_topology_node_info", "process_max_fds",
+                  # flags, and counts of the configuration every worker has alike
+                  "pgbouncer_databases_paused", "pgbouncer_databases_disabled",
+                  "pgbouncer_databases", "pgbouncer_users", "pgbouncer_pools",
+                  "pgbouncer_cached_dns_names", "pgbouncer_cached_dns_zones"))
 
 
 def identity() -> tuple[int, int] | None:

@@ -228,7 +228,7 @@ class Control:
         """geobouncer's own, between workers only (admin/worker_events.py)."""
         from . import fanout, worker_events
         self._need_admin(client)
-        if not fanout.is_forwarded(client):
+        if not fanout.is_forwarded(client) or not worker_events.on_private_socket(self.app, client):
             raise AdminError("WORKER_EVENT is sent by geobouncer's workers to one another")
         refused = worker_events.receive(self.app, arg)
         if refused is not None:

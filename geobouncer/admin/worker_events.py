@@ -21,6 +21,7 @@ sent on by the receiver; a worker that does not answer is logged.
 from __future__ import annotations
 
 import logging
+import os
 
 import gevent
 
@@ -43,6 +44,21 @@ def send(app, event: str, *fields) -> None:
     gevent.spawn(fanout.forward, app, f'WORKER_EVENT "{text}"')
 
 
+def on_private_socket(app, client) -> bool:
+    """Did ``client`` come over this worker's private unix socket (the one the
+    workers reach one another on, in the supervisor's private directory)?
+    A name alone (application_name) proves nothing: any admin can choose it."""
+    if not getattr(client, "unix", False) or not fanout.supervisor_pid():
+        return False
+    try:
+        name = client.sock.getsockname()
+    except OSError:
+        return False
+    s = app.settings
+    own = os.path.join(app.cfg.resolve_path(s.unix_socket_dir), f".s.PGSQL.{s.listen_port}")
+    return isinstance(name, str) and os.path.abspath(name) == os.path.abspath(own)
+
+
 def receive(app, arg: str) -> str | None:
     """Act on one event from another worker; the reason it was refused, or None."""
     parts = arg.split()
@@ -54,7 +70,7 @@ def receive(app, arg: str) -> str | None:
             return f"bad ban event: {arg}"
         app.replica_sets[fields[0]].ban(fields[1], "banned by another worker", announce=False)
         return None
-    if len(fields) != 3 or not fields[2].isdigit():
+    if len(fields) != 3 or not (fields[2].isascii() and fields[2].isdigit()) or not 0 < int(fields[2]) < 65536:
         return f"bad {event} event: {arg}"
     cluster = app.clusters.get(fields[0])
     if cluster is None:

@@ -150,6 +150,8 @@ def _message(session, state, mtype: int, body: bytes, describe: bool = False) ->
     if mtype == _P:
         name, pos = _cstr(body, 0)
         text, pos = _cstr(body, pos)
+        if session.status == b"E" and not _ends_transaction(session, text):
+            raise ClientError("25P02", _ABORTED, close=False)     # as PostgreSQL's Parse
         if name and name in state.statements:
             raise ClientError("42P05", f'prepared statement "{name.decode(errors="replace")}" '
                                        "already exists", close=False)
@@ -173,6 +175,8 @@ def _message(session, state, mtype: int, body: bytes, describe: bool = False) ->
         if statement is None:
             raise ClientError("26000", f'prepared statement "{name.decode(errors="replace")}" '
                                        "does not exist", close=False)
+        if session.status == b"E" and statement.plan.kind not in ("commit", "rollback"):
+            raise ClientError("25P02", _ABORTED, close=False)     # as PostgreSQL's Bind
         portal.statement = statement
         state.portals[portal_name] = portal
         state.out.append(BIND_COMPLETE)
@@ -211,6 +215,15 @@ def _message(session, state, mtype: int, body: bytes, describe: bool = False) ->
             state.portals.clear()
         state.out.append(m.ready_for_query(session.status))
         _flush(session, state)
+
+
+_ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
+
+
+def _ends_transaction(session, text: bytes) -> bool:
+    """COMMIT / ROLLBACK (and their spellings): what an aborted transaction still takes."""
+    plan = session.planner.plan(text.decode("utf-8", "surrogateescape")) if len(text) < 256 else None
+    return plan is not None and plan.kind in ("commit", "rollback")
 
 
 def _flush(session, state) -> None:

@@ -83,11 +83,15 @@ class Kept:
         return b"".join(out), True
 
 
+_COUNTED = (b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"MERGE", b"FETCH", b"MOVE")
+
+
 def _retag(message: bytes, rows: int) -> bytes:
-    """A SELECT's CommandComplete counts the rows of the last Execute only."""
-    tag = message[5:-1]
-    if tag.startswith(b"SELECT "):
-        return m.command_complete(f"SELECT {rows}")
+    """The CommandComplete of a portal run in pieces counts the rows of the
+    last Execute only, as PostgreSQL's (SELECT n, UPDATE n, INSERT 0 n...)."""
+    words = message[5:-1].split(b" ")
+    if words[0] in _COUNTED and words[-1].isdigit():
+        return m.command_complete(b" ".join(words[:-1] + [str(rows).encode()]).decode())
     return message
 
 

@@ -165,6 +165,7 @@ class ShardSession:
                 unlink(self.app, shard_link, self.client.request_time)
 
     def end_transaction(self) -> None:
+        self.extended.portals.clear()        # a portal lives until its transaction ends
         links, self.links = list(self.links.values()), {}
         for shard_link in links:
             unlink(self.app, shard_link, self.client.request_time)

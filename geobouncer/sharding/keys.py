@@ -101,15 +101,16 @@ class KeyFinder:
             return ("or", leaves) if leaves and all(l is not None for l in leaves) else None
         if expr.kind == K.AEXPR_OP_ANY:
             rule = self._rule(expr.lexpr)
-            items = _array_literal(expr.rexpr) if rule is not None else None
+            items = _array_literal(expr.rexpr, rule) if rule is not None else None
             if not items:
                 return None
             return ("or", [("leaf", rule, "const", v) for v in items])
         return None
 
     def _rule(self, ref):
+        cast = None
         if isinstance(ref, ast.TypeCast):
-            ref = ref.arg
+            cast, ref = ref.typeName, ref.arg
         if not isinstance(ref, ast.ColumnRef):
             return None
         names = [getattr(f, "sval", None) for f in ref.fields]
@@ -124,7 +125,10 @@ class KeyFinder:
         for table, schema in entries:
             rule = self.sdb.rule_for(table, schema, column)
             if rule is not None:
-                return rule
+                # key::othertype = v compares in another type (a text key as an
+                # integer matches '010' too): only a cast within the key's own type
+                # keeps the comparison the key's.
+                return rule if cast is None or _cast_ok(rule, cast) else None
         return None
 
 
@@ -132,9 +136,28 @@ def _is_eq(expr):
     return len(expr.name) == 1 and getattr(expr.name[0], "sval", None) == "="
 
 
-def _const_text(node):
-    while isinstance(node, ast.TypeCast):
+# The casts that leave a constant's text what the key's type reads (a string
+# literal as the key's input; an integer printed as text is its digits).
+_CASTS = {"int8": {"int8", "int4", "int2"}, "int4": {"int8", "int4", "int2"},
+          "int2": {"int8", "int4", "int2"}, "text": {"text", "varchar"}, "uuid": {"uuid"}}
+
+
+def _cast_ok(rule, type_name, array: bool = False) -> bool:
+    names = [getattr(n, "sval", None) for n in type_name.names or ()]
+    if not names or type_name.typmods or bool(type_name.arrayBounds) != array:
+        return False
+    return names[-1] in _CASTS.get(rule.ctype, ())
+
+
+def _const_text(node, rule=None, array: bool = False):
+    """A constant's text; through one cast that keeps it (``rule`` given),
+    None for any other cast (1e1::text is '10', 'us '::char(3)::text 'us')."""
+    if isinstance(node, ast.TypeCast):
+        if rule is None or not _cast_ok(rule, node.typeName, array):
+            return None
         node = node.arg
+        if isinstance(node, ast.A_Const) and getattr(node.val, "fval", None) is not None:
+            return None
     if isinstance(node, ast.A_Const) and not node.isnull:
         v = node.val
         for attr in ("ival", "fval", "sval"):
@@ -147,17 +170,17 @@ def _const_text(node):
 def _leaf(rule, node):
     if rule is None:
         return None
-    while isinstance(node, ast.TypeCast):
-        node = node.arg
+    if isinstance(node, ast.TypeCast) and isinstance(node.arg, ast.ParamRef):
+        return ("leaf", rule, "param", node.arg.number) if _cast_ok(rule, node.typeName) else None
     if isinstance(node, ast.ParamRef):
         return ("leaf", rule, "param", node.number)
-    text = _const_text(node)
+    text = _const_text(node, rule)
     return None if text is None else ("leaf", rule, "const", text)
 
 
-def _array_literal(node):
+def _array_literal(node, rule):
     """Items of a constant '{a,b}' array literal (simple, unquoted items only)."""
-    text = _const_text(node)
+    text = _const_text(node, rule, array=True)
     if text is None or not text.startswith("{") or not text.endswith("}"):
         return None
     body = text[1:-1].strip()

@@ -133,6 +133,8 @@ def _merge(spec, shards, sink, bytewise_text: bool = True) -> Iterator[bytes]:
         return
     kinds = {h[0] for h in heads}
     if kinds == {I}:
+        if any(shard.nodata for shard in shards):
+            yield message(b"n")                    # the Describe's answer (extended protocol)
         sink.complete = message(b"I")
         return
     if kinds <= {NODATA, C}:

@@ -100,7 +100,7 @@ class Shard:
             return E, b""
         if msg[0] == NODATA:
             end = self._next()
-            if end is not None and end[0] == COPY_OUT:     # Describe, then Execute of a COPY TO
+            if end is not None and end[0] in (COPY_OUT, I):   # Describe, then a COPY TO or an empty query
                 self.nodata = True
                 return end
             if end is None or end[0] == E:

@@ -74,10 +74,19 @@ def _constant_at(sql: str, tokens, index: int | None):
         return None
     raw = sql[tok.start:tok.end + 1]
     if tok.name == "SCONST":
-        if len(raw) < 2 or raw[0] != "'" or raw[-1] != "'" or "\\" in raw:
-            return None                  # E'', U&'', $$...$$: the full plan reads those
-        return tok.end + 1, raw[1:-1].replace("''", "'").encode("utf-8", "surrogateescape")
-    return tok.end + 1, (sign + raw).encode()
+        inner = raw[1:-1]
+        if len(raw) < 2 or raw[0] != "'" or raw[-1] != "'" or "\\" in raw or "'" in inner.replace("''", ""):
+            # E'', U&'', $$...$$, and 'a' <newline> 'b' (one string in two pieces):
+            # the full plan reads those.
+            return None
+        return tok.end + 1, inner.replace("''", "'").encode("utf-8", "surrogateescape")
+    if tok.name == "FCONST":
+        return None                      # 1e1, .5, 1.50: as text they are not what was written
+    try:                                 # an integer's value, as PostgreSQL prints it: 010 is 10
+        value = int(raw, 0) if raw[:2].lower() in ("0x", "0o", "0b") else int(raw, 10)
+    except ValueError:
+        return None
+    return tok.end + 1, str(-value if sign else value).encode()
 
 
 def usable(plan) -> bool:

@@ -156,9 +156,6 @@ def test_a_describe_then_flush_is_answered_before_any_execute(sharded):
     assert _describe_then_wait(b, "app") == _describe_then_wait(b, "ref")
 
 
-@pytest.mark.xfail(strict=True, reason="a sharded client's portals outlive the transaction "
-                   "ended by a simple-protocol COMMIT (only a Sync outside a transaction clears "
-                   "them): PostgreSQL answers 34000, the pooler hands out the kept rows")
 def test_a_portal_does_not_outlive_its_transaction(sharded):
     b = sharded()
     _fill(b)
@@ -170,9 +167,6 @@ def _tags(replies):
     return [(t, body) if t in (b"C", b"s", b"Z") else (t, b"") for t, body in replies]
 
 
-@pytest.mark.xfail(strict=True, reason="shard_portal._retag counts the rows of the last Execute "
-                   "only in a SELECT's tag; PostgreSQL's UPDATE ... RETURNING run in pieces ends "
-                   "with UPDATE <rows of that Execute>, the pooler's with the total")
 def test_a_row_limited_update_returning_tags_as_postgresql(sharded):
     b = sharded()
     _fill(b)
@@ -183,9 +177,6 @@ def test_a_row_limited_update_returning_tags_as_postgresql(sharded):
     assert app == ref
 
 
-@pytest.mark.xfail(strict=True, reason="an empty query text in the extended protocol reaches "
-                   "every shard and their EmptyQueryResponses are merged into a CommandComplete "
-                   "with an empty tag; PostgreSQL answers EmptyQueryResponse ('I')")
 @pytest.mark.parametrize("describe_too", [False, True], ids=["execute", "describe-execute"])
 def test_an_empty_extended_query_answers_empty_query_response(sharded, describe_too):
     b = sharded()
@@ -208,9 +199,6 @@ def test_a_bind_of_a_bad_key_fails_at_the_bind(sharded):
     _compare(b, [parse(KEYED) + bind(b"", b"", b"abc") + describe() + execute() + SYNC])
 
 
-@pytest.mark.xfail(strict=True, reason="in a transaction a shard's error aborted, a sharded Parse "
-                   "and Bind answer ParseComplete and BindComplete; PostgreSQL refuses the Parse "
-                   "itself with 25P02")
 def test_a_parse_in_an_aborted_transaction_is_refused_at_the_parse(sharded):
     b = sharded()
     _fill(b)
@@ -244,9 +232,6 @@ def clustered(make_pg, bouncer):
                    pgbouncer={"admin_users": "postgres", "auth_type": "md5"})
 
 
-@pytest.mark.xfail(strict=True, reason="fanout.is_forwarded trusts the client's own "
-                   "application_name: any admin, over TCP, that names itself geobouncer-worker "
-                   "gets WORKER_EVENT acted on")
 def test_worker_events_are_refused_from_an_admin_calling_itself_a_worker(clustered):
     _, error = _console(clustered, 'WORKER_EVENT "nonsense"', application_name=WORKER_MARK)
     assert error is not None and "sent by geobouncer's workers" in error
@@ -269,9 +254,6 @@ def test_hostile_worker_events_answer_and_leave_the_pooler_serving(clustered, ev
     _hostile_event(clustered, event)
 
 
-@pytest.mark.xfail(strict=True, reason="worker_events.receive checks the port with "
-                   "str.isdigit(), which '\u00b2' passes, then int() raises ValueError: a "
-                   "Traceback and an internal error instead of 'bad writer_failed event'")
 def test_a_superscript_port_in_a_worker_event_is_refused(clustered):
     _hostile_event(clustered, "writer_failed app 127.0.0.1 \u00b2")
 
@@ -325,9 +307,6 @@ def _paused(values: dict) -> float:
                 if k.startswith("pgbouncer_databases_paused[") and "('name', 'app')" in k)
 
 
-@pytest.mark.xfail(strict=True, reason="metrics_all sums every gauge it does not list: "
-                   "pgbouncer_databases_paused ('1 if this database is currently paused') is 2 "
-                   "with two paused workers, pgbouncer_databases counts each database twice")
 def test_metrics_all_keeps_flags_and_counts_of_configuration(two_workers):
     b, port = two_workers
     b.admin("PAUSE app")
@@ -358,10 +337,6 @@ def test_metrics_all_answers_a_flood_and_idle_connections_in_bounded_time(two_wo
 
 
 # --- the template plans end to end (sharding/template.py) -------------------------------
-@pytest.mark.xfail(strict=True, reason="a key written as a string continued on the next line "
-                   "('k'<newline>'1') or as a cast integer with leading zeros (010::text) is read "
-                   "back by template.py as other text than PostgreSQL's value: the row is "
-                   "inserted on another shard than its key's, where lookups do not find it")
 def test_simple_inserts_put_each_row_on_its_keys_shard(sharded, shards):
     b = sharded()
     keys = {f"'k'\n'{i}'": f"k{i}" for i in range(6)}
