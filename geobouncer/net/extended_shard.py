@@ -163,10 +163,17 @@ def _message(session, state, mtype: int, body: bytes, describe: bool = False) ->
                                        "close some first", close=False)
         from .sharded import plan_statement, rewritten
         sql = rewritten(session, text.decode("utf-8", "surrogateescape"))
+        plan = plan_statement(session.planner, sql)
+        if plan.kind == "all" and plan.statements == 0 and plan.write:
+            # PostgreSQL's parser refused it (pglast is that parser): the Parse fails, as there.
+            from ..sharding.plan import syntax_error
+            message = syntax_error(sql)
+            if message is not None:
+                raise ClientError("42601", message, close=False)
         old = state.statements.get(name)
         if old is not None:                   # the unnamed statement, replaced
             state.text_bytes -= len(old.text)
-        state.statements[name] = Statement(sql, body[pos:], plan_statement(session.planner, sql))
+        state.statements[name] = Statement(sql, body[pos:], plan)
         state.text_bytes += len(sql)
         state.out.append(PARSE_COMPLETE)
     elif mtype == _B:
@@ -177,6 +184,9 @@ def _message(session, state, mtype: int, body: bytes, describe: bool = False) ->
                                        "does not exist", close=False)
         if session.status == b"E" and statement.plan.kind not in ("commit", "rollback"):
             raise ClientError("25P02", _ABORTED, close=False)     # as PostgreSQL's Bind
+        if statement.plan.kind == "route":
+            # A key value its type refuses fails the Bind, as in PostgreSQL (22P02).
+            statement.plan.targets(portal.params, portal.formats)
         portal.statement = statement
         state.portals[portal_name] = portal
         state.out.append(BIND_COMPLETE)

@@ -84,6 +84,18 @@ class Plan:
         return _deparse_split(stmt, per)
 
 
+def syntax_error(sql: str) -> str | None:
+    """PostgreSQL's message for a text its parser refuses as a syntax error
+    (None: it does not, or fails for another reason, e.g. bytes not UTF-8)."""
+    try:
+        pglast.parse_sql(sql)
+    except pglast.parser.ParseError as exc:
+        return str(exc.args[0]) if exc.args else "syntax error"
+    except Exception:  # noqa: BLE001 - not a syntax error: the shard says what it is
+        return None
+    return None
+
+
 def _names_shards(plan, params) -> bool:
     try:
         return plan.targets(params, ()) is not None

@@ -183,17 +183,11 @@ def test_an_empty_extended_query_answers_empty_query_response(sharded, describe_
     _compare(b, [parse("") + bind() + (describe() if describe_too else b"") + execute() + SYNC])
 
 
-@pytest.mark.xfail(strict=True, reason="a sharded Parse of a text PostgreSQL cannot parse "
-                   "answers ParseComplete (and the Bind BindComplete); the syntax error comes "
-                   "only at Describe/Execute, where PostgreSQL fails the Parse itself")
 def test_a_parse_of_invalid_sql_fails_at_the_parse(sharded):
     b = sharded()
     _compare(b, [parse("SELEKT") + bind() + describe() + execute() + SYNC])
 
 
-@pytest.mark.xfail(strict=True, reason="a sharded Bind of a value its parameter's type refuses "
-                   "('abc' for a bigint key) answers BindComplete and fails only at the Describe; "
-                   "PostgreSQL fails the Bind (22P02)")
 def test_a_bind_of_a_bad_key_fails_at_the_bind(sharded):
     b = sharded()
     _compare(b, [parse(KEYED) + bind(b"", b"", b"abc") + describe() + execute() + SYNC])
