@@ -323,7 +323,10 @@ def _execute(session, state, portal, limit: int = 0, describe: bool = False) -> 
     else:
         session.counters.single_shard += 1
     _flush(session, state)
-    kept = shard_portal.Kept() if limit else None
+    kept = None
+    if limit:
+        held = sum(p.kept.size for p in state.portals.values() if p.kept is not None and p.kept.messages)
+        kept = shard_portal.Kept(shard_portal.MAX_KEPT - held)
     sink = kept.add if kept is not None else session.client.send
     links = session.take(targets, None if plan.write else statement.text)
     try:
@@ -352,8 +355,8 @@ def _execute(session, state, portal, limit: int = 0, describe: bool = False) -> 
 def _hand_out(session, state, portal, kept, limit: int) -> None:
     """A row-limited Execute: its first ``limit`` rows now, the rest kept."""
     if not kept.finish():
-        raise ClientError("54000", "the result of a row-limited Execute on a sharded database is kept "
-                                   f"in the pooler, and this one exceeds {shard_portal.MAX_KEPT >> 20} MB",
+        raise ClientError("54000", "the results of row-limited Executes on a sharded database are kept "
+                                   f"in the pooler, and this client's would exceed {shard_portal.MAX_KEPT >> 20} MB",
                           close=False)
     state.out.append(kept.take(0 if state.failed else limit)[0])
     if not state.failed:

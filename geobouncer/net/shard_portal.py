@@ -6,7 +6,8 @@ so a shard's portal cannot be suspended and resumed later. An Execute with
 result in the pooler's portal, and hands it out ``max_rows`` rows at a time
 with PortalSuspended, as PostgreSQL would; the last Execute ends with the
 CommandComplete (a SELECT's tag counting the rows of that Execute, as
-PostgreSQL's does). The kept result is bounded by MAX_KEPT bytes: past it the
+PostgreSQL's does). The kept results of one client together are bounded by
+MAX_KEPT bytes (its portals share the budget): past it the
 Execute fails with 54000 rather than grow without limit.
 """
 
@@ -25,9 +26,10 @@ _D, _C = ord("D"), ord("C")
 class Kept:
     """A result being collected (``add``) and then handed out (``take``)."""
 
-    __slots__ = ("buf", "size", "messages", "overflow", "last")
+    __slots__ = ("buf", "size", "messages", "overflow", "last", "budget")
 
-    def __init__(self):
+    def __init__(self, budget: int = MAX_KEPT):
+        self.budget = budget               # what the client's other kept results leave
         self.buf = bytearray()
         self.size = 0
         self.messages: deque | None = None
@@ -37,7 +39,7 @@ class Kept:
     def add(self, data: bytes) -> None:
         """The sink the execution writes to instead of the client's socket."""
         self.size += len(data)
-        if self.size > MAX_KEPT:
+        if self.size > self.budget:
             self.overflow = True
             self.buf.clear()
         elif not self.overflow:

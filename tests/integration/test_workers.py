@@ -41,8 +41,9 @@ def worker_pids(b) -> set[int]:
     return {int(p) for p in out.split()}
 
 
-def start_workers(bouncer, count: int = 2, **settings):
-    b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "workers": count,
+def start_workers(bouncer, count: int = 2, databases=None, **settings):
+    b = bouncer(databases=databases,
+                pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "workers": count,
                            "pidfile": "geobouncer.pid", **settings})
     wait_until(lambda: len(worker_pids(b)) == count
                and b.log_text().count("process up: geobouncer") >= count,

@@ -20,7 +20,7 @@ from fixtures.cluster import ROLE_PASSWORDS
 from fixtures.pooler import TARGET
 from fixtures.ports import wait_until
 from test_failover import cluster_entry, ep, make_topology, wait_replayed
-from test_workers import worker_pids
+from test_workers import start_workers
 
 pytestmark = pytest.mark.skipif(TARGET != "geobouncer", reason="PgBouncer has no workers setting")
 
@@ -53,12 +53,8 @@ def test_one_worker_detects_a_failed_writer_and_every_worker_switches(make_pg, m
     replica = make_replica(primary)
     make_topology(primary, [primary, replica])
     wait_replayed(primary, [replica])
-    b = bouncer(databases={"app": cluster_entry(primary)},
-                pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "workers": 2,
-                           "pidfile": "geobouncer.pid", "auth_user": "app",
-                           "server_failed_delay": 60, "switchover_timeout": 30})
-    wait_until(lambda: len(worker_pids(b)) == 2 and b.log_text().count("process up: geobouncer") >= 2,
-               timeout=20, message="2 workers up")
+    b = start_workers(bouncer, databases={"app": cluster_entry(primary)}, auth_user="app",
+                      server_failed_delay=60, switchover_timeout=30)
     w1, w2 = worker_socket_dir(b, 1), worker_socket_dir(b, 2)
     assert _port_via(w1, b.port) == primary.port
     mark = b.log_offset()
@@ -92,12 +88,8 @@ def test_a_replica_banned_by_one_worker_is_banned_by_every_worker(make_pg, make_
     entry = {"host": "127.0.0.1", "port": primary.port, "dbname": "app", "read_write_split": 1,
              "replicas": f"127.0.0.1:{r1.port}"}
     # Health checks seldom: a ban on worker 2 within seconds can only come from worker 1.
-    b = bouncer(databases={"app": entry},
-                pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "workers": 2,
-                           "pidfile": "geobouncer.pid", "admin_users": "postgres",
-                           "health_check_period": 60, "replica_ban_time": 60})
-    wait_until(lambda: len(worker_pids(b)) == 2 and b.log_text().count("process up: geobouncer") >= 2,
-               timeout=20, message="2 workers up")
+    b = start_workers(bouncer, databases={"app": entry}, admin_users="postgres",
+                      health_check_period=60, replica_ban_time=60)
     w1, w2 = worker_socket_dir(b, 1), worker_socket_dir(b, 2)
 
     def banned(where) -> int:
