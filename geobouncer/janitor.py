@@ -111,6 +111,14 @@ class Janitor:
             return
         server = client.server
         if server is None:
+            queued = client.queued
+            if queued is not None:
+                # A Query queued while its greenlet reads the client (net/handoff.py);
+                # one whose greenlet waits for it keeps its own deadline.
+                if s.query_wait_timeout > 0 and now - client.wait_started > s.query_wait_timeout \
+                        and not queued.done and not queued.blocked:
+                    client.shutdown("08P01", "query_wait_timeout")
+                return
             if client.deferred_begin is not None and s.idle_transaction_timeout > 0 \
                     and now - client.request_time > s.idle_transaction_timeout:
                 client.shutdown("25P03", "idle transaction timeout")   # a BEGIN answered here

@@ -9,11 +9,9 @@ from __future__ import annotations
 import logging
 from time import monotonic
 
-from gevent import get_hub
-from gevent.hub import Waiter as HubWaiter
-
 from ..pool.pool import CHECK, OPEN, RETIRE, TAKE, WAIT
 from ..proto.framing import ProtocolError
+from .handoff import Waiter
 from .server import ServerConnection, ServerError
 
 log = logging.getLogger("geobouncer")
@@ -27,56 +25,6 @@ class ClientError(Exception):
         self.sqlstate = sqlstate
         self.text = text
         self.close = close
-
-
-_TIMED_OUT = object()
-
-
-class Waiter:
-    """A client waiting for a server. ``take`` is the atomic hand-off: once the
-    waiter has given up (timed out, or its greenlet was interrupted) it
-    refuses, so no server is lost; a server taken by a waiter that is then
-    interrupted is given back by the caller (``_wait``).
-
-    Lighter than an AsyncResult with a gevent.Timeout: one hub Waiter and, when
-    there is a deadline, one libev timer — most checkouts under load wait."""
-
-    __slots__ = ("done", "server", "_wake")
-
-    def __init__(self):
-        self.done = False
-        self.server = None
-        self._wake = HubWaiter()
-
-    def take(self, server) -> bool:
-        if self.done:
-            return False
-        self.done = True
-        self.server = server
-        get_hub().loop.run_callback(self._wake.switch, None)
-        return True
-
-    def wait(self, timeout: float | None) -> bool:
-        """True once handed over (``server``: a server, or None when a slot
-        freed up); False when ``timeout`` passed first."""
-        wake = self._wake
-        timer = None
-        if timeout is not None:
-            timer = get_hub().loop.timer(max(timeout, 0.0))
-            timer.start(wake.switch, _TIMED_OUT)
-        try:
-            if wake.get() is _TIMED_OUT:
-                if not self.done:
-                    self.done = True
-                    return False
-                wake.get()          # handed over as the timer fired: its wake-up is on the way
-            return True
-        except BaseException:
-            self.done = True
-            raise
-        finally:
-            if timer is not None:
-                timer.close()
 
 
 def acquire_server(app, pool, client) -> ServerConnection:

@@ -43,7 +43,7 @@ class ClientConnection:
     # Per-connection state in slots: thousands of idle clients are the common case.
     __slots__ = ("addr", "admin", "app", "auth_result", "baseline", "bytes_out", "cancel_key", "closing",
                  "connect_time", "dbname", "deferred_begin", "greenlet", "held", "id", "lost_tx", "parkable", "pending",
-                 "pending_error", "pool", "portal_change", "refused_routes", "request_time", "route_pool",
+                 "pending_error", "pool", "portal_change", "queued", "refused_routes", "request_time", "route_pool",
                  "rw_split", "scanner", "send", "server", "session_sets", "shard_session", "sock", "startup", "state",
                  "statements", "stats_only", "stmt_class", "stmt_routes", "stmt_sets", "tparams", "unix",
                  "unnamed_change", "user", "wait_started", "wlock", "__weakref__")
@@ -90,6 +90,7 @@ class ClientConnection:
         self.auth_result = None
         self.scanner: ClientScanner | None = None   # frontend boundaries (proto/scan.py), after login
         self.parkable = False      # blocked in the idle read: the janitor may park this client
+        self.queued = None         # a Query waiting for a server (net/handoff.py, QueuedQuery)
         self.stats_only = False
         self.shard_session = None  # a sharded database's state (net/sharded.py)
 
@@ -220,6 +221,10 @@ class ClientConnection:
             pass
 
     def _cleanup(self) -> None:
+        queued = self.queued
+        if queued is not None:
+            self.queued = None
+            self._drop_queued(queued)
         for held in list(self.held.values()):
             self._drop_server(held)
         self.held.clear()
@@ -235,6 +240,24 @@ class ClientConnection:
             self.sock.close()
         except OSError:
             pass
+
+    def _drop_queued(self, queued) -> None:
+        """Leaving with a Query still queued: no server may be handed to it
+        any more, and one handed but not linked yet goes back."""
+        handed = queued.done
+        queued.done = True
+        server, queued.server = queued.server, None
+        if server is not None:
+            self.app.releaser.release_idle(server)
+        else:
+            pool = self.route_pool or self.pool
+            if not handed:
+                try:
+                    pool.waiters.remove(queued)
+                except ValueError:
+                    pass
+            elif pool.may_open(False):
+                pool.wake_one_waiter()    # the slot it was woken for goes to the next
 
     def _drop_server(self, server) -> None:
         """The client is leaving: a clean server goes back (after the reset in
@@ -278,7 +301,12 @@ class ClientConnection:
             # The replica failed (now banned): this read goes to the primary.
             self.route_pool = None
             server = acquire_server(self.app, self.pool, self)
-        if server.tparams != self.tparams or server.session_sets != self.session_sets:
+        return self.attach(server)
+
+    def attach(self, server, checked: bool = False):
+        """Link ``server`` to this client, replaying tracked parameters and
+        remembered SETs first when they differ (``checked``: they do not)."""
+        if not checked and (server.tparams != self.tparams or server.session_sets != self.session_sets):
             try:
                 tracked_params.sync(server, self.tparams, self.session_sets)
             except ServerError as exc:

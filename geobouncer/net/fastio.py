@@ -41,6 +41,18 @@ class Parked(Exception):
     is the idle read; anywhere else it is a stale request and the wait goes on."""
 
 
+class Handoff(Exception):
+    """Thrown into a client's read wait when the request it queued
+    (net/handoff.py, QueuedQuery) was handed a server its own greenlet must
+    finish linking. Honoured only while ``owner.queued`` is handed over;
+    anything else is stale and the wait goes on."""
+
+
+def _stale_handoff(owner) -> bool:
+    queued = owner.queued if owner is not None else None
+    return queued is None or not queued.done
+
+
 def receiver(gsock, size: int, owner=None):
     """A ``recv()`` callable for ``gsock``; returns b"" at EOF."""
     if not _plain(gsock):
@@ -50,6 +62,9 @@ def receiver(gsock, size: int, owner=None):
                     return gsock.recv(size)
                 except Parked:
                     if owner is not None and owner.parkable:
+                        raise
+                except Handoff:
+                    if not _stale_handoff(owner):
                         raise
                 except (ValueError, AttributeError):
                     raise OSError(EBADF, "socket closed") from None
@@ -67,6 +82,10 @@ def receiver(gsock, size: int, owner=None):
                 if owner is not None and owner.parkable:
                     raise
                 continue
+            except Handoff:
+                if _stale_handoff(owner):
+                    continue
+                raise
             try:
                 return gsock._sock.recv(size)
             except (BlockingIOError, InterruptedError):

@@ -8,12 +8,22 @@ from __future__ import annotations
 from time import monotonic
 
 from ..pool import session_state
-from ..pool.prepared import (BIND, DESCRIBE, EXECUTE, FAKE, INJECTED, MAY_DROP_ALL, PARSE, QUERY, SYNC,
-                             parse_locally)
+from ..pool.prepared import (
+    BIND,
+    DESCRIBE,
+    EXECUTE,
+    FAKE,
+    INJECTED,
+    MAY_DROP_ALL,
+    PARSE,
+    SYNC,
+    parse_locally,
+)
 from ..proto import messages as m
 from . import defer_begin, route, stream
 from .checkout import ClientError
-from .fastio import receiver
+from .fastio import Handoff, receiver
+from .handoff import queue_if_full, write_query
 from .login import ClientGone
 
 RECV_SIZE = 65536
@@ -25,7 +35,6 @@ _RENAMED = frozenset(ord(c) for c in "PBDC")
 # (and anything starting with whitespace or a comment, to be safe).
 _INSPECT_HEADS = (b"set", b"res", b"dea", b"dis")
 _INSPECT_FIRST = frozenset(b" \t\n\r(-/")
-_QUERY_ENTRY = (QUERY, False, None)
 _UNNAMED_ENTRIES = {ord("P"): (PARSE, False, None), ord("B"): (BIND, False, None),
                     ord("D"): (DESCRIBE, False, None), ord("E"): (EXECUTE, False, None),
                     ord("S"): (SYNC, False, None)}
@@ -56,11 +65,19 @@ def serve_transaction(client) -> None:
     lone_query = client.scanner.lone_query
     while True:
         if not buf and plain:
-            client.parkable = client.server is None     # the idle read (net/client.py: parking)
-            data = recv()
+            # the idle read (net/client.py: parking)
+            client.parkable = client.server is None and client.queued is None
+            try:
+                data = recv()
+            except Handoff:
+                client.parkable = False
+                _finish_queued(client)
+                continue
             client.parkable = False
             if not data:
                 raise ClientGone()
+            if client.queued is not None:
+                _finish_queued(client)
             # Fast path: exactly one complete simple Query that needs no reading.
             # (lost_tx is checked after the read: a server can be lost meanwhile.)
             if (lone_query(data) and data[5] not in _INSPECT_FIRST
@@ -73,11 +90,18 @@ def serve_transaction(client) -> None:
             if len(buf) >= 5 and stream.large_message(client, buf):
                 stream.stream_large(client, buf, recv, scratch)
                 continue
-            client.parkable = not buf and client.server is None
-            data = recv()
+            client.parkable = not buf and client.server is None and client.queued is None
+            try:
+                data = recv()
+            except Handoff:
+                client.parkable = False
+                _finish_queued(client)
+                continue
             client.parkable = False
             if not data:
                 raise ClientGone()
+            if client.queued is not None:
+                _finish_queued(client)
             buf += data
             continue
         client.request_time = monotonic()
@@ -159,27 +183,52 @@ def _server_or_refuse(client, buf: bytearray | None, msgs: list | None):
         return None
 
 
-def _forward_query(client, data: bytes) -> None:
-    """One plain simple Query (the common case of transaction pooling):
-    ``_send`` unrolled for one request."""
+def _forward_query(client, data: bytes, queue: bool = True) -> None:
+    """One plain simple Query (the common case of transaction pooling).
+    With the pool full it is queued, and whoever releases a server sends it
+    (net/handoff.py, QueuedQuery); this greenlet goes back to the client."""
     client.request_time = now = monotonic()
     server = client.server
     if server is None:
+        pool = client.route_pool or client.pool
+        if queue and not pool.idle and queue_if_full(client.app, pool, client, data):
+            return
         server = _server_or_refuse(client, None, None)
         if server is None:
             return
-    if server.tracker is not None:
-        server.tracker.pending.append(_QUERY_ENTRY)
-    if server.outstanding <= 0:
-        server.outstanding = 1
-        server.request_started = now
-        if server.tx_status == b"I":
-            server.xact_started = now
-    else:
-        server.outstanding += 1
-    server.pool.stats.bytes_received += len(data)
     try:
-        server.send(data)
+        write_query(server, data, now)
+    except OSError:
+        server.dirty = True
+        raise ClientError("08P01", "server conn crashed?") from None
+
+
+def _finish_queued(client) -> None:
+    """This client's queued Query needs its greenlet: more bytes came before
+    it was handed a server (wait for that first: requests keep their order),
+    or it was handed one that needs parameters replayed, or a free slot."""
+    queued = client.queued
+    if not queued.done:
+        limit = client.app.settings.query_wait_timeout
+        if not queued.wait(limit - (monotonic() - client.wait_started) if limit > 0 else None):
+            raise ClientError("08P01", "query_wait_timeout")     # _cleanup drops it
+        if client.queued is not queued:
+            return      # linked and sent by the releaser
+    client.queued = None
+    client.set_waiting(False)
+    server, queued.server = queued.server, None
+    if server is None:
+        _forward_query(client, queued.data, False)    # a slot freed up: open one
+        return
+    request_time = client.request_time
+    try:
+        client.attach(server)
+    except BaseException:
+        if server.client is None and not server.closed:
+            client.app.releaser.release_idle(server)
+        raise
+    try:
+        write_query(server, queued.data, request_time)
     except OSError:
         server.dirty = True
         raise ClientError("08P01", "server conn crashed?") from None

@@ -44,8 +44,10 @@ _WATCHED = SERVER_WATCH
 # Replies that complete a request, or that the prepared-statement tracker must see.
 # And notices: those of a Query the pooler injected are swallowed (pool/prepared.py).
 _TRACKED = _WATCHED | REQUEST_REPLIES | frozenset(b"N")
-# While the tracker needs no exact matching: CommandComplete too, for the tags
-# that drop every prepared statement (DEALLOCATE ALL, DISCARD ALL).
+# While the tracker needs no exact matching but there are statements a drop
+# would take (this server's, the client's): CommandComplete too, for the tags
+# that drop every prepared statement (DEALLOCATE ALL, DISCARD ALL; also run
+# through a prepared statement, whose text the client's side does not see).
 _LEAN = _WATCHED | frozenset((_C,))
 _DROP_HEADS = (b"DEAL", b"DISC")
 # admin/crash shutdown, cannot connect now, read-only transaction (a demoted writer)
@@ -126,17 +128,21 @@ class ServerConnection:
         statement pooling) the replies that close requests are matched to
         them, so replies to injected messages are dropped and locally
         answered ones inserted. While nothing queued needs that (the common
-        case: plain queries, unnamed statements) only ReadyForQuery, errors
-        and the few tags that change the tracker's state are looked at."""
+        case: plain queries, unnamed statements; ``tracker.exact`` False)
+        only ReadyForQuery, parameter changes, errors and COPY starts are
+        looked at, and the tags that drop every statement while there are
+        statements to drop."""
         recv = receiver(self.sock, RECV_SIZE)
         tracker = self.tracker
         server_message = tracker.server_message if tracker is not None else None
         pending = tracker.pending if tracker is not None else None
-        forward = self._forward_tracked if tracker is not None else self._forward
+        ready = tracker.ready if tracker is not None else None
         scanner = self.scanner = ServerScanner(_WATCHED)
         feed = scanner.feed
         watched = self._watched
+        forward = self._forward
         stats = self.pool.stats
+        exact = False
         try:
             while True:
                 data = recv()
@@ -146,8 +152,11 @@ class ServerConnection:
                 if self.internal is not None:
                     internal.internal_data(self, data)
                     continue
-                exact = tracker is not None and tracker.exact
-                scanner.watch = _TRACKED if exact else _LEAN if tracker is not None else _WATCHED
+                if tracker is not None:
+                    exact = tracker.exact
+                    client = self.client
+                    scanner.watch = _TRACKED if exact else _LEAN if tracker.prepared.lru or (
+                        client is not None and client.statements) else _WATCHED
                 data, end, found = feed(data)
                 out = None          # pieces, once a reply is dropped or one inserted
                 for mtype, start, stop in found:
@@ -164,12 +173,16 @@ class ServerConnection:
                             stats.xact_count += 1
                             stats.xact_time += int((now - self.xact_started) * 1e6)
                             self.xact_started = now
+                        if not exact:
+                            if pending:
+                                ready(status)
+                            continue
                     elif mtype == _C:
                         if not exact and data[start + 5:start + 9] not in _DROP_HEADS:
                             continue
                     elif mtype in _WATCHED:
                         watched(mtype, data, start + 5, stop)
-                    if server_message is not None and pending:
+                    if pending:
                         keep, fakes = server_message(mtype, data[start + 5:stop])
                         if fakes or not keep:
                             if out is None:
@@ -184,8 +197,11 @@ class ServerConnection:
                     chunk = b"".join(out)
                 else:
                     chunk = data if end == len(data) else data[:end]
-                if tracker is not None and tracker.dropped_all:
-                    self._statements_dropped()
+                if tracker is not None:
+                    if tracker.dropped_all:
+                        self._statements_dropped()
+                    if exact and pending and pending[0][0] == FAKE and self.client is not None:
+                        chunk += tracker.first_fakes()
                 if chunk:
                     forward(chunk)
                 if scanner.ready and self.outstanding <= 0:
@@ -220,12 +236,6 @@ class ServerConnection:
                 client.stmt_sets.pop(name, None)
                 client.stmt_routes.pop(name, None)
                 client.stmt_class.pop(name, None)
-
-    def _forward_tracked(self, data) -> None:
-        pending = self.tracker.pending
-        if pending and pending[0][0] == FAKE and self.client is not None:
-            data += self.tracker.first_fakes()
-        self._forward(data)
 
     def pool_limit(self) -> int:
         return 1 << 26

@@ -90,6 +90,12 @@ class Pool:
     def server_count(self) -> int:
         return len(self.idle) + len(self.active) + self.connecting
 
+    def full(self) -> bool:
+        """No idle server and no room of the pool's own (its reserve aside):
+        a checkout would WAIT, and no other pool's idle server would help."""
+        return not self.idle and len(self.active) + self.connecting >= self.limits.pool_size \
+            and not self.limits.reserve_pool_size
+
     def may_open(self, use_reserve: bool) -> bool:
         """May a new server connection be opened now?"""
         limit = self.limits.pool_size + (self.limits.reserve_pool_size if use_reserve else 0)
@@ -163,14 +169,15 @@ class Pool:
 
     def release(self, server):
         """Return an active server: hand it to the first waiter if any (returned),
-        else park it idle (returns None)."""
-        self.active.discard(server)
-        while self.waiters:
-            waiter = self.waiters.popleft()
+        else park it idle (returns None). The server stays counted active while
+        a waiter takes it: a waiter may write its request to it at once, and
+        a write that blocks lets other greenlets look at the pool."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
             if waiter.take(server):
-                self.active.add(server)
-                server.state = SV_ACTIVE
                 return waiter
+        self.active.discard(server)
         server.state = SV_IDLE
         server.idle_since = monotonic()
         self.idle.append(server)

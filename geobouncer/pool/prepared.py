@@ -426,6 +426,20 @@ class Tracker:
         return out
 
     # --- server -> client ---------------------------------------------------------
+    def ready(self, status: bytes) -> None:
+        """A ReadyForQuery while ``exact`` is False: nothing queued is faked,
+        swallowed or injected, and no drop is watched, so this is
+        ``server_message``'s ReadyForQuery case without the matching:
+        every entry up to and including its Sync or Query is done."""
+        self.status = status
+        pending = self.pending
+        while pending:
+            entry = pending.popleft()
+            if entry[0] == SYNC or entry[0] == QUERY:
+                if entry[2] is not None:
+                    entry[2](status)
+                return
+
     def server_message(self, mtype: int, body) -> tuple[bool, bytes]:
         """Match one reply to its request. Returns (forward it?, faked replies
         that must follow it)."""

@@ -34,6 +34,7 @@ import struct
 from .framing import ProtocolError
 
 _unpack_len = struct.Struct("!I").unpack_from
+_unpack_header = struct.Struct("!BI").unpack_from
 
 # Frontend message types the pooler forwards after login.
 _Q, _S, _F, _X, _H = (ord(c) for c in "QSFXH")
@@ -219,32 +220,32 @@ class ServerScanner:
         self.skip = 0
         found = []
         watch = self.watch
-        while pos < n:
-            if n - pos < 5:
-                self.held = data[pos:]
-                return data, pos, found
-            mtype = data[pos]
-            length = _unpack_len(data, pos + 1)[0]
-            if length < 4:
-                raise ProtocolError(f"invalid message length {length} from server")
-            end = pos + 1 + length
-            if mtype in watch:
-                if end > n:
-                    if length > SERVER_HOLD_LIMIT:
-                        raise ProtocolError("server message too large")
-                    self.held = data[pos:]
-                    return data, pos, found
-                found.append((mtype, pos, end))
-                if mtype == _Z:
-                    self.ready += 1
-                    self.status = data[pos + 5:pos + 6]
-                    self.copy = False
-                elif mtype in _COPY:
-                    self.copy = True
-            elif end > n:
-                self.skip = end - n
-                return data, n, found
-            pos = end
+        try:
+            while pos < n:
+                mtype, length = _unpack_header(data, pos)   # struct.error: under 5 bytes left
+                end = pos + 1 + length
+                if length < 4:
+                    raise ProtocolError(f"invalid message length {length} from server")
+                if mtype in watch:
+                    if end > n:
+                        if length > SERVER_HOLD_LIMIT:
+                            raise ProtocolError("server message too large")
+                        self.held = data[pos:]
+                        return data, pos, found
+                    found.append((mtype, pos, end))
+                    if mtype == _Z:
+                        self.ready += 1
+                        self.status = data[pos + 5:pos + 6]
+                        self.copy = False
+                    elif mtype in _COPY:
+                        self.copy = True
+                elif end > n:
+                    self.skip = end - n
+                    return data, n, found
+                pos = end
+        except struct.error:
+            self.held = data[pos:]       # an incomplete header
+            return data, pos, found
         return data, n, found
 
     @property

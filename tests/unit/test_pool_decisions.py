@@ -132,3 +132,39 @@ def test_a_waiter_that_just_timed_out_refuses_and_the_server_is_not_lost():
     pool.waiters.append(gone)
     assert pool.checkin(s, 1.0, 0) == (PARK, None)
     assert list(pool.idle) == [s] and pool.server_count() == 1 and not pool.waiters
+
+
+def test_a_waiter_takes_a_server_still_counted_active():
+    """A queued query is written to the server inside ``take``; a write that
+    blocks lets other greenlets look at the pool, which must count it then."""
+    pool = make_pool(size=1)
+    s = opened(pool, Server())
+    seen = []
+
+    class Writing(Waiter):
+        def take(self, server):
+            seen.append((server in pool.active, list(pool.idle), pool.server_count(), pool.full()))
+            return super().take(server)
+
+    waiter = Writing()
+    pool.waiters.append(waiter)
+    assert pool.checkin(s, 1.0, 0) == (HAND_OVER, waiter)
+    assert seen == [(True, [], 1, True)]
+    assert s in pool.active and s.state == "active"
+
+
+def test_full_means_no_idle_server_and_no_room_of_its_own():
+    pool = make_pool(size=2)
+    assert not pool.full()
+    opened(pool, Server())
+    assert not pool.full()
+    b = opened(pool, Server())
+    assert pool.full()
+    pool.release(b)
+    assert not pool.full()                       # an idle server to take
+    assert pool.checkout(1.0, 0, None) == (TAKE, b)
+    assert pool.full() and pool.checkout(1.0, 0, None) == (WAIT, None)
+    reserve = Pool(Db(), "app", PoolLimits(2, 0, 1, "transaction"), ConnectionCounters())
+    opened(reserve, Server())
+    opened(reserve, Server())
+    assert not reserve.full()                    # its reserve may still open one

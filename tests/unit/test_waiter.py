@@ -3,7 +3,7 @@ server being checked in and a client whose wait is timing out."""
 
 import gevent
 
-from geobouncer.net.checkout import Waiter
+from geobouncer.net.handoff import Waiter
 
 
 def test_a_server_handed_over_is_returned():
