@@ -9,21 +9,16 @@ from time import monotonic
 
 from ..pool import session_state
 from ..pool.prepared import (
-    BIND,
-    DESCRIBE,
-    EXECUTE,
     FAKE,
     INJECTED,
     MAY_DROP_ALL,
-    PARSE,
-    SYNC,
     parse_locally,
 )
 from ..proto import messages as m
 from . import defer_begin, route, stream
 from .checkout import ClientError
 from .fastio import Handoff, receiver
-from .handoff import queue_if_full, write_query
+from .handoff import queue_if_full, write_request
 from .login import ClientGone
 
 RECV_SIZE = 65536
@@ -35,9 +30,7 @@ _RENAMED = frozenset(ord(c) for c in "PBDC")
 # (and anything starting with whitespace or a comment, to be safe).
 _INSPECT_HEADS = (b"set", b"res", b"dea", b"dis")
 _INSPECT_FIRST = frozenset(b" \t\n\r(-/")
-_UNNAMED_ENTRIES = {ord("P"): (PARSE, False, None), ord("B"): (BIND, False, None),
-                    ord("D"): (DESCRIBE, False, None), ord("E"): (EXECUTE, False, None),
-                    ord("S"): (SYNC, False, None)}
+_UNNAMED_TYPES = frozenset(b"PBDES")
 _FAKE = FAKE
 _INJECTED_ENTRY = (INJECTED, True, None)
 _BIG = 1 << 16      # batches above this are sent in pieces, bodies sliced through views
@@ -116,15 +109,14 @@ def serve_transaction(client) -> None:
 
 def _forward_unnamed(client, buf: bytearray, msgs: list) -> bool:
     """Fast path for an extended-protocol batch that names nothing (pgbench
-    -M extended, a driver's first executions): forwarded as is. False when
-    the batch needs the general path."""
+    -M extended, a driver's first executions): forwarded as is, or queued
+    like a lone Query when the pool is full. False when the batch needs the
+    general path."""
     if client.lost_tx or client.unnamed_change is not None:
         return False
-    entries = []
     parses = binds = syncs = 0
     for mtype, start, end in msgs:
-        entry = _UNNAMED_ENTRIES.get(mtype)
-        if entry is None:
+        if mtype not in _UNNAMED_TYPES:
             return False
         if mtype == _P:
             # unnamed, and not a SET/RESET/DISCARD to remember
@@ -135,34 +127,43 @@ def _forward_unnamed(client, buf: bytearray, msgs: list) -> bool:
             if buf[start + 5] != 0 or buf[start + 6] != 0:
                 return False
             binds += 1
-        elif mtype == _D and buf[start + 6] != 0:
-            return False
+        elif mtype == _D:
+            if buf[start + 6] != 0:
+                return False
         elif mtype == _S:
             syncs += 1
-        entries.append(entry)
     if msgs[-1][0] != _S:
         return False
-    client.request_time = monotonic()
+    client.request_time = now = monotonic()
+    last = msgs[-1][2]
     server = client.server
+    pool = client.route_pool or client.pool
     if server is None:
-        server = _server_or_refuse(client, buf, msgs)
-        if server is None:
-            return True
-    tracker = server.tracker
-    if tracker is None:
+        if pool.tracking and not pool.idle and queue_if_full(client.app, pool, client, bytes(buf[:last]),
+                                                               syncs, parses):
+            del buf[:last]
+        else:
+            server = _server_or_refuse(client, buf, msgs)
+            if server is None:
+                return True
+            if server.tracker is None:
+                return False
+    elif server.tracker is None:
         return False
-    tracker.pending.extend(entries)
-    tracker.parses += parses
     client.portal_change = None
     if parses or binds:
-        stats = server.pool.stats
+        stats = pool.stats
         stats.client_parse_count += parses
         stats.server_parse_count += parses
         stats.bind_count += binds
-    last = msgs[-1][2]
-    chunk = bytes(buf[:last])
-    del buf[:last]
-    client._send(chunk, syncs, True)
+    if server is not None:
+        chunk = bytes(buf[:last])
+        del buf[:last]
+        try:
+            write_request(server, chunk, now, syncs, parses)
+        except OSError:
+            server.dirty = True
+            raise ClientError("08P01", "server conn crashed?") from None
     return True
 
 
@@ -183,7 +184,7 @@ def _server_or_refuse(client, buf: bytearray | None, msgs: list | None):
         return None
 
 
-def _forward_query(client, data: bytes, queue: bool = True) -> None:
+def _forward_query(client, data: bytes) -> None:
     """One plain simple Query (the common case of transaction pooling).
     With the pool full it is queued, and whoever releases a server sends it
     (net/handoff.py, QueuedQuery); this greenlet goes back to the client."""
@@ -191,13 +192,13 @@ def _forward_query(client, data: bytes, queue: bool = True) -> None:
     server = client.server
     if server is None:
         pool = client.route_pool or client.pool
-        if queue and not pool.idle and queue_if_full(client.app, pool, client, data):
+        if not pool.idle and queue_if_full(client.app, pool, client, data):
             return
         server = _server_or_refuse(client, None, None)
         if server is None:
             return
     try:
-        write_query(server, data, now)
+        write_request(server, data, now)
     except OSError:
         server.dirty = True
         raise ClientError("08P01", "server conn crashed?") from None
@@ -217,18 +218,20 @@ def _finish_queued(client) -> None:
     client.queued = None
     client.set_waiting(False)
     server, queued.server = queued.server, None
-    if server is None:
-        _forward_query(client, queued.data, False)    # a slot freed up: open one
-        return
     request_time = client.request_time
+    if server is None:
+        # A slot freed up: open one. Not refused here: queueing excludes the
+        # switchovers whose timeouts a client survives.
+        server = client._link()
+    else:
+        try:
+            client.attach(server)
+        except BaseException:
+            if server.client is None and not server.closed:
+                client.app.releaser.release_idle(server)
+            raise
     try:
-        client.attach(server)
-    except BaseException:
-        if server.client is None and not server.closed:
-            client.app.releaser.release_idle(server)
-        raise
-    try:
-        write_query(server, queued.data, request_time)
+        write_request(server, queued.data, request_time, queued.syncs, queued.parses)
     except OSError:
         server.dirty = True
         raise ClientError("08P01", "server conn crashed?") from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from gevent import get_hub
 from gevent.hub import Waiter as HubWaiter
 
-from ..pool.prepared import QUERY
+from ..pool.prepared import QUERY, SYNC
 from .fastio import Handoff
 
 _TIMED_OUT = object()
@@ -71,26 +71,41 @@ def _wait_handed(waiter, timeout: float | None) -> bool:
 
 _HANDOFF = Handoff()
 _QUERY_ENTRY = (QUERY, False, None)
+_SYNC_ENTRY = (SYNC, False, None)
 
 
-def write_query(server, data, now: float) -> None:
-    """Send one simple Query to the linked ``server``, counting the
-    ReadyForQuery it owes; OSError when the server is gone."""
-    if server.tracker is not None:
-        server.tracker.pending.append(_QUERY_ENTRY)
+def write_request(server, data, now: float, syncs: int = 0, parses: int = 0) -> None:
+    """Send a lone simple Query (``syncs`` 0), or an extended-protocol batch
+    that names nothing and ends with its ``syncs``-th Sync, to the linked
+    ``server``, counting the ReadyForQuery messages it owes; OSError when
+    the server is gone. The tracker needs one entry per Sync for such a
+    batch: its other messages are unnamed, and a reply to one of them
+    changes nothing the tracker knows (pool/prepared.py, server_message)."""
+    tracker = server.tracker
+    if syncs:
+        requests = syncs
+        server.unsynced = False
+        if tracker is not None:
+            tracker.pending.extend((_SYNC_ENTRY,) * syncs)
+            tracker.parses += parses
+    else:
+        requests = 1
+        if tracker is not None:
+            tracker.pending.append(_QUERY_ENTRY)
     if server.outstanding <= 0:
-        server.outstanding = 1
+        server.outstanding = requests
         server.request_started = now
         if server.tx_status == b"I":
             server.xact_started = now
     else:
-        server.outstanding += 1
+        server.outstanding += requests
     server.pool.stats.bytes_received += len(data)
     server.send(data)
 
 
 class QueuedQuery:
-    """A lone simple Query waiting for a server while its client's greenlet
+    """A lone simple Query, or an extended-protocol batch that names nothing
+    (write_request), waiting for a server while its client's greenlet
     goes back to reading the client (transaction pooling under load: the
     common case). Whoever releases a server hands it over here (the same
     atomic ``take`` as Waiter's), links it and writes the query at once: the
@@ -102,11 +117,13 @@ class QueuedQuery:
     and requests keep their order). A client that leaves first marks it
     done, so no server is handed to it (net/client.py, _drop_queued)."""
 
-    __slots__ = ("_wake", "client", "data", "done", "server")
+    __slots__ = ("_wake", "client", "data", "done", "parses", "server", "syncs")
 
-    def __init__(self, client, data):
+    def __init__(self, client, data, syncs: int = 0, parses: int = 0):
         self.client = client
         self.data = data
+        self.syncs = syncs
+        self.parses = parses
         self.done = False
         self.server = None
         self._wake = None        # a hub Waiter, once the client's greenlet waits
@@ -129,7 +146,7 @@ class QueuedQuery:
             client.set_waiting(False)
             client.attach(server, True)
             try:
-                write_query(server, self.data, client.request_time)
+                write_request(server, self.data, client.request_time, self.syncs, self.parses)
             except OSError:
                 server.dirty = True
                 client.shutdown("08P01", "server conn crashed?")
@@ -149,14 +166,14 @@ class QueuedQuery:
         return _wait_handed(self, timeout)
 
 
-def queue_if_full(app, pool, client, query) -> bool:
-    """Queue the lone simple Query ``query`` (QueuedQuery, ``client.queued``)
+def queue_if_full(app, pool, client, data, syncs: int = 0, parses: int = 0) -> bool:
+    """Queue ``data`` (QueuedQuery, ``client.queued``; see write_request)
     when ``pool`` is full and nothing else could make a server come sooner
     (no pause, no switchover, no reserve); False: get a server
     (acquire_server)."""
     if not pool.full() or app.paused or pool.paused or pool.cluster is not None:
         return False
-    queued = client.queued = QueuedQuery(client, query)
+    queued = client.queued = QueuedQuery(client, data, syncs, parses)
     client.set_waiting(True)
     pool.waiters.append(queued)
     return True

@@ -138,20 +138,27 @@ class ClientScanner:
         pos = 0
         n = len(buf)
         limit = self.limit
-        while n - pos >= 5:
-            mtype = buf[pos]
-            length = _unpack_len(buf, pos + 1)[0]
-            if mtype not in CLIENT_TYPES or length < 4 or length > limit:
-                self.check(mtype, length)
-            end = pos + 1 + length
-            if end > n:
-                break
-            if mtype in _NAMED:
-                check_names(mtype, buf, pos + 5, end)
-            msgs.append((mtype, pos, end))
-            pos = end
-            if mtype == _X:
-                break
+        try:
+            while pos < n:
+                mtype, length = _unpack_header(buf, pos)    # struct.error: under 5 bytes left
+                if mtype not in CLIENT_TYPES or length < 4 or length > limit:
+                    self.check(mtype, length)
+                end = pos + 1 + length
+                if end > n:
+                    break
+                if mtype in _NAMED:
+                    if mtype == _P or mtype == _B:     # check_names, inline for the common two
+                        first = buf.find(0, pos + 5, end)
+                        if first < 0 or buf.find(0, first + 1, end) < 0:
+                            raise ProtocolError(f"malformed {chr(mtype)} message")
+                    else:
+                        check_names(mtype, buf, pos + 5, end)
+                msgs.append((mtype, pos, end))
+                pos = end
+                if mtype == _X:
+                    break
+        except struct.error:
+            pass
         return msgs or None
 
     def lone_query(self, data) -> bool:
