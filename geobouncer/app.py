@@ -31,7 +31,8 @@ from .net.listener import Listeners
 from .net.release import ServerReleaser
 from .net.secrets import SecretLookup, load_auth_rules
 from .net.server import send_cancel
-from .net.tls import TlsConfig, is_tls
+from .net.tls import is_tls
+from .net.tls_config import TlsConfig
 from .peers import Peers
 from .pool.cancel_keys import new_cancel_key
 from .pool.pool import ConnectionCounters, Pool, PoolLimits
