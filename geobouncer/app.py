@@ -2,7 +2,9 @@
 
 One Bouncer object owns everything live: the current config snapshot, the
 auth_file contents, the pools, the clients and their cancel keys. The net layer
-calls back into it for decisions that need that global view.
+calls back into it for decisions that need that global view. The objects it
+owns do the rest with it: net/release.py gives servers back, janitor.py keeps
+the timeouts, lifecycle.py moves the run state (PAUSE, SUSPEND, shutdown).
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from .failover.replicas import ReplicaSet
 from .failover.switchover import Cluster
 from .failover.wiring import FailoverWiring
 from .janitor import Janitor
+from .lifecycle import Lifecycle
 from .net import params as tracked_params
 from .net.client import ClientConnection
 from .net.listener import Listeners
 from .net.release import ServerReleaser
 from .net.secrets import SecretLookup, load_auth_rules
 from .net.server import send_cancel
-from .net.tls import TlsConfig, is_tls
+from .net.tls import is_tls
+from .net.tls_config import TlsConfig
 from .peers import Peers
 from .pool.cancel_keys import new_cancel_key
 from .pool.pool import ConnectionCounters, Pool, PoolLimits
@@ -72,6 +76,7 @@ class Bouncer:
         self.janitor = Janitor(self)
         self.admin = AdminConsole(self)
         self.signals = Signals(self)
+        self.lifecycle = Lifecycle(self)   # PAUSE, RESUME, SUSPEND, the shutdowns, the pidfile
         self.stats = stats.Stats(self)
         self.peers = Peers(self)
         self.shutting_down = False
@@ -105,7 +110,7 @@ class Bouncer:
             from .metrics import MetricsServer  # prometheus_client only when asked for
             self.metrics = MetricsServer(self)
             self.metrics.start()
-        self._write_pidfile()
+        self.lifecycle.write_pidfile()
         log.info("process up: geobouncer, pid=%d", os.getpid())
 
     def serve_forever(self, on_ready=None) -> None:
@@ -113,7 +118,7 @@ class Bouncer:
         if on_ready is not None:
             on_ready()            # -d: the waiting parent may exit now (cli.py)
         self.stopped.wait()
-        self._remove_pidfile()
+        self.lifecycle.remove_pidfile()
         log.info("shutting down")
 
     def next_id(self) -> int:
@@ -333,7 +338,7 @@ class Bouncer:
         if client.pool is not None:
             client.pool.clients.discard(client)
         if self.shutting_down:
-            self._check_shutdown()
+            self.lifecycle.check_shutdown()
 
     def client_count_for_db(self, dbname: str) -> int:
         return sum(1 for c in self.clients if c.dbname == dbname and c.pool is not None)
@@ -367,120 +372,11 @@ class Bouncer:
             finally:
                 server.cancelling = False
 
-    # --- pause / resume / shutdown -----------------------------------------------
+    # --- pause / resume (the transitions: lifecycle.py) ---------------------------
     def wait_resumed(self, pool, timeout) -> None:
         while self.paused or pool.paused:
             if not self.resumed.wait(timeout):
                 return
-
-    def pause(self, dbname: str | None = None) -> None:
-        """PAUSE (every pool) or PAUSE db: no new server assignments until RESUME."""
-        if dbname is None:
-            self.paused = True
-        else:
-            self.paused_dbs.add(dbname)
-            for pool in self.pools.values():
-                if pool.db.name == dbname:
-                    pool.paused = True
-        self.resumed.clear()
-
-    def resume(self, dbname: str | None = None) -> None:
-        """RESUME (the global pause) or RESUME db (that database's own pause)."""
-        if dbname is None:
-            self.paused = False
-            self._resume_listeners()
-        else:
-            self.paused_dbs.discard(dbname)
-            for pool in self.pools.values():
-                if pool.db.name == dbname:
-                    pool.paused = False
-        # wake every waiter; each re-checks its own pool
-        self.resumed.set()
-        if self.paused or self.paused_dbs:
-            self.resumed.clear()
-
-    def resume_all(self) -> None:
-        """RESUME after PAUSE or SUSPEND, or a cancel request while one waits."""
-        self.suspended = False
-        self.resume(None)
-
-    def pause_done(self, dbname: str | None = None) -> bool:
-        return all(not p.active for p in self.pools.values() if dbname is None or p.db.name == dbname)
-
-    def suspend(self) -> None:
-        """SUSPEND: stop accepting (connections queue in the backlog) and hand out
-        no server; requests already sent are let through (see suspend_flushed)."""
-        self.suspended = True
-        self.paused = True
-        self.resumed.clear()
-        for server in self.listeners.servers:
-            server.stop_accepting()
-
-    def suspend_flushed(self) -> bool:
-        return not any(s.outstanding > 0 for p in self.pools.values() for s in list(p.active))
-
-    def suspend_close_busy(self) -> None:
-        """suspend_timeout ran out: close what still holds data, as PgBouncer does."""
-        for pool in self.pools.values():
-            for server in list(pool.active):
-                if server.outstanding > 0:
-                    if server.client is not None:
-                        server.client.shutdown("08P01", "suspend_timeout")
-                    server.close("suspend_timeout")
-
-    def _resume_listeners(self) -> None:
-        if not self.shutting_down:
-            for server in self.listeners.servers:
-                server.start_accepting()
-
-    def shutdown_safe(self) -> None:
-        """SIGINT: stop accepting, wait for servers to be released, then exit."""
-        if self.shutting_down:
-            return self.shutdown_now()
-        self.shutting_down = "safe"
-        self.listeners.stop()
-        self.pause()
-        self.signals.watch_shutdown()
-        self._check_shutdown()
-
-    def shutdown_wait_clients(self) -> None:
-        """SIGTERM: stop accepting, exit when the last client has gone."""
-        if self.shutting_down:
-            return self.shutdown_now()
-        self.shutting_down = "wait_for_clients"
-        self.listeners.stop()
-        gevent.sleep(0)     # connections accepted last register as clients first
-        self.signals.watch_shutdown()
-        self._check_shutdown()
-
-    def _check_shutdown(self) -> None:
-        if self.shutting_down == "safe" and all(not p.active for p in self.pools.values()) or self.shutting_down == "wait_for_clients" and not self.clients:
-            self.shutdown_now()
-
-    def shutdown_now(self, reason: str = "pgbouncer is shutting down") -> None:
-        self.shutting_down = self.shutting_down or "now"
-        self.listeners.stop()
-        for client in list(self.clients):
-            client.shutdown("57P01", reason)
-        for pool in self.pools.values():
-            for server in list(pool.idle) + list(pool.active):
-                server.close("shutdown")
-        self.stopped.set()
-
-    # --- pidfile ---------------------------------------------------------------------
-    def _write_pidfile(self) -> None:
-        path = self.settings.pidfile
-        if path:
-            with open(self.cfg.resolve_path(path), "w") as f:
-                f.write(f"{os.getpid()}\n")
-
-    def _remove_pidfile(self) -> None:
-        path = self.settings.pidfile
-        if path:
-            try:
-                os.unlink(self.cfg.resolve_path(path))
-            except OSError:
-                pass
 
 
 def _server_identity(entry):

@@ -35,7 +35,7 @@ _DRAIN_LOG_EVERY = 10.0   # seconds between "waiting for N clients" lines
 
 class Signals:
     def __init__(self, app):
-        self.app = app   # the Bouncer: pause/resume/reload/shutdown
+        self.app = app   # the Bouncer: reload, run state; app.lifecycle: pause/resume/shutdown
         self.queue: Queue = Queue()
         self._drain = None
 
@@ -63,24 +63,24 @@ class Signals:
         app = self.app
         if app.shutting_down:
             log.info("got SIGTERM while shutting down, fast exit")
-            app.shutdown_now()
+            app.lifecycle.shutdown_now()
             return
         log.info("got SIGTERM, shutting down, waiting for all clients disconnect")
-        app.shutdown_wait_clients()
+        app.lifecycle.shutdown_wait_clients()
 
     def on_sigint(self) -> None:
         app = self.app
         if app.shutting_down:
             log.info("got SIGINT while shutting down, fast exit")
-            app.shutdown_now()
+            app.lifecycle.shutdown_now()
             return
         log.info("got SIGINT, shutting down, waiting for all servers connections to be released")
-        app.shutdown_safe()
+        app.lifecycle.shutdown_safe()
 
     def on_sigquit(self) -> None:
         log.info("got SIGQUIT, fast exit")
         self.app.listeners.stop()          # the unix socket file goes, as PgBouncer's atexit does
-        self.app._remove_pidfile()
+        self.app.lifecycle.remove_pidfile()
         logging.shutdown()
         os._exit(0)
 
@@ -90,7 +90,7 @@ class Signals:
             log.info("got SIGUSR1, but already paused/suspended")
             return
         log.info("got SIGUSR1, pausing all activity")
-        app.pause()
+        app.lifecycle.pause()
 
     def on_sigusr2(self) -> None:
         app = self.app
@@ -98,10 +98,10 @@ class Signals:
             log.info("got SIGUSR2 while shutting down, ignoring")
         elif app.suspended:
             log.info("got SIGUSR2, continuing from SUSPEND")
-            app.resume_all()
+            app.lifecycle.resume_all()
         elif app.paused:
             log.info("got SIGUSR2, continuing from PAUSE")
-            app.resume_all()
+            app.lifecycle.resume_all()
         else:
             log.info("got SIGUSR2, but not paused/suspended")
 
@@ -136,6 +136,6 @@ class Signals:
             if timeout and waited >= timeout:
                 clients, _ = self._waiting_for()
                 log.warning("shutdown_timeout (%gs) reached, closing %d remaining clients", timeout, clients)
-                app.shutdown_now(reason="server shutdown: shutdown_timeout reached")
+                app.lifecycle.shutdown_now(reason="server shutdown: shutdown_timeout reached")
                 return
 

@@ -73,14 +73,14 @@ class Control:
             return
         self.waiting.discard(client)
         if not self.app.shutting_down and (self.app.paused or self.app.suspended):
-            self.app.resume_all()
+            self.app.lifecycle.resume_all()
 
     def admin_gone(self, client) -> None:
         """PgBouncer resumes a suspended pooler when its last admin leaves."""
         self.waiting.discard(client)
         if self.app.suspended and not any(c.admin and c is not client for c in self.app.clients):
             log.info("admin disappeared when suspended, doing RESUME")
-            self.app.resume_all()
+            self.app.lifecycle.resume_all()
 
     # --- pause / resume / suspend ----------------------------------------------------------
     def cmd_pause(self, client, arg, sql):
@@ -90,12 +90,12 @@ class Control:
             raise AdminError("already suspended/paused")
         if not arg:
             log.info("PAUSE command issued")
-            app.pause()
+            app.lifecycle.pause()
         else:
             log.info("PAUSE '%s' command issued", arg)
-            app.pause(self._database(arg, "pause"))
+            app.lifecycle.pause(self._database(arg, "pause"))
         # PAUSE returns once every server of the paused pools has been released.
-        self._wait(client, lambda: app.pause_done(arg or None))
+        self._wait(client, lambda: app.lifecycle.pause_done(arg or None))
         return m.command_complete("PAUSE")
 
     def cmd_resume(self, client, arg, sql):
@@ -107,14 +107,14 @@ class Control:
                 raise AdminError("pooler is shutting down")
             if not (app.paused or app.suspended):
                 raise AdminError("pooler is not paused/suspended")
-            app.resume_all()
+            app.lifecycle.resume_all()
         else:
             log.info("RESUME '%s' command issued", arg)
             if arg == _ADMIN_DB or app.database_for(arg) is None:
                 raise AdminError(f"no such database: {arg}")
             if arg not in app.paused_dbs:
                 raise AdminError(f"database {arg} is not paused")
-            app.resume(arg)
+            app.lifecycle.resume(arg)
         return m.command_complete("RESUME")
 
     def cmd_suspend(self, client, arg, sql):
@@ -126,12 +126,12 @@ class Control:
         if app.paused_dbs:
             raise AdminError("cannot suspend with paused databases")
         log.info("SUSPEND command issued")
-        app.suspend()
+        app.lifecycle.suspend()
         # Flush: let every request in flight be answered, for suspend_timeout at most;
         # then close the server connections still holding data, as PgBouncer does.
         timeout = app.settings.suspend_timeout or None
-        if not self._wait(client, app.suspend_flushed, timeout) and app.suspended:
-            app.suspend_close_busy()
+        if not self._wait(client, app.lifecycle.suspend_flushed, timeout) and app.suspended:
+            app.lifecycle.suspend_close_busy()
         return m.command_complete("SUSPEND")
 
     # --- config / shutdown ------------------------------------------------------------
@@ -151,15 +151,15 @@ class Control:
         app = self.app
         if mode == "WAIT_FOR_CLIENTS":
             log.info("SHUTDOWN WAIT_FOR_CLIENTS command issued")
-            gevent.spawn(app.shutdown_wait_clients)
+            gevent.spawn(app.lifecycle.shutdown_wait_clients)
         elif mode == "WAIT_FOR_SERVERS":
             log.info("SHUTDOWN WAIT_FOR_SERVERS command issued")
-            gevent.spawn(app.shutdown_safe)
+            gevent.spawn(app.lifecycle.shutdown_safe)
         else:
             log.info("SHUTDOWN command issued")
             # PgBouncer does not answer and exits; geobouncer answers first (scripts
             # then see a success, not a lost connection) and exits right after.
-            gevent.spawn_later(0.05, app.shutdown_now)
+            gevent.spawn_later(0.05, app.lifecycle.shutdown_now)
         return m.command_complete("SHUTDOWN")
 
     # --- databases and clients ------------------------------------------------------
@@ -175,7 +175,7 @@ class Control:
             log.info("KILL command issued")
             names = {pool.db.name for pool in app.pools.values()}
         for name in names:
-            app.pause(name)
+            app.lifecycle.pause(name)
         for c in list(app.clients):
             if c.pool is not None and c.pool.db.name in names:
                 c.shutdown("08P01", "database removed")

@@ -12,7 +12,8 @@ from .entries import DatabaseEntry, PeerEntry, UserEntry, parse_connstr
 from .errors import ConfigError
 from .loader import load_config
 from .render import render_default_ini
-from .settings import SETTINGS, SETTINGS_BY_NAME, Setting
+from .setting import Setting
+from .settings import SETTINGS, SETTINGS_BY_NAME
 from .snapshot import Config, Settings, diff_configs, diff_entries
 
 __all__ = [

@@ -10,7 +10,8 @@ import textwrap
 from collections.abc import Mapping
 
 from .entries import DATABASE_KEYS
-from .settings import SETTINGS, Setting
+from .setting import Setting
+from .settings import SETTINGS
 
 WIDTH = 79
 

@@ -1,20 +1,34 @@
 """The settings table: every ``[pgbouncer]`` key, once.
 
-Each row declares a key's name, value type, default, whether RELOAD may change it,
-and its documentation.  The loader validates with it, ``Settings`` fills defaults
-from it, ``diff_configs`` sorts reload changes with it, and ``render_default_ini``
-writes conf/geobouncer.ini from it, so a key is added here and nowhere else.
+Each row (a ``Setting``, config/setting.py) declares a key's name, value type,
+default, whether RELOAD may change it, and its documentation.  The loader
+validates with it, ``Settings`` fills defaults from it, ``diff_configs`` sorts
+reload changes with it, and ``render_default_ini`` writes conf/geobouncer.ini
+from it, so a key is added to this table (a geobouncer key, to
+config/extension_settings.py) and nowhere else.
 
 Keys, defaults and reloadability follow PgBouncer 1.25 (``bouncer_params[]`` in
-its main.c); the last group holds geobouncer's own keys (pgbouncer-rr hooks and
-pgbouncer-fast-switchover failover).
+its main.c); geobouncer's own keys (pgbouncer-rr hooks and
+pgbouncer-fast-switchover failover, among others) are rows of their own module,
+config/extension_settings.py, appended last.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
+from .extension_settings import EXTENSION_SETTINGS
+from .setting import (
+    AUTH,
+    CHECKS,
+    CONSOLE,
+    DANGEROUS,
+    GENERIC,
+    LOG,
+    NETWORK,
+    TLS,
+    Setting,
+)
+from .setting import block as _block
+from .setting import row as _s
 from .values import (
     BOOL,
     ENUM,
@@ -24,19 +38,7 @@ from .values import (
     OPT_STR,
     STR,
     TIME,
-    format_value,
-    parse_value,
 )
-
-GENERIC = "Generic settings"
-AUTH = "Authentication settings"
-LOG = "Log settings"
-CONSOLE = "Console access control"
-CHECKS = "Connection sanity checks, timeouts"
-TLS = "TLS settings"
-DANGEROUS = "Dangerous timeouts"
-NETWORK = "Low-level network settings"
-GEOBOUNCER = "geobouncer extensions"
 
 POOL_MODES = ("session", "transaction", "statement")
 AUTH_TYPES = (
@@ -52,45 +54,10 @@ AUTH_TYPES = (
 )
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 DH_PARAMS = ("none", "auto", "legacy")
-NOT_ENABLED = "not_enabled"  # pgbouncer-rr's spelling of "no hook module"
 DEFAULT_AUTH_QUERY = (
     "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
     "FROM pg_authid WHERE rolname=$1 AND rolcanlogin"
 )
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One ``[pgbouncer]`` key."""
-
-    name: str
-    type: str  # one of values.KINDS
-    default: object  # int, float seconds, bool, str, tuple; None means "not set"
-    reloadable: bool  # False: a changed value only takes effect after a restart
-    doc: str
-    group: str = GENERIC
-    choices: tuple[str, ...] = ()
-    min: float | None = None
-    max: float | None = None
-    example: str | None = None  # shown in the generated ini when the default is unset
-    extension: bool = False  # a geobouncer key, unknown to PgBouncer
-
-    def parse(self, raw: str) -> object:
-        """The typed value of ``raw``; raises ``ValueError``."""
-        return parse_value(self.type, raw, self.choices, self.min, self.max)
-
-    def format(self, value: object) -> str:
-        """The ini spelling of ``value``."""
-        return format_value(self.type, value)
-
-
-def _s(name, kind, default, doc, *, reload=True, **extra) -> Setting:
-    return Setting(name, kind, default, reload, doc, **extra)
-
-
-def _block(group: str, *settings: Setting) -> tuple[Setting, ...]:
-    return tuple(dataclasses.replace(s, group=group) for s in settings)
-
 
 _COUNT = {"min": 0}  # connection counts and limits: 0 means "no limit" or "off"
 
@@ -344,69 +311,7 @@ SETTINGS: tuple[Setting, ...] = (
         _s("tcp_user_timeout", INT, 0, "TCP_USER_TIMEOUT in milliseconds (Linux); 0 keeps "
            "the system default.", min=0),
     ),
-    *_block(
-        GEOBOUNCER,
-        _s("routing_rules_py_module_file", STR, NOT_ENABLED, "Python file defining "
-           "routing_rules(username, query), which returns the [databases] entry that "
-           "serves a query, or None for the client's own (pgbouncer-rr).",
-           extension=True),
-        _s("rewrite_query_py_module_file", STR, NOT_ENABLED, "Python file defining "
-           "rewrite_query(username, query), which returns the query text to send "
-           "(pgbouncer-rr).", extension=True),
-        _s("rewrite_query_disconnect_on_failure", BOOL, False, "When rewrite_query "
-           "fails, disconnect the client instead of sending the original query.",
-           extension=True),
-        _s("polling_frequency", TIME, 0.1, "During a switchover, seconds between polls "
-           "of pg_is_in_recovery() on the cluster's nodes.", extension=True),
-        _s("server_failed_delay", TIME, 30.0, "Seconds between reconnection attempts to "
-           "a node that went down, so it is not stormed.", extension=True),
-        _s("recreate_disconnected_pools", BOOL, True, "After a switchover, recreate the "
-           "pools of the lost writer on the new one.", extension=True),
-    ),
-    *_block(
-        GEOBOUNCER,
-        _s("hook_slow_call_ms", TIME, 10.0, "Milliseconds (not seconds; fractions "
-           "allowed): a routing_rules or rewrite_query call that takes longer is counted "
-           "as slow in SHOW ROUTING and logged, at most once per 10 seconds per hook. "
-           "0 disables.", extension=True),
-        _s("switchover_timeout", TIME, 0.0, "Longest a client waits for a new writer "
-           "during a switchover before it gets an error; 0 uses query_wait_timeout.",
-           extension=True),
-        _s("health_check_period", TIME, 5.0, "Seconds between health checks of each "
-           "host of a database that lists replicas.", extension=True),
-        _s("health_check_timeout", TIME, 2.0, "Seconds a health check may take before "
-           "the host counts as down.", extension=True),
-        _s("replica_ban_time", TIME, 30.0, "Seconds a replica that failed stays out of "
-           "rotation before it is checked again.", extension=True),
-        _s("write_functions", LIST, (), "Functions (besides the built-in list: nextval, "
-           "setval, advisory locks ...) whose call makes a SELECT a write for the "
-           "read/write split.", extension=True),
-        _s("metrics_port", INT, 0, "Port of the HTTP endpoint serving Prometheus metrics "
-           "on /metrics (pgbouncer_exporter's names and labels, plus geobouncer_*), "
-           "/healthz and /readyz. 0 turns it off.", reload=False, min=0, max=65535,
-           extension=True),
-        _s("metrics_listen_addr", OPT_STR, None, "Comma-separated addresses (or *) the "
-           "metrics endpoint listens on; unset uses listen_addr, or 127.0.0.1 when that "
-           "is unset too.", reload=False, example="*", extension=True),
-        _s("metrics_request_timeout", TIME, 10.0, "Seconds one HTTP connection to the "
-           "metrics endpoint may take, reading the request and writing the answer; a "
-           "slower client is disconnected.", reload=False, min=0.1, extension=True),
-        _s("workers", INT, 1, "Serving processes to run. Above 1, a supervisor starts "
-           "them on the same listening sockets, makes them peers of one another for "
-           "cancel requests, splits the connection limits between them, passes signals "
-           "on and restarts one that exits.", reload=False, min=1, max=256,
-           extension=True),
-        _s("shutdown_timeout", TIME, 0.0, "Longest a graceful shutdown (SIGTERM or SHUTDOWN "
-           "WAIT_FOR_CLIENTS, SIGINT or SHUTDOWN WAIT_FOR_SERVERS) waits; then the "
-           "remaining clients get an error and the process exits (set it below a "
-           "Kubernetes terminationGracePeriodSeconds). 0 waits as long as it takes, as "
-           "PgBouncer does.", extension=True),
-        _s("two_phase_commit", BOOL, False, "Sharding: a transaction that touches several "
-           "shards commits on all of them with PREPARE TRANSACTION and COMMIT PREPARED "
-           "(the shards need max_prepared_transactions > 0); prepared transactions left by "
-           "a crash are finished from the shards' own state. Off: such a transaction is "
-           "refused at its second shard.", extension=True),
-    ),
+    *EXTENSION_SETTINGS,
 )
 # fmt: on
 

@@ -27,6 +27,7 @@ from . import params as tracked_params
 from . import tls
 from .checkout import ClientError, acquire_server
 from .fastio import sender
+from .tls_config import ALPN, rank
 
 log = logging.getLogger("geobouncer")
 
@@ -98,7 +99,7 @@ def login(client) -> bool:
 def _check_tls_required(client) -> None:
     """client_tls_sslmode require and stricter: a TCP client that did not ask
     for TLS is refused (PgBouncer's text); Unix sockets are not encrypted."""
-    if tls.rank(client.app.tls.client.mode) >= tls.rank("require") and not client.unix \
+    if rank(client.app.tls.client.mode) >= rank("require") and not client.unix \
             and not tls.is_tls(client.sock):
         raise ClientError("08P01", "SSL required")
 
@@ -197,7 +198,7 @@ def _maybe_direct_tls(client) -> None:
     if first != tls.TLS_HANDSHAKE_RECORD:
         return
     _handshake(client, side)
-    if client.sock.selected_alpn_protocol() != tls.ALPN:
+    if client.sock.selected_alpn_protocol() != ALPN:
         log.warning("%s direct TLS connection without ALPN protocol postgresql", client.label())
         raise ClientGone()
 

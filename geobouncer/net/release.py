@@ -34,7 +34,7 @@ class ServerReleaser:
         elif decision is RESET:
             gevent.spawn(self._reset_and_release, server)
         elif decision is PARK and self.app.shutting_down:
-            self.app._check_shutdown()
+            self.app.lifecycle.check_shutdown()
 
     def evict_idle_for(self, pool: Pool) -> bool:
         """max_db_connections / max_user_connections are full but ``pool`` has
@@ -96,7 +96,7 @@ class ServerReleaser:
         if not server.closed:
             server.pool.release(server)
         if self.app.shutting_down:
-            self.app._check_shutdown()
+            self.app.lifecycle.check_shutdown()
 
     def _too_old(self, server) -> bool:
         lifetime = server.lifetime_limit(self.app.settings.server_lifetime)

@@ -28,7 +28,7 @@ _E, _S, _Z = (ord(c) for c in "ESZ")
 
 def connect(server, startup: dict[str, str], password, scram_keys, timeout: float,
             tracked: frozenset, tls=None) -> None:
-    """Open the socket, start TLS (``tls``: the server side's net.tls.TlsSide)
+    """Open the socket, start TLS (``tls``: the server side's net.tls_config.TlsSide)
     and log in. Raises ServerError or OSError."""
     with gevent.Timeout(timeout or None, ServerError("08006", "server connect timeout")):
         server.sock = _open_socket(server.host, server.port)

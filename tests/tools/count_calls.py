@@ -78,7 +78,7 @@ def main(ini: str, port: int, mode: str, n: int, password: str) -> None:
     total = sum(counts.values())
     print(json.dumps({"mode": mode, "calls_per_tx": total / n,
                       "top": [(name, count / n) for name, count in counts.most_common(15)]}))
-    bouncer.shutdown_now()
+    bouncer.lifecycle.shutdown_now()
 
 
 if __name__ == "__main__":

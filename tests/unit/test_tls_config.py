@@ -1,4 +1,4 @@
-"""PgBouncer's TLS settings mapped onto ssl.SSLContext (geobouncer/net/tls.py),
+"""PgBouncer's TLS settings mapped onto ssl.SSLContext (geobouncer/net/tls_config.py),
 and the config errors for bad ones: each names the file, the line and the key."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from fixtures.certs import TlsFiles
 
 from geobouncer.config import ConfigError, load_config
-from geobouncer.net.tls import TlsConfig, parse_protocols
+from geobouncer.net.tls_config import TlsConfig, parse_protocols
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,141 @@
+"""PAUSE, RESUME, SUSPEND and the three shutdowns, as PgBouncer does them, and
+the pidfile that says the process runs. Owned by the Bouncer (app.py).
+
+The state stays on the Bouncer (``paused``, ``paused_dbs``, ``suspended``,
+``resumed``, ``shutting_down``, ``stopped``): clients, the janitor, the console
+and the signal handlers read it there. This object only moves it; the console
+(admin/control.py) and the signals (signals.py) call it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gevent
+
+
+class Lifecycle:
+    __slots__ = ("app",)
+
+    def __init__(self, app):
+        self.app = app   # the Bouncer: run state, pools, clients, listeners, signals
+
+    # --- pause / resume / suspend -------------------------------------------------
+    def pause(self, dbname: str | None = None) -> None:
+        """PAUSE (every pool) or PAUSE db: no new server assignments until RESUME."""
+        app = self.app
+        if dbname is None:
+            app.paused = True
+        else:
+            app.paused_dbs.add(dbname)
+            for pool in app.pools.values():
+                if pool.db.name == dbname:
+                    pool.paused = True
+        app.resumed.clear()
+
+    def resume(self, dbname: str | None = None) -> None:
+        """RESUME (the global pause) or RESUME db (that database's own pause)."""
+        app = self.app
+        if dbname is None:
+            app.paused = False
+            self._resume_listeners()
+        else:
+            app.paused_dbs.discard(dbname)
+            for pool in app.pools.values():
+                if pool.db.name == dbname:
+                    pool.paused = False
+        # wake every waiter; each re-checks its own pool
+        app.resumed.set()
+        if app.paused or app.paused_dbs:
+            app.resumed.clear()
+
+    def resume_all(self) -> None:
+        """RESUME after PAUSE or SUSPEND, or a cancel request while one waits."""
+        self.app.suspended = False
+        self.resume(None)
+
+    def pause_done(self, dbname: str | None = None) -> bool:
+        return all(not p.active for p in self.app.pools.values() if dbname is None or p.db.name == dbname)
+
+    def suspend(self) -> None:
+        """SUSPEND: stop accepting (connections queue in the backlog) and hand out
+        no server; requests already sent are let through (see suspend_flushed)."""
+        app = self.app
+        app.suspended = True
+        app.paused = True
+        app.resumed.clear()
+        for server in app.listeners.servers:
+            server.stop_accepting()
+
+    def suspend_flushed(self) -> bool:
+        return not any(s.outstanding > 0 for p in self.app.pools.values() for s in list(p.active))
+
+    def suspend_close_busy(self) -> None:
+        """suspend_timeout ran out: close what still holds data, as PgBouncer does."""
+        for pool in self.app.pools.values():
+            for server in list(pool.active):
+                if server.outstanding > 0:
+                    if server.client is not None:
+                        server.client.shutdown("08P01", "suspend_timeout")
+                    server.close("suspend_timeout")
+
+    def _resume_listeners(self) -> None:
+        if not self.app.shutting_down:
+            for server in self.app.listeners.servers:
+                server.start_accepting()
+
+    # --- shutdown -------------------------------------------------------------------
+    def shutdown_safe(self) -> None:
+        """SIGINT: stop accepting, wait for servers to be released, then exit."""
+        app = self.app
+        if app.shutting_down:
+            return self.shutdown_now()
+        app.shutting_down = "safe"
+        app.listeners.stop()
+        self.pause()
+        app.signals.watch_shutdown()
+        self.check_shutdown()
+
+    def shutdown_wait_clients(self) -> None:
+        """SIGTERM: stop accepting, exit when the last client has gone."""
+        app = self.app
+        if app.shutting_down:
+            return self.shutdown_now()
+        app.shutting_down = "wait_for_clients"
+        app.listeners.stop()
+        gevent.sleep(0)     # connections accepted last register as clients first
+        app.signals.watch_shutdown()
+        self.check_shutdown()
+
+    def check_shutdown(self) -> None:
+        """A graceful shutdown ends once what it waits for is gone: called when a
+        client leaves and when a server goes back to its pool."""
+        app = self.app
+        if app.shutting_down == "safe" and all(not p.active for p in app.pools.values()) or app.shutting_down == "wait_for_clients" and not app.clients:
+            self.shutdown_now()
+
+    def shutdown_now(self, reason: str = "pgbouncer is shutting down") -> None:
+        app = self.app
+        app.shutting_down = app.shutting_down or "now"
+        app.listeners.stop()
+        for client in list(app.clients):
+            client.shutdown("57P01", reason)
+        for pool in app.pools.values():
+            for server in list(pool.idle) + list(pool.active):
+                server.close("shutdown")
+        app.stopped.set()
+
+    # --- pidfile ---------------------------------------------------------------------
+    def write_pidfile(self) -> None:
+        path = self.app.settings.pidfile
+        if path:
+            with open(self.app.cfg.resolve_path(path), "w") as f:
+                f.write(f"{os.getpid()}\n")
+
+    def remove_pidfile(self) -> None:
+        path = self.app.settings.pidfile
+        if path:
+            try:
+                os.unlink(self.app.cfg.resolve_path(path))
+            except OSError:
+                pass
