@@ -22,10 +22,12 @@ from ..pool.states import CL_ACTIVE, CL_LOGIN, CL_WAITING
 from ..proto import messages as m
 from ..proto.framing import ProtocolError
 from ..proto.scan import ClientScanner
+from . import forward, login, stream, tls
 from . import params as tracked_params
 from .checkout import ClientError, acquire_server
-from .fastio import Parked, plain as _plain_socket, sender
-from . import forward, login, stream, tls
+from .fastio import Parked, sender
+from .fastio import plain as _plain_socket
+from .handoff import drop_queued
 from .login import ClientGone
 from .server import ServerError
 
@@ -122,7 +124,7 @@ class ClientConnection:
 
     def _serve_loop(self) -> None:
         if self.pool.db.shards:
-            from . import sharded   # the sharding modules only for sharded databases
+            from . import sharded  # the sharding modules only for sharded databases
             sharded.serve(self)
         elif self.pool.tracking or self.app.hooks.enabled or self.rw_split or self.pool.cluster:
             forward.serve_transaction(self)
@@ -221,10 +223,8 @@ class ClientConnection:
             pass
 
     def _cleanup(self) -> None:
-        queued = self.queued
-        if queued is not None:
-            self.queued = None
-            self._drop_queued(queued)
+        if self.queued is not None:
+            drop_queued(self)
         for held in list(self.held.values()):
             self._drop_server(held)
         self.held.clear()
@@ -240,24 +240,6 @@ class ClientConnection:
             self.sock.close()
         except OSError:
             pass
-
-    def _drop_queued(self, queued) -> None:
-        """Leaving with a Query still queued: no server may be handed to it
-        any more, and one handed but not linked yet goes back."""
-        handed = queued.done
-        queued.done = True
-        server, queued.server = queued.server, None
-        if server is not None:
-            self.app.releaser.release_idle(server)
-        else:
-            pool = self.route_pool or self.pool
-            if not handed:
-                try:
-                    pool.waiters.remove(queued)
-                except ValueError:
-                    pass
-            elif pool.may_open(False):
-                pool.wake_one_waiter()    # the slot it was woken for goes to the next
 
     def _drop_server(self, server) -> None:
         """The client is leaving: a clean server goes back (after the reset in

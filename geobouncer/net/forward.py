@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from time import monotonic
 
-from ..pool import session_state
 from ..pool.prepared import (
     FAKE,
     INJECTED,
@@ -15,7 +14,7 @@ from ..pool.prepared import (
     parse_locally,
 )
 from ..proto import messages as m
-from . import defer_begin, route, stream
+from . import defer_begin, params, route, stream
 from .checkout import ClientError
 from .fastio import Handoff, receiver
 from .handoff import queue_if_full, write_request
@@ -159,11 +158,7 @@ def _forward_unnamed(client, buf: bytearray, msgs: list) -> bool:
     if server is not None:
         chunk = bytes(buf[:last])
         del buf[:last]
-        try:
-            write_request(server, chunk, now, syncs, parses)
-        except OSError:
-            server.dirty = True
-            raise ClientError("08P01", "server conn crashed?") from None
+        _write(server, chunk, now, syncs, parses)
     return True
 
 
@@ -197,11 +192,7 @@ def _forward_query(client, data: bytes) -> None:
         server = _server_or_refuse(client, None, None)
         if server is None:
             return
-    try:
-        write_request(server, data, now)
-    except OSError:
-        server.dirty = True
-        raise ClientError("08P01", "server conn crashed?") from None
+    _write(server, data, now)
 
 
 def _finish_queued(client) -> None:
@@ -230,8 +221,13 @@ def _finish_queued(client) -> None:
             if server.client is None and not server.closed:
                 client.app.releaser.release_idle(server)
             raise
+    _write(server, queued.data, request_time, queued.syncs, queued.parses)
+
+
+def _write(server, data, now: float, syncs: int = 0, parses: int = 0) -> None:
+    """write_request from the client's greenlet: a server gone is the client's error."""
     try:
-        write_request(server, queued.data, request_time, queued.syncs, queued.parses)
+        write_request(server, data, now, syncs, parses)
     except OSError:
         server.dirty = True
         raise ClientError("08P01", "server conn crashed?") from None
@@ -299,7 +295,7 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
                     out.append(buf[run:start])
                     run = end
                     continue
-                effect = _session_effect(client, server, _session_change(body[:-1]), outside)
+                effect = params.session_effect(client, server, params.session_change(body[:-1]), outside)
                 replaced = client_message(mtype, body, stmts, scratch, effect)
             else:
                 replaced = client_message(mtype, None, stmts, scratch)
@@ -322,7 +318,7 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
                 change = None
                 if _needs_inspection(bytes(buf[query_at:query_at + 3])):   # SET, RESET, DISCARD ...
                     query_end = buf.find(0, query_at, end)
-                    change = _session_change(bytes(buf[query_at:query_end if query_end >= 0 else end]))
+                    change = params.session_change(bytes(buf[query_at:query_end if query_end >= 0 else end]))
                 if name_end == at:
                     client.unnamed_change = change
                 else:
@@ -350,7 +346,7 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
             outside = False
         elif mtype == _E and client.portal_change is not None:
             synced = False
-            sync_effect = _session_effect(client, server, client.portal_change, outside) or sync_effect
+            sync_effect = params.session_effect(client, server, client.portal_change, outside) or sync_effect
             replaced = client_message(mtype, None, stmts, scratch)
         else:
             if mtype == _F:
@@ -401,35 +397,3 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
             server.unsynced = not synced
         if server.client is client:
             server._maybe_release()
-
-# --- routing and rewrite hooks (routing/) -------------------------------------
-
-
-def _session_change(text: bytes):
-    return session_state.parse(text.decode("utf-8", "replace"))
-
-
-def _session_effect(client, server, change, outside: bool):
-    """A SET / RESET / DISCARD ALL outside a transaction: once it succeeded,
-    remember it (SETs the server does not report) or restore the values
-    this client logged in with (what a direct connection resets to)."""
-    if change is None or not outside:
-        return None
-    canonical = client.app.tracked.get(change[1]) if len(change) > 1 else None
-    reported = canonical is not None and canonical in server.params
-    if reported and change[0] == "set":
-        return None   # ParameterStatus keeps this one
-
-    def remember(status: bytes) -> None:
-        if status != b"I":
-            return
-        if change[0] == "reset_all":
-            client.session_sets.clear()
-            server.session_sets.clear()
-            client.tparams.update(client.baseline)
-        elif reported:
-            client.tparams[canonical] = client.baseline.get(canonical, server.params.get(canonical, ""))
-        else:
-            session_state.apply(client.session_sets, change)
-            session_state.apply(server.session_sets, change)
-    return remember

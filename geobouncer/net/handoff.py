@@ -115,7 +115,7 @@ class QueuedQuery:
     read (Handoff), or through the hub waiter once it waits for this
     hand-off itself (``wait``: more bytes came from the client meanwhile,
     and requests keep their order). A client that leaves first marks it
-    done, so no server is handed to it (net/client.py, _drop_queued)."""
+    done, so no server is handed to it (drop_queued, from the client's cleanup)."""
 
     __slots__ = ("_wake", "client", "data", "done", "parses", "server", "syncs")
 
@@ -177,3 +177,23 @@ def queue_if_full(app, pool, client, data, syncs: int = 0, parses: int = 0) -> b
     client.set_waiting(True)
     pool.waiters.append(queued)
     return True
+
+
+def drop_queued(client) -> None:
+    """The client is leaving with a request still queued: no server may be
+    handed to it any more, and one handed but not linked yet goes back."""
+    queued, client.queued = client.queued, None
+    handed = queued.done
+    queued.done = True
+    server, queued.server = queued.server, None
+    if server is not None:
+        client.app.releaser.release_idle(server)
+        return
+    pool = client.route_pool or client.pool
+    if not handed:
+        try:
+            pool.waiters.remove(queued)
+        except ValueError:
+            pass
+    elif pool.may_open(False):
+        pool.wake_one_waiter()    # the slot it was woken for goes to the next

@@ -1,5 +1,6 @@
 """Tracked session parameters: which startup parameters a client may send, the
-values each client expects, and the SET that brings a server in line.
+values each client expects, and the SET that brings a server in line; and
+what a client's own SET / RESET / DISCARD ALL changes in what is remembered.
 
 PgBouncer tracks client_encoding, DateStyle, TimeZone, standard_conforming_strings
 and application_name, plus track_extra_parameters (IntervalStyle by default).
@@ -113,3 +114,36 @@ def sync(server, wanted: dict[str, str], sets: dict[str, str] | None = None) -> 
         final = reported if reported is not None and reported.lower() == value.lower() else value
         server.tparams[name] = final
         wanted[name] = final
+
+
+# --- SETs a client runs through the pooler (net/forward.py) -------------------
+
+def session_change(text: bytes):
+    """What a SET / RESET / DISCARD text does to the remembered state (pool/session_state.py)."""
+    return session_state.parse(text.decode("utf-8", "replace"))
+
+
+def session_effect(client, server, change, outside: bool):
+    """A SET / RESET / DISCARD ALL outside a transaction: once it succeeded,
+    remember it (SETs the server does not report) or restore the values
+    this client logged in with (what a direct connection resets to)."""
+    if change is None or not outside:
+        return None
+    canonical = client.app.tracked.get(change[1]) if len(change) > 1 else None
+    reported = canonical is not None and canonical in server.params
+    if reported and change[0] == "set":
+        return None   # ParameterStatus keeps this one
+
+    def remember(status: bytes) -> None:
+        if status != b"I":
+            return
+        if change[0] == "reset_all":
+            client.session_sets.clear()
+            server.session_sets.clear()
+            client.tparams.update(client.baseline)
+        elif reported:
+            client.tparams[canonical] = client.baseline.get(canonical, server.params.get(canonical, ""))
+        else:
+            session_state.apply(client.session_sets, change)
+            session_state.apply(server.session_sets, change)
+    return remember
