@@ -5,7 +5,8 @@
 Runs geobouncer in this process (gevent-patched, as ``python -m geobouncer``
 does), drives it from a separate client process (psycopg 3: ``simple`` runs
 plain queries, ``extended`` unnamed statements with a parameter, ``prepared``
-named ones), and counts every Python-level call the pooler makes while the
+named ones; ``contended`` plain queries from 4 connections at once, so that
+with a pool of 2 most of them queue for a server), and counts every Python-level call the pooler makes while the
 client runs N transactions (``sys.setprofile``). Prints one JSON line:
 ``{"mode": ..., "calls_per_tx": ..., "top": [...]}``. A count, not a timing:
 the same code path gives the same number on any machine.
@@ -26,20 +27,25 @@ from gevent import subprocess  # noqa: E402
 from geobouncer.app import Bouncer  # noqa: E402
 
 CLIENT = r"""
-import sys, psycopg
-conn = psycopg.connect(sys.argv[1], autocommit=True)
+import sys, threading, psycopg
 mode, n = sys.argv[2], int(sys.argv[3])
-def tx(i):
-    if mode == "simple":
+width = 4 if mode == "contended" else 1      # contended: 4 connections on a pool of 2
+conns = [psycopg.connect(sys.argv[1], autocommit=True) for _ in range(width)]
+def tx(conn, i):
+    if mode in ("simple", "contended"):
         conn.execute("SELECT %d" % (i % 1000), prepare=False).fetchall()
     else:
         conn.execute("SELECT %s::int", (i % 1000,), prepare=(mode == "prepared")).fetchall()
-for i in range(300):          # warm: servers open, statements prepared
-    tx(i)
+def run(count):
+    threads = [threading.Thread(target=lambda c=c: [tx(c, i) for i in range(count // width)]) for c in conns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+run(300 * width)          # warm: servers open, statements prepared
 print("ready", flush=True)
 sys.stdin.readline()
-for i in range(n):
-    tx(i)
+run(n)
 print("done", flush=True)
 sys.stdin.readline()
 """
@@ -77,6 +83,7 @@ def main(ini: str, port: int, mode: str, n: int, password: str) -> None:
             client.kill()
     total = sum(counts.values())
     print(json.dumps({"mode": mode, "calls_per_tx": total / n,
+                      "handed_over_per_tx": counts["handoff.py:take"] / n,
                       "top": [(name, count / n) for name, count in counts.most_common(15)]}))
     bouncer.lifecycle.shutdown_now()
 
