@@ -33,15 +33,24 @@ def acquire_server(app, pool, client) -> ServerConnection:
     settings = app.settings
     check_delay = settings.server_check_delay if settings.server_check_query else None
     cluster = pool.cluster
+    start = None
+    wait_limit = settings.query_wait_timeout
     if not (app.paused or pool.paused) and cluster is None:
-        # The common case first: an idle server, no deadline to compute.
+        # The common cases first: an idle server, no deadline to compute; or
+        # a full pool with nothing to try but waiting.
         decision, server = pool.checkout(monotonic(), settings.server_lifetime, check_delay)
         if decision is TAKE:
             return server
-        if decision is not OPEN and decision is not WAIT and _carry_out(app, decision, server):
+        if decision is WAIT:
+            if pool.full():
+                start = monotonic()
+                server = _wait(app, pool, client, start + wait_limit if wait_limit > 0 else None, start)
+                if server is not None:
+                    return server
+        elif decision is not OPEN and _carry_out(app, decision, server):
             return server
-    start = monotonic()
-    wait_limit = settings.query_wait_timeout
+    if start is None:
+        start = monotonic()
     deadline = start + wait_limit if wait_limit > 0 else None
     reserve_after = start + settings.reserve_pool_timeout
     while True:
