@@ -55,6 +55,7 @@ def serve_transaction(client) -> None:
     plain = not (client.app.hooks.enabled or client.rw_split)
     messages = client.scanner.messages
     lone_query = client.scanner.lone_query
+    unnamed_batch = client.scanner.unnamed_batch
     while True:
         if not buf and plain:
             # the idle read (net/client.py: parking)
@@ -77,6 +78,10 @@ def serve_transaction(client) -> None:
                 _forward_query(client, data)
                 continue
             buf += data
+        if plain:
+            batch = unnamed_batch(buf, _INSPECT_FIRST, _INSPECT_SPELLINGS)
+            if batch is not None and _forward_unnamed(client, buf, batch):
+                continue
         msgs = messages(buf)
         if msgs is None:
             if len(buf) >= 5 and stream.large_message(client, buf):
@@ -100,41 +105,21 @@ def serve_transaction(client) -> None:
         terminate = msgs[-1][0] == _X
         if terminate:
             msgs.pop()
-        if msgs and not (plain and _forward_unnamed(client, buf, msgs)):
+        if msgs:
             _forward_tracked(client, buf, msgs, scratch)
         if terminate:
             raise ClientGone()
 
 
-def _forward_unnamed(client, buf: bytearray, msgs: list) -> bool:
+def _forward_unnamed(client, buf: bytearray, batch: tuple) -> bool:
     """Fast path for an extended-protocol batch that names nothing (pgbench
-    -M extended, a driver's first executions): forwarded as is, or queued
-    like a lone Query when the pool is full. False when the batch needs the
-    general path."""
+    -M extended, a driver's first executions; found by the client scanner's
+    ``unnamed_batch``): forwarded as is, or queued like a lone Query when the
+    pool is full. False when it needs the general path after all."""
     if client.lost_tx or client.unnamed_change is not None:
         return False
-    parses = binds = syncs = 0
-    for mtype, start, end in msgs:
-        if mtype not in _UNNAMED_TYPES:
-            return False
-        if mtype == _P:
-            # unnamed, and not a SET/RESET/DISCARD to remember
-            if buf[start + 5] != 0 or _needs_inspection(bytes(buf[start + 6:start + 9])):
-                return False
-            parses += 1
-        elif mtype == _B:
-            if buf[start + 5] != 0 or buf[start + 6] != 0:
-                return False
-            binds += 1
-        elif mtype == _D:
-            if buf[start + 6] != 0:
-                return False
-        elif mtype == _S:
-            syncs += 1
-    if msgs[-1][0] != _S:
-        return False
+    last, syncs, parses, binds = batch
     client.request_time = now = monotonic()
-    last = msgs[-1][2]
     server = client.server
     pool = client.route_pool or client.pool
     if server is None:
@@ -142,7 +127,7 @@ def _forward_unnamed(client, buf: bytearray, msgs: list) -> bool:
                                                                syncs, parses):
             del buf[:last]
         else:
-            server = _server_or_refuse(client, buf, msgs)
+            server = _server_or_refuse(client, buf, None)
             if server is None:
                 return True
             if server.tracker is None:
@@ -175,7 +160,7 @@ def _server_or_refuse(client, buf: bytearray | None, msgs: list | None):
         if buf is None:
             client.send(error + m.READY_IDLE)
         else:
-            client._refuse_batch(buf, msgs, error)
+            client._refuse_batch(buf, msgs or client.scanner.messages(buf), error)
         return None
 
 

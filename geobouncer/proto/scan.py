@@ -39,9 +39,10 @@ _unpack_header = struct.Struct("!BI").unpack_from
 # Frontend message types the pooler forwards after login.
 _Q, _S, _F, _X, _H = (ord(c) for c in "QSFXH")
 _EXTENDED = frozenset(ord(c) for c in "PBDEC")
-_P, _B = ord("P"), ord("B")
+_P, _B, _D = ord("P"), ord("B"), ord("D")
 _NAMED = frozenset(ord(c) for c in "PBDC")    # messages whose names the pooler reads
 _TARGETS = frozenset(b"SP")
+_UNNAMED_BATCH = frozenset(b"PBDES")     # an extended batch the pooler forwards unread
 CLIENT_TYPES = frozenset(ord(c) for c in "QSFXPBDECHdcf")
 # Backend types every scanner watches: ReadyForQuery, ParameterStatus,
 # ErrorResponse, CopyIn/Out/Both responses.
@@ -160,6 +161,51 @@ class ClientScanner:
         except struct.error:
             pass
         return msgs or None
+
+    def unnamed_batch(self, buf, first_bytes: frozenset, heads: frozenset):
+        """The complete messages at the start of ``buf`` when they are an
+        extended-protocol batch that names nothing (Parse, Bind, Describe,
+        Execute and Sync only, every name empty, ending with a Sync), and no
+        Parse's text starts with a byte in ``first_bytes`` or three bytes in
+        ``heads`` (texts the pooler must read): ``(end, syncs, parses,
+        binds)``. None for anything else, valid or not: ``messages`` then
+        validates and splits it. One pass, no list: the common batch of
+        ``pgbench -M extended`` and of drivers' unnamed statements."""
+        pos = 0
+        n = len(buf)
+        limit = self.limit
+        syncs = parses = binds = 0
+        last = 0
+        try:
+            while pos < n:
+                mtype, length = _unpack_header(buf, pos)    # struct.error: under 5 bytes left
+                if mtype not in _UNNAMED_BATCH or length < 4 or length > limit:
+                    return None
+                end = pos + 1 + length
+                if end > n:
+                    break
+                if mtype == _S:
+                    syncs += 1
+                elif mtype == _B:
+                    if length < 6 or buf[pos + 5] != 0 or buf[pos + 6] != 0:
+                        return None
+                    binds += 1
+                elif mtype == _P:
+                    at = pos + 6
+                    if length < 8 or buf[pos + 5] != 0 or buf[at] in first_bytes \
+                            or bytes(buf[at:at + 3]) in heads or buf.find(0, at, end) < 0:
+                        return None
+                    parses += 1
+                elif mtype == _D:
+                    if length != 6 or buf[pos + 6] != 0 or buf[pos + 5] not in _TARGETS:
+                        return None
+                last = mtype
+                pos = end
+        except struct.error:
+            pass
+        if last != _S:
+            return None
+        return pos, syncs, parses, binds
 
     def lone_query(self, data) -> bool:
         """Is ``data`` exactly one complete, valid simple Query (the common
