@@ -39,7 +39,7 @@ from .net.tls_config import TlsConfig
 from .peers import Peers
 from .pool.cancel_keys import new_cancel_key
 from .pool.pool import ConnectionCounters, Pool, PoolLimits
-from .pool.prepared import Registry
+from .pool.statements import Registry
 from .routing import HookLoadError, Hooks
 from .routing.classify import Classifier
 from .signals import Signals

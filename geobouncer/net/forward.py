@@ -11,8 +11,8 @@ from ..pool.prepared import (
     FAKE,
     INJECTED,
     MAY_DROP_ALL,
-    parse_locally,
 )
+from ..pool.statements import parse_locally
 from ..proto import messages as m
 from . import defer_begin, params, route, stream
 from .checkout import ClientError

@@ -22,30 +22,32 @@ coming back (``Tracker.server_message``) can be matched to their requests:
 replies to injected messages are swallowed, faked replies are inserted at
 their place in the stream, and after an error the entries up to the next Sync
 are dropped, as the server skips those messages.
+
+This module holds the Tracker and the entry kinds of its FIFO (net/ reads
+them); the ids it renames to, the per-server set of prepared ids and
+parse_locally, which need no FIFO, are in pool/statements.py.
 """
 
 from __future__ import annotations
 
 import re
 import struct
-import weakref
-from collections import OrderedDict, deque
+from collections import deque
 
 from ..proto import messages as m
+from .statements import _BIG, PARSE_COMPLETE, Registry, ServerStatements, server_name
 
 _I32 = struct.Struct("!I")
 _H = struct.Struct("!H")
 _HDR = struct.Struct("!cI")
-_BIG = 1 << 16        # bodies above this are sliced through views, not copied
 
 # entry kinds
 PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FAKE, INJECTED = range(9)
 # INJECTED: a simple Query the pooler sent (a deferred BEGIN, net/defer_begin.py):
 # its replies are swallowed (CommandComplete, a warning, ReadyForQuery), an error forwarded.
 
-PARSE_COMPLETE = m.message(b"1")
 CLOSE_COMPLETE = m.message(b"3")
-_P, _B, _D, _C, _S, _Q, _E, _F, _H_ = (ord(c) for c in "PBDCSQEFH")
+_P, _B, _D, _C, _S, _Q, _E, _F = (ord(c) for c in "PBDCSQEF")
 # reply types
 _R_PARSE, _R_BIND, _R_CLOSE = ord("1"), ord("2"), ord("3")
 _R_ROWDESC, _R_NODATA = ord("T"), ord("n")
@@ -60,141 +62,6 @@ _DROP_ALL_TAGS = (b"DEALLOCATE ALL", b"DISCARD ALL")
 # A text that may drop every statement when it runs (Tracker.watch_drop).
 MAY_DROP_ALL = re.compile(rb"(?:deallocate\s+(?:prepare\s+)?|discard\s+)all", re.IGNORECASE)
 _DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.IGNORECASE | re.DOTALL)
-
-
-class ParsedSet(set):
-    """Ids some server of one pool parsed successfully; hashed by identity so
-    the Registry can hold it weakly."""
-
-    __slots__ = ()
-    __hash__ = object.__hash__
-
-
-class Registry:
-    """Pooler-wide ids for distinct statements (query text + parameter types).
-
-    Bounded: the least recently registered texts are forgotten beyond
-    ``capacity``, so a stream of distinct statements does not grow memory for
-    ever. Ids are never reused: a forgotten text seen again gets a new id (a
-    new server name), and clients or servers that still hold the old id go on
-    using it (a client keeps its own copy of the text)."""
-
-    def __init__(self, capacity: int = 10000):
-        self.ids: OrderedDict[bytes, int] = OrderedDict()
-        self.capacity = capacity
-        self.last_id = 0
-        self.parsed_sets: weakref.WeakSet = weakref.WeakSet()
-        self.parsed = self.parsed_set()   # default for Tracker.parsed (one set per pool in the pooler)
-
-    def parsed_set(self) -> ParsedSet:
-        """A new per-pool set of parsed ids (held weakly); forgotten ids leave it too."""
-        parsed = ParsedSet()
-        self.parsed_sets.add(parsed)
-        return parsed
-
-    def id_for(self, key: bytes) -> int:
-        ids = self.ids
-        sid = ids.get(key)
-        if sid is None:
-            self.last_id = sid = self.last_id + 1
-            ids[key] = sid
-            if len(ids) > self.capacity:
-                _, old = ids.popitem(last=False)
-                for parsed in self.parsed_sets:
-                    parsed.discard(old)
-        else:
-            ids.move_to_end(key)
-        return sid
-
-
-_PARSE_ONLY = frozenset((_P, _S, _H_))
-
-
-def parse_locally(registry: Registry, buf, msgs: list, client_stmts: dict,
-                  needs_server=lambda head: False, parsed: set | None = None) -> bytes | None:
-    """Answer a batch of only named Parse (+ Sync / Flush) without a server,
-    when every statement has parsed successfully before with the same text and
-    parameter types: ParseComplete per Parse, ReadyForQuery (idle: the client
-    holds no server, so it is outside a transaction) per Sync. The statements
-    are prepared on a server when first bound. None when the batch needs one
-    (and for texts ``needs_server(first three bytes)`` says must be seen there).
-
-    This is what lets a client that prepares synchronously while its other
-    connections hold every server (pgbench -M prepared, many clients per
-    thread) go on instead of waiting for a server that cannot come back."""
-    names = []
-    seen = set()
-    for mtype, start, end in msgs:
-        if mtype != _P:
-            if mtype not in _PARSE_ONLY:
-                return None
-            continue
-        if end - start > _BIG:
-            return None      # a huge text: not worth a copy to look it up
-        name_end = buf.index(0, start + 5, end)
-        name = bytes(buf[start + 5:name_end])
-        tail = bytes(buf[name_end + 1:end])
-        if needs_server(tail[:3]):
-            return None
-        sid = registry.ids.get(tail)
-        if not name or name in client_stmts or sid not in (registry.parsed if parsed is None else parsed) \
-                or name in seen:
-            return None
-        seen.add(name)
-        names.append((name, sid, tail))
-    if not names:
-        return None
-    out = []
-    for mtype, _, _ in msgs:
-        if mtype == _P:
-            out.append(PARSE_COMPLETE)
-        elif mtype == _S:
-            out.append(m.READY_IDLE)
-    for name, sid, tail in names:
-        client_stmts[name] = (sid, tail)
-    return b"".join(out)
-
-
-class ServerStatements:
-    """The statements one server connection has prepared, least recently used first."""
-
-    __slots__ = ("limit", "lru")
-
-    def __init__(self, limit: int):
-        self.lru: OrderedDict[int, None] = OrderedDict()
-        self.limit = limit
-
-    def __contains__(self, sid: int) -> bool:
-        return sid in self.lru
-
-    def __len__(self) -> int:
-        return len(self.lru)
-
-    def touch(self, sid: int) -> None:
-        self.lru.move_to_end(sid)
-
-    def add(self, sid: int) -> int | None:
-        """Record ``sid``; returns an evicted id the caller must close, or None."""
-        self.lru[sid] = None
-        if self.limit and len(self.lru) > self.limit:
-            evicted, _ = self.lru.popitem(last=False)
-            return evicted
-        return None
-
-    def restore(self, sid: int) -> None:
-        """The server still has ``sid`` (its Close was skipped): least recent again."""
-        self.lru[sid] = None
-        self.lru.move_to_end(sid, last=False)
-
-    def discard(self, sid: int) -> None:
-        self.lru.pop(sid, None)
-
-    def clear(self) -> None:
-        self.lru.clear()
-
-
-def server_name(sid: int) -> bytes:
-    return b"GB_%d\x00" % sid
 
 
 def _parse_pieces(sid: int, tail: bytes, out: list) -> None:

@@ -2,7 +2,8 @@
 
 import struct
 
-from geobouncer.pool.prepared import FAKE, Registry, Tracker
+from geobouncer.pool.prepared import FAKE, Tracker
+from geobouncer.pool.statements import Registry
 from geobouncer.proto import messages as m
 from geobouncer.proto.framing import split_messages
 
@@ -218,7 +219,7 @@ def _batch(*raw):
 
 
 def test_parse_only_batch_of_known_statements_is_answered_locally():
-    from geobouncer.pool.prepared import PARSE_COMPLETE, Registry, parse_locally
+    from geobouncer.pool.statements import PARSE_COMPLETE, Registry, parse_locally
     from geobouncer.proto import messages as m
     registry = Registry()
     tail = b"SELECT 1\x00\x00\x00"
@@ -234,7 +235,7 @@ def test_parse_only_batch_of_known_statements_is_answered_locally():
 
 
 def test_parse_locally_needs_only_parse_sync_flush_and_named_statements():
-    from geobouncer.pool.prepared import Registry, parse_locally
+    from geobouncer.pool.statements import Registry, parse_locally
     from geobouncer.proto import messages as m
     registry = Registry()
     registry.parsed.add(registry.id_for(b"SELECT 1\x00\x00\x00"))
@@ -252,7 +253,8 @@ def test_parse_locally_needs_only_parse_sync_flush_and_named_statements():
 
 
 def test_a_successful_parse_on_a_server_marks_the_statement_parsed():
-    from geobouncer.pool.prepared import Registry, Tracker
+    from geobouncer.pool.prepared import Tracker
+    from geobouncer.pool.statements import Registry
     from geobouncer.proto import messages as m
     registry = Registry()
     tracker = Tracker(registry, 10)
@@ -269,7 +271,8 @@ def test_a_successful_parse_on_a_server_marks_the_statement_parsed():
 
 
 def test_a_refused_parse_frees_the_clients_name():
-    from geobouncer.pool.prepared import Registry, Tracker
+    from geobouncer.pool.prepared import Tracker
+    from geobouncer.pool.statements import Registry
     from geobouncer.proto import messages as m
     tracker = Tracker(Registry(), 10)
     stmts, out = {}, []
@@ -282,7 +285,8 @@ def test_a_refused_parse_frees_the_clients_name():
 
 
 def test_an_eviction_whose_close_was_skipped_keeps_the_statement_known():
-    from geobouncer.pool.prepared import Registry, Tracker, server_name
+    from geobouncer.pool.prepared import Tracker
+    from geobouncer.pool.statements import Registry, server_name
     from geobouncer.proto import messages as m
     tracker = Tracker(Registry(), 1)
     stmts, out = {}, []
