@@ -72,7 +72,7 @@ class Pool:
         self.on_server_closed = None            # callback(server, reason) set by the net layer
         self.tracking = False                   # rename prepared statements (transaction/statement)
         self.max_prepared = 0                   # per-server LRU bound (max_prepared_statements)
-        self.registry = None                    # pooler-wide statement ids (pool/prepared.Registry)
+        self.registry = None                    # pooler-wide statement ids (pool/statements.Registry)
         self.parsed: set[int] = set()           # ids a server of this pool parsed successfully
         self.on_failure = None                  # callback(server, reason, sqlstate): host trouble
         self.cluster = None                     # the switchover cluster this database belongs to
