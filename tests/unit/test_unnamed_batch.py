@@ -83,6 +83,12 @@ def test_accepts_exactly_what_the_general_path_did(msgs, tail, cut, as_bytearray
     got = batch(buf)
     if want == "error":
         assert got is None
+    elif got is None and want is not None:
+        # The one decline it may make of a batch the general path took: the
+        # complete header of a message it does not handle follows the batch
+        # (the general path then forwards it, more slowly).
+        end = want[0]
+        assert len(buf) >= end + 5 and buf[end] not in b"PBDES", (data, want)
     else:
         assert got == want, (data, got, want)
 
