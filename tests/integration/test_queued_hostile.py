@@ -1,0 +1,128 @@
+"""Hostile clients and a bad network against the queued lone Query
+(net/handoff.py, QueuedQuery): clients queued behind a full pool that leave,
+send more (garbage, a second query, a Terminate, a partial header, a huge
+message), are killed or timed out, or whose server dies; admin commands
+while they wait. After each storm the pooler must be consistent: no waiting
+client left, servers counted as PostgreSQL sees them, a quiet log, and a
+fresh client served at once. Real PostgreSQL, real geobouncer processes;
+the expected behaviour is PgBouncer 1.18's (GEOBOUNCER_TEST_TARGET=pgbouncer).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from _util_pool import (
+    RawClient,
+    close_quietly,
+    errors_in,
+    pool_row,
+    query_message,
+)
+from fixtures.pooler import TARGET
+from fixtures.ports import wait_until
+from test_queued_queries import hold_transaction, logged_in, reply, rows, start, waiting
+
+
+def clients_of(b, database: str = "app") -> list:
+    return [row for row in b.admin("SHOW CLIENTS") if row.database == database]
+
+
+def assert_settled(b, pg, servers_at_most: int) -> None:
+    """After a storm: nobody waits, SHOW POOLS counts what PostgreSQL runs,
+    the log has no traceback, and a fresh client is served at once."""
+    if pool_row(b) is None:      # PgBouncer drops a killed database's pool
+        logged_in(b).close()
+    wait_until(lambda: waiting(b) == 0, timeout=10, message="no client left waiting")
+    wait_until(lambda: int(pool_row(b).sv_active) == 0, timeout=10, message="no server left active")
+    row = pool_row(b)
+    counted = int(row.sv_active) + int(row.sv_idle) + int(row.sv_used) + int(row.sv_tested) + int(row.sv_login)
+    assert counted <= servers_at_most, row
+    wait_until(lambda: pg.backends("app") == counted, timeout=10,
+               message=f"PostgreSQL runs the {counted} servers SHOW POOLS counts")
+    fresh = logged_in(b)
+    try:
+        started = time.monotonic()
+        fresh.send(query_message("SELECT 'fresh'"))
+        replies = reply(fresh)
+        assert rows(replies) == [b"fresh"] and errors_in(replies) == [], replies
+        assert time.monotonic() - started < 3
+    finally:
+        fresh.close()
+    if TARGET == "geobouncer":
+        text = b.log_text()
+        assert "Traceback" not in text and "internal error" not in text, text[-3000:]
+
+
+def queue_behind(b, count: int, extra=None) -> list[RawClient]:
+    """``count`` clients, each with a lone Query queued (the pool is held)."""
+    clients = [logged_in(b, extra) for _ in range(count)]
+    for i, raw in enumerate(clients):
+        raw.send(query_message(f"SELECT {i}"))
+    wait_until(lambda: waiting(b) == count, timeout=10, message=f"{count} clients wait")
+    return clients
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+# --- a queued client whose greenlet waits for the hand-off (it sent more) ---------
+
+@pytest.mark.geobouncer_only("KILL_CLIENT (PgBouncer 1.21+)")
+@pytest.mark.timeout(40)
+def test_kill_client_while_it_waits_with_more_bytes_sent(pg, bouncer):
+    """A queued client sends a second query (its greenlet now waits for the
+    hand-off itself); KILL_CLIENT must end it at once, not when a server
+    comes (there is no query_wait_timeout here to end it)."""
+    b = start(bouncer, pg, query_wait_timeout=0)
+    a, _ = hold_transaction(b)
+    raw = logged_in(b)
+    try:
+        raw.send(query_message("SELECT 1"))
+        wait_until(lambda: waiting(b) == 1, timeout=10, message="the query waits")
+        raw.send(query_message("SELECT 2"))
+        time.sleep(0.2)     # let the pooler read it (nothing to poll: it only waits)
+        (victim,) = [c for c in clients_of(b) if c.state == "waiting"]
+        b.admin(f"KILL_CLIENT {victim.id}")
+        raw.sock.settimeout(5)
+        replies = raw.read_until_close()
+        assert [e["M"] for e in errors_in(replies)] == ["admin forced disconnect"], replies
+        wait_until(lambda: not [c for c in clients_of(b) if c.state == "waiting"], timeout=5,
+                   message="the killed client is gone from SHOW CLIENTS")
+        assert waiting(b) == 0
+        a.commit()
+        assert_settled(b, pg, 1)
+    finally:
+        raw.close()
+        close_quietly(a)
+
+
+@pytest.mark.timeout(40)
+def test_kill_db_ends_queued_clients_of_both_kinds(pg, bouncer):
+    """KILL app with queued clients, some reading their socket, some waiting
+    for the hand-off (more bytes sent): all are closed at once."""
+    b = start(bouncer, pg, query_wait_timeout=0)
+    a, _ = hold_transaction(b)
+    queued = queue_behind(b, 6)
+    try:
+        for raw in queued[:3]:
+            raw.send(query_message("SELECT 'more'"))
+        time.sleep(0.2)
+        b.admin("KILL app")
+        for raw in queued:
+            raw.sock.settimeout(5)
+            replies = raw.read_until_close()
+            assert [e["M"] for e in errors_in(replies)] == ["database removed"], replies
+        wait_until(lambda: not clients_of(b), timeout=5, message="no client of app left")
+        b.admin("RESUME app")
+        assert_settled(b, pg, 1)
+    finally:
+        for raw in queued:
+            raw.close()
+        close_quietly(a)
