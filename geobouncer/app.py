@@ -242,7 +242,7 @@ class Bouncer:
             self._set_tracking(pool)
             pool.tracked = frozenset(self.tracked.values())
             pool.on_server_closed = self._server_closed
-            pool.paused = db.name in self.paused_dbs
+            pool.paused = self.paused or db.name in self.paused_dbs
             self._refresh_password(pool)
             self.pools[key] = pool
         if auth_result is not None and server_user == user:
@@ -379,10 +379,14 @@ class Bouncer:
             self.paused = True
         else:
             self.paused_dbs.add(dbname)
-            for pool in self.pools.values():
-                if pool.db.name == dbname:
-                    pool.paused = True
+        self._sync_pool_pauses()
         self.resumed.clear()
+
+    def _sync_pool_pauses(self) -> None:
+        """A pool is paused by PAUSE (or SUSPEND) or by PAUSE/KILL of its
+        database: it then hands no released server to its waiters."""
+        for pool in self.pools.values():
+            pool.paused = self.paused or pool.db.name in self.paused_dbs
 
     def resume(self, dbname: str | None = None) -> None:
         """RESUME (the global pause) or RESUME db (that database's own pause)."""
@@ -391,9 +395,9 @@ class Bouncer:
             self._resume_listeners()
         else:
             self.paused_dbs.discard(dbname)
-            for pool in self.pools.values():
-                if pool.db.name == dbname:
-                    pool.paused = False
+        self._sync_pool_pauses()
+        for pool in list(self.pools.values()):
+            pool.hand_idle_to_waiters()
         # wake every waiter; each re-checks its own pool
         self.resumed.set()
         if self.paused or self.paused_dbs:
@@ -412,6 +416,7 @@ class Bouncer:
         no server; requests already sent are let through (see suspend_flushed)."""
         self.suspended = True
         self.paused = True
+        self._sync_pool_pauses()
         self.resumed.clear()
         for server in self.listeners.servers:
             server.stop_accepting()

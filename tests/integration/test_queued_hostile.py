@@ -19,6 +19,8 @@ from _util_pool import (
     errors_in,
     pool_row,
     query_message,
+    query_one,
+    run_in_thread,
 )
 from fixtures.pooler import TARGET
 from fixtures.ports import wait_until
@@ -121,6 +123,109 @@ def test_kill_db_ends_queued_clients_of_both_kinds(pg, bouncer):
             assert [e["M"] for e in errors_in(replies)] == ["database removed"], replies
         wait_until(lambda: not clients_of(b), timeout=5, message="no client of app left")
         b.admin("RESUME app")
+        assert_settled(b, pg, 1)
+    finally:
+        for raw in queued:
+            raw.close()
+        close_quietly(a)
+
+
+# --- admin commands while clients are queued -----------------------------------------
+
+@pytest.mark.timeout(40)
+def test_pause_holds_queued_queries_until_resume(pg, bouncer):
+    """PAUSE with queued clients: PAUSE waits for the holder; its commit
+    must not hand the server to a queued query (a new transaction in a
+    pausing pool): PAUSE returns, and the queued queries run after RESUME."""
+    b = start(bouncer, pg)
+    a, pid = hold_transaction(b)
+    queued = queue_behind(b, 3)
+    admin = b.connect("pgbouncer", "postgres", autocommit=True)
+    try:
+        pausing = run_in_thread(lambda: admin.cursor().execute("PAUSE"))
+        time.sleep(0.3)      # PAUSE is waiting for the holder (nothing to poll)
+        assert not pausing.done.is_set()
+        a.commit()
+        pausing.get(10)
+        for raw in queued:
+            raw.sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                raw.read_message()
+        assert waiting(b) == 3
+        with admin.cursor() as cur:
+            cur.execute("RESUME")
+        for i, raw in enumerate(queued):
+            raw.sock.settimeout(10)
+            assert rows(reply(raw)) == [str(i).encode()]
+        assert_settled(b, pg, 1)
+    finally:
+        for raw in queued:
+            raw.close()
+        close_quietly(a, admin)
+
+
+@pytest.mark.timeout(40)
+def test_reload_with_a_larger_pool_serves_queued_clients(pg, bouncer):
+    """The holder never commits; RELOAD raising default_pool_size lets the
+    queued queries open servers of their own (within a few janitor turns)."""
+    b = start(bouncer, pg)
+    a, pid = hold_transaction(b)
+    queued = queue_behind(b, 3)
+    try:
+        b.rewrite(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "default_pool_size": 4})
+        for raw in queued:
+            raw.sock.settimeout(10)
+            replies = reply(raw)
+            assert errors_in(replies) == [], replies
+        assert waiting(b) == 0
+        assert query_one(a, "SELECT pg_backend_pid()") == (pid,)
+        a.commit()
+        assert_settled(b, pg, 4)
+    finally:
+        for raw in queued:
+            raw.close()
+        close_quietly(a)
+
+
+@pytest.mark.timeout(40)
+def test_reconnect_while_queued_gives_fresh_servers(pg, bouncer):
+    """RECONNECT with queued clients: the old server closes when released and
+    the queued queries run on a new one."""
+    b = start(bouncer, pg)
+    a, pid = hold_transaction(b)
+    queued = queue_behind(b, 3)
+    try:
+        b.admin("RECONNECT app")
+        a.commit()
+        for raw in queued:
+            raw.sock.settimeout(10)
+            replies = reply(raw)
+            assert errors_in(replies) == [], replies
+        raw = queued[0]
+        raw.send(query_message("SELECT pg_backend_pid()"))
+        assert rows(reply(raw)) != [str(pid).encode()]
+        assert_settled(b, pg, 1)
+    finally:
+        for raw in queued:
+            raw.close()
+        close_quietly(a)
+
+
+@pytest.mark.timeout(40)
+def test_show_pools_maxwait_and_show_clients_of_queued(pg, bouncer):
+    b = start(bouncer, pg)
+    a, _ = hold_transaction(b)
+    queued = queue_behind(b, 4)
+    try:
+        time.sleep(2.2)
+        row = pool_row(b)
+        assert int(row.cl_waiting) == 4 and int(row.maxwait) >= 2, row
+        assert len([c for c in clients_of(b) if c.state == "waiting"]) == 4
+        a.commit()
+        for raw in queued:
+            reply(raw)
+        row = pool_row(b)
+        assert int(row.cl_waiting) == 0 and int(row.maxwait) == 0, row
         assert_settled(b, pg, 1)
     finally:
         for raw in queued:
