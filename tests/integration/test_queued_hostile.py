@@ -138,7 +138,7 @@ def test_pause_holds_queued_queries_until_resume(pg, bouncer):
     must not hand the server to a queued query (a new transaction in a
     pausing pool): PAUSE returns, and the queued queries run after RESUME."""
     b = start(bouncer, pg)
-    a, pid = hold_transaction(b)
+    a, _ = hold_transaction(b)
     queued = queue_behind(b, 3)
     admin = b.connect("pgbouncer", "postgres", autocommit=True)
     try:

@@ -12,7 +12,14 @@ import sys
 import time
 
 import pytest
-from _util_pool import close_quietly, errors_in, message, query_message, query_one, startup_packet
+from _util_pool import (
+    close_quietly,
+    errors_in,
+    message,
+    query_message,
+    query_one,
+    startup_packet,
+)
 from fixtures.pooler import TARGET
 from fixtures.ports import wait_until
 from test_queued_hostile import assert_settled, queue_behind, rss_kb
