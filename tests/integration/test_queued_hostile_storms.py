@@ -283,3 +283,54 @@ def test_queue_and_leave_rounds_keep_memory_bounded(pg, bouncer):
         sizes.append(rss_kb(b.pid))
     assert sizes[-1] - sizes[1] < 8 * 1024, sizes
     assert_settled(b, pg, 1)
+
+
+def _chaos_client(b, seed: int, rounds: int) -> int:
+    """One client's random life: queries answered, pipelined pairs, leaving
+    with a query in flight (then a new connection). Returns answers checked."""
+    rng = random.Random(seed)
+    checked = 0
+    raw = logged_in(b, {"application_name": f"x{seed}"})
+    try:
+        for n in range(rounds):
+            roll = rng.random()
+            if roll < 0.15:
+                raw.send(query_message("SELECT pg_sleep(0.01)"))
+                raw.close()
+                raw = logged_in(b, {"application_name": f"x{seed}"})
+                continue
+            count = 2 if roll < 0.4 else 1
+            raw.send(b"".join(query_message(f"SELECT current_setting('application_name') || ':{n}:{k}'")
+                              for k in range(count)))
+            for k in range(count):
+                replies = raw.read_until(b"Z")
+                err = errors_in(replies)
+                if err:
+                    # a terminated server: its FATAL forwarded, PgBouncer's code and
+                    # text, or (geobouncer) the parameter sync before the query failed
+                    assert {e["C"] for e in err} <= {"57P01", "08P01", "08006"}, err
+                    assert replies[-1][0] == b"E" and raw.read_until_close() == [], replies
+                    raw.close()
+                    raw = logged_in(b, {"application_name": f"x{seed}"})
+                    break
+                assert rows(replies) == [f"x{seed}:{n}:{k}".encode()], replies
+                checked += 1
+    finally:
+        raw.close()
+    return checked
+
+
+@pytest.mark.timeout(55)
+def test_chaos_of_clients_leaving_pipelining_and_servers_dying(pg, bouncer):
+    """Thirty clients with their own application_name, pool of two, each a
+    random life of queries, pipelined pairs and abrupt leaves, while
+    servers are terminated: every answer is the asker's, and it settles."""
+    from _util_pool import run_in_thread, terminate_backends
+    b = start(bouncer, pg, default_pool_size=2)
+    outcomes = [run_in_thread(_chaos_client, b, seed, 25) for seed in range(30)]
+    for _ in range(3):
+        time.sleep(0.3)
+        terminate_backends(pg, "app")
+    total = sum(o.get(45) for o in outcomes)
+    assert total > 30 * 10, total
+    assert_settled(b, pg, 2)
