@@ -361,3 +361,28 @@ def test_tls_clients_queued_with_their_own_parameters(tls_files, pg, bouncer):
         assert_settled(b, pg, 1)
     finally:
         close_quietly(a, *conns)
+
+
+@pytest.mark.timeout(40)
+def test_safe_shutdown_with_queued_clients(pg, bouncer):
+    """SIGINT (safe shutdown) with queued clients: the holder finishes, no
+    queued query is started after it, and the process exits soon after."""
+    import signal
+    b = start(bouncer, pg)
+    a, _ = hold_transaction(b)
+    queued = queue_behind(b, 4)
+    try:
+        b.exit_expected = True
+        b.signal(signal.SIGINT)
+        time.sleep(0.3)       # the shutdown has begun (nothing to poll from outside)
+        assert b.is_running()
+        a.commit()
+        b.wait_exit(10)
+        for raw in queued:
+            raw.sock.settimeout(5)
+            assert rows(raw.read_until_close()) == []
+        wait_until(lambda: pg.backends("app") == 0, timeout=10, message="no server left")
+    finally:
+        for raw in queued:
+            raw.close()
+        close_quietly(a)
