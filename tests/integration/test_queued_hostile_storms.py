@@ -334,3 +334,35 @@ def test_chaos_of_clients_leaving_pipelining_and_servers_dying(pg, bouncer):
     total = sum(o.get(45) for o in outcomes)
     assert total > 30 * 10, total
     assert_settled(b, pg, 2)
+
+
+def _racer(b, name: str, rounds: int, seed: int) -> int:
+    """Sends a query and, a random moment later, a second one: the second
+    races the hand-off of a server to the first (queued) one."""
+    rng = random.Random(seed)
+    raw = logged_in(b, {"application_name": name})
+    try:
+        for n in range(rounds):
+            raw.send(query_message(f"SELECT current_setting('application_name') || ':{n}a'"))
+            delay = rng.choice((0, 0, 0.0005, 0.001, 0.003))
+            if delay:
+                time.sleep(delay)
+            raw.send(query_message(f"SELECT current_setting('application_name') || ':{n}b'"))
+            assert rows(reply(raw)) == [f"{name}:{n}a".encode()]
+            assert rows(reply(raw)) == [f"{name}:{n}b".encode()]
+    finally:
+        raw.close()
+    return rounds
+
+
+@pytest.mark.timeout(55)
+def test_second_query_races_the_hand_off(pg, bouncer):
+    """Four clients with their own application_name share one server, each
+    sending a query and a second one a moment later, over and over: the
+    second races the hand-off (and the parameter sync) of the first. Every
+    answer is in order and carries its own client's name."""
+    from _util_pool import run_in_thread
+    b = start(bouncer, pg)
+    outcomes = [run_in_thread(_racer, b, f"r{i}", 150, i) for i in range(4)]
+    assert [o.get(50) for o in outcomes] == [150] * 4
+    assert_settled(b, pg, 1)
