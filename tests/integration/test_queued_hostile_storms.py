@@ -366,3 +366,32 @@ def test_second_query_races_the_hand_off(pg, bouncer):
     outcomes = [run_in_thread(_racer, b, f"r{i}", 150, i) for i in range(4)]
     assert [o.get(50) for o in outcomes] == [150] * 4
     assert_settled(b, pg, 1)
+
+
+@pytest.mark.timeout(40)
+def test_own_parameters_when_servers_are_reset_on_release(pg, bouncer):
+    """server_reset_query_always: each server is DISCARDed before the next
+    queued client gets it; every client still sees its own values (the
+    pooler must know the reset put the server back to its defaults)."""
+    b = start(bouncer, pg, server_reset_query_always=1, server_reset_query="DISCARD ALL")
+    clients = own_clients(b, 8)
+    a, _ = hold_transaction(b)
+    try:
+        for raw, _ in clients:
+            raw.send(query_message(WHO))
+        wait_until(lambda: waiting(b) == 8, timeout=10, message="all wait")
+        a.commit()
+        for raw, expected in clients:
+            raw.sock.settimeout(10)
+            assert rows(reply(raw)) == [expected]
+        for raw, expected in reversed(clients):     # and again, in another order
+            raw.send(query_message(WHO))
+            assert rows(reply(raw)) == [expected]
+        for raw, _ in clients:
+            raw.close()
+        assert_settled(b, pg, 1)
+        assert_defaults_on_every_server(b, 1)
+    finally:
+        for raw, _ in clients:
+            raw.close()
+        close_quietly(a)
