@@ -247,7 +247,7 @@ class Bouncer:
             self._set_tracking(pool)
             pool.tracked = frozenset(self.tracked.values())
             pool.on_server_closed = self._server_closed
-            pool.paused = db.name in self.paused_dbs
+            pool.paused = self.paused or db.name in self.paused_dbs
             self._refresh_password(pool)
             self.pools[key] = pool
         if auth_result is not None and server_user == user:

@@ -28,10 +28,15 @@ class Lifecycle:
             app.paused = True
         else:
             app.paused_dbs.add(dbname)
-            for pool in app.pools.values():
-                if pool.db.name == dbname:
-                    pool.paused = True
+        self.sync_pool_pauses()
         app.resumed.clear()
+
+    def sync_pool_pauses(self) -> None:
+        """A pool is paused by PAUSE (or SUSPEND) or by PAUSE/KILL of its
+        database: it then hands no released server to its waiters."""
+        app = self.app
+        for pool in app.pools.values():
+            pool.paused = app.paused or pool.db.name in app.paused_dbs
 
     def resume(self, dbname: str | None = None) -> None:
         """RESUME (the global pause) or RESUME db (that database's own pause)."""
@@ -41,9 +46,9 @@ class Lifecycle:
             self._resume_listeners()
         else:
             app.paused_dbs.discard(dbname)
-            for pool in app.pools.values():
-                if pool.db.name == dbname:
-                    pool.paused = False
+        self.sync_pool_pauses()
+        for pool in list(app.pools.values()):
+            pool.hand_idle_to_waiters()
         # wake every waiter; each re-checks its own pool
         app.resumed.set()
         if app.paused or app.paused_dbs:
@@ -63,6 +68,7 @@ class Lifecycle:
         app = self.app
         app.suspended = True
         app.paused = True
+        self.sync_pool_pauses()
         app.resumed.clear()
         for server in app.listeners.servers:
             server.stop_accepting()

@@ -271,6 +271,8 @@ class ClientConnection:
             self.sock.shutdown(pysocket.SHUT_RDWR)
         except OSError:
             pass
+        if self.queued is not None:
+            self.queued.cancel(ClientGone())     # its greenlet may wait for a server, not read
 
     # --- linking to a server -----------------------------------------------------
     def _link(self):

@@ -160,6 +160,13 @@ class QueuedQuery:
                 get_hub().cancel_wait(event, _HANDOFF)
         return True
 
+    def cancel(self, exc: BaseException) -> None:
+        """Its client is closed from outside (KILL, KILL_CLIENT) while its
+        greenlet waits for this hand-off: end that wait now with ``exc``
+        (``take`` refuses a closing client, so nothing else would wake it)."""
+        if not self.done and self._wake is not None:
+            get_hub().loop.run_callback(self._wake.throw, exc)
+
     def wait(self, timeout: float | None) -> bool:
         """The client's greenlet waits for the hand-off (Waiter.wait)."""
         self._wake = HubWaiter()

@@ -173,7 +173,7 @@ class Pool:
         a waiter takes it: a waiter may write its request to it at once, and
         a write that blocks lets other greenlets look at the pool."""
         waiters = self.waiters
-        while waiters:
+        while waiters and not self.paused:    # PAUSE: waiters get no server until RESUME
             waiter = waiters.popleft()
             if waiter.take(server):
                 return waiter
@@ -182,6 +182,12 @@ class Pool:
         server.idle_since = monotonic()
         self.idle.append(server)
         return None
+
+    def hand_idle_to_waiters(self) -> None:
+        """After a pause: the idle servers go to the clients that waited meanwhile."""
+        while self.waiters and self.idle and not self.paused:
+            if self.release(self.take_idle()) is None:
+                return
 
     def forget(self, server) -> None:
         """A server connection closed, whatever its state."""
