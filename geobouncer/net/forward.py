@@ -7,11 +7,7 @@ from __future__ import annotations
 
 from time import monotonic
 
-from ..pool.prepared import (
-    FAKE,
-    INJECTED,
-    MAY_DROP_ALL,
-)
+from ..pool.prepared import FAKE, INJECTED, MAY_DROP_ALL
 from ..pool.statements import parse_locally
 from ..proto import messages as m
 from . import defer_begin, params, route, stream
@@ -30,6 +26,7 @@ _RENAMED = frozenset(ord(c) for c in "PBDC")
 _INSPECT_HEADS = (b"set", b"res", b"dea", b"dis")
 _INSPECT_FIRST = frozenset(b" \t\n\r(-/")
 _UNNAMED_TYPES = frozenset(b"PBDES")
+_STRAY_COPY = frozenset(b"dcf")     # CopyData, CopyDone, CopyFail
 _FAKE = FAKE
 _INJECTED_ENTRY = (INJECTED, True, None)
 _BIG = 1 << 16      # batches above this are sent in pieces, bodies sliced through views
@@ -147,6 +144,19 @@ def _forward_unnamed(client, buf: bytearray, batch: tuple) -> bool:
     return True
 
 
+def _drop_stray_copy(buf: bytearray, msgs: list) -> list:
+    """COPY messages from a client with no server (a COPY keeps its server):
+    the rest of a failed COPY FROM STDIN, sent before the error came.
+    PostgreSQL ignores them and answers nothing, so a server linked for them
+    would be held for ever: dropped. Returns the messages left."""
+    k = 0
+    while k < len(msgs) and msgs[k][0] in _STRAY_COPY:
+        k += 1
+    cut = msgs[k][1] if k < len(msgs) else msgs[-1][2]
+    del buf[:cut]
+    return [(mtype, start - cut, end - cut) for mtype, start, end in msgs[k:]]
+
+
 def _server_or_refuse(client, buf: bytearray | None, msgs: list | None):
     """Link a server for the batch in ``buf`` (or a lone Query when None).
     None when that failed with an error the client survives (a switchover
@@ -229,6 +239,10 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
     if client.lost_tx:
         client._answer_lost(buf, msgs)
         return
+    if client.server is None and msgs[0][0] in _STRAY_COPY:
+        msgs = _drop_stray_copy(buf, msgs)
+        if not msgs:
+            return
     if client.app.hooks.enabled or client.rw_split:
         if defer_begin.intercept(client, buf, msgs):
             return
