@@ -10,6 +10,7 @@ from time import monotonic
 from ..pool.prepared import FAKE, INJECTED, MAY_DROP_ALL
 from ..pool.statements import parse_locally
 from ..proto import messages as m
+from ..proto.scan import OWES_SYNC
 from . import defer_begin, params, route, stream
 from .checkout import ClientError
 from .fastio import Handoff, receiver
@@ -19,14 +20,13 @@ from .login import ClientGone
 RECV_SIZE = 65536
 _Q, _S, _F, _X = (ord(c) for c in "QSFX")
 _P, _B, _D, _E = (ord(c) for c in "PBDE")
-_EXTENDED = frozenset(ord(c) for c in "PBDECH")
 _RENAMED = frozenset(ord(c) for c in "PBDC")
 # Query texts worth parsing for session effects: SET, RESET, DEALLOCATE, DISCARD
 # (and anything starting with whitespace or a comment, to be safe).
 _INSPECT_HEADS = (b"set", b"res", b"dea", b"dis")
 _INSPECT_FIRST = frozenset(b" \t\n\r(-/")
 _UNNAMED_TYPES = frozenset(b"PBDES")
-_STRAY_COPY = frozenset(b"dcf")     # CopyData, CopyDone, CopyFail
+_NOTHING_TO_ANSWER = frozenset(b"dcfH")     # CopyData, CopyDone, CopyFail, Flush
 _FAKE = FAKE
 _INJECTED_ENTRY = (INJECTED, True, None)
 _BIG = 1 << 16      # batches above this are sent in pieces, bodies sliced through views
@@ -144,13 +144,13 @@ def _forward_unnamed(client, buf: bytearray, batch: tuple) -> bool:
     return True
 
 
-def _drop_stray_copy(buf: bytearray, msgs: list) -> list:
-    """COPY messages from a client with no server (a COPY keeps its server):
-    the rest of a failed COPY FROM STDIN, sent before the error came.
-    PostgreSQL ignores them and answers nothing, so a server linked for them
-    would be held for ever: dropped. Returns the messages left."""
+def _drop_unanswered(buf: bytearray, msgs: list) -> list:
+    """COPY messages from a client with no server (a COPY keeps its server:
+    the rest of a failed COPY FROM STDIN, sent before the error came), and a
+    Flush with nothing pending: PostgreSQL answers none of them, so a server
+    linked for them would be held for ever. Dropped; the messages left."""
     k = 0
-    while k < len(msgs) and msgs[k][0] in _STRAY_COPY:
+    while k < len(msgs) and msgs[k][0] in _NOTHING_TO_ANSWER:
         k += 1
     cut = msgs[k][1] if k < len(msgs) else msgs[-1][2]
     del buf[:cut]
@@ -239,8 +239,8 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
     if client.lost_tx:
         client._answer_lost(buf, msgs)
         return
-    if client.server is None and msgs[0][0] in _STRAY_COPY:
-        msgs = _drop_stray_copy(buf, msgs)
+    if client.server is None and msgs[0][0] in _NOTHING_TO_ANSWER:
+        msgs = _drop_unanswered(buf, msgs)
         if not msgs:
             return
     if client.app.hooks.enabled or client.rw_split:
@@ -350,7 +350,7 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
         else:
             if mtype == _F:
                 requests += 1
-            elif mtype in _EXTENDED:
+            elif mtype in OWES_SYNC:
                 synced = False
             replaced = client_message(mtype, None, stmts, scratch)
         if replaced:

@@ -38,7 +38,8 @@ _unpack_header = struct.Struct("!BI").unpack_from
 
 # Frontend message types the pooler forwards after login.
 _Q, _S, _F, _X, _H = (ord(c) for c in "QSFXH")
-_EXTENDED = frozenset(ord(c) for c in "PBDEC")
+# Extended-protocol messages after which a Sync is owed (a Flush owes none).
+OWES_SYNC = frozenset(ord(c) for c in "PBDEC")
 _P, _B, _D = ord("P"), ord("B"), ord("D")
 _NAMED = frozenset(ord(c) for c in "PBDC")    # messages whose names the pooler reads
 _TARGETS = frozenset(b"SP")
@@ -115,7 +116,7 @@ class ClientScanner:
             elif mtype == _S:
                 requests += 1
                 synced = True
-            elif mtype in _EXTENDED:
+            elif mtype in OWES_SYNC:
                 synced = False
             elif mtype == _X:
                 self.terminate = True

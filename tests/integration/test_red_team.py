@@ -1024,6 +1024,43 @@ def test_copy_data_after_copy_failed_does_not_hold_a_server(pg, bouncer, pool_mo
     finish(b)
 
 
+STRAY = {
+    "copy-data": message(b"d", COPY_ROW),
+    "copy-done-fail": message(b"c") + message(b"f", b"gone\x00"),
+    "flush": FLUSH,
+    "all-then-query": message(b"d", COPY_ROW) + FLUSH + message(b"c") + query_message("SELECT 41"),
+    "query-then-flush": query_message("SELECT 41") + FLUSH,     # a Flush owes no Sync
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(TARGET == "pgbouncer", reason="PgBouncer 1.18 links a server for them, and the idle "
+                   "client holds it", strict=False)
+@pytest.mark.parametrize("stray", sorted(STRAY))
+def test_messages_nothing_answers_do_not_hold_a_server(pg, bouncer, stray):
+    """CopyData, CopyDone, CopyFail outside COPY and a Flush with nothing
+    pending get no reply from PostgreSQL. From a client with no server in
+    transaction pooling they must not link one: the client would hold it
+    while idle, and the pool's one server would serve nobody else."""
+    b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "default_pool_size": 1,
+                           "query_wait_timeout": 5})
+    with raw_login(b) as raw:
+        raw.sock.sendall(STRAY[stray])
+        if "query" in stray:
+            replies = read_n_ready(raw, 1)
+            assert rows_of(replies) == [["41"]] and replies[-1] == (b"Z", b"I"), describe_msgs(replies)
+        time.sleep(0.3)
+        got = run_in_thread(lambda: query_one(b.connect(autocommit=True, connect_timeout=10),
+                                              "SELECT 'served'"))
+        try:
+            got = got.get(15)
+        except (psycopg2.Error, TimeoutError) as exc:
+            got = exc
+        assert got == ("served",), f"another client while the stray messages' client idles: {got!r}"
+        _query_ok(raw, 6)
+    finish(b)
+
+
 # =====================================================================================
 # 4. malformed and lying messages at every byte offset
 # =====================================================================================
