@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket as pysocket
 from time import monotonic
 
 import gevent
@@ -381,10 +380,3 @@ class Bouncer:
 
 def _server_identity(entry):
     return (entry.host, entry.port, entry.dbname, entry.user, entry.password)
-
-
-def tcp_keepalive(sock) -> None:
-    try:
-        sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_KEEPALIVE, 1)
-    except OSError:
-        pass

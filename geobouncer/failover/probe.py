@@ -34,7 +34,7 @@ def run(app, entry, host: str, port: int, sql: str, timeout: float) -> list[list
     startup = {"user": user, "database": entry.dbname or entry.name,
                "application_name": "geobouncer health check"}
     try:
-        server.connect(startup, password, scram_keys, timeout, frozenset(), app.tls.server)
+        server.connect(startup, password, scram_keys, timeout, frozenset(), app.tls.server, app.settings)
         return server.query(sql, timeout=timeout)
     except (OSError, ServerError) as exc:
         raise ProbeFailed(getattr(exc, "text", None) or str(exc) or type(exc).__name__) from None

@@ -198,7 +198,7 @@ def open_server(app, pool) -> ServerConnection:
         attempt = ServerConnection(pool, host, port)
         try:
             attempt.connect(app.server_startup(pool), pool.server_password, pool.scram_keys,
-                            settings.server_connect_timeout, pool.tracked, app.tls.server)
+                            settings.server_connect_timeout, pool.tracked, app.tls.server, settings)
         except ServerError as exc:
             errors.append((exc.sqlstate, exc.text))
             _close_quietly(attempt)

@@ -9,6 +9,8 @@ import socket as pysocket
 
 from gevent.server import StreamServer
 
+from .sockopts import tune_socket
+
 log = logging.getLogger("geobouncer")
 
 
@@ -56,9 +58,7 @@ class Listeners:
         def handle(client_sock, addr):
             try:
                 if not unix:
-                    client_sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
-                    if app.settings.tcp_keepalive:
-                        client_sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_KEEPALIVE, 1)
+                    tune_socket(client_sock, app.settings)
             except OSError:          # gone before we got to it
                 client_sock.close()
                 return

@@ -106,8 +106,8 @@ class ServerConnection:
 
     # --- login and the pooler's own queries (net/server_login.py, net/internal.py) ---
     def connect(self, startup: dict[str, str], password, scram_keys, timeout: float,
-                tracked: frozenset, tls=None) -> None:
-        server_login.connect(self, startup, password, scram_keys, timeout, tracked, tls)
+                tracked: frozenset, tls=None, tcp=None) -> None:
+        server_login.connect(self, startup, password, scram_keys, timeout, tracked, tls, tcp)
 
     def run_internal(self, payload: bytes, replies: int = 1, timeout: float | None = None) -> InternalQuery:
         return internal.run_internal(self, payload, replies, timeout)

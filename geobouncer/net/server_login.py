@@ -19,6 +19,7 @@ from ..proto.framing import message_at
 from . import tls as tls_
 from .fastio import sender
 from .internal import ServerError
+from .sockopts import tune_socket
 
 log = logging.getLogger("geobouncer")
 
@@ -27,11 +28,12 @@ _E, _S, _Z = (ord(c) for c in "ESZ")
 
 
 def connect(server, startup: dict[str, str], password, scram_keys, timeout: float,
-            tracked: frozenset, tls=None) -> None:
-    """Open the socket, start TLS (``tls``: the server side's net.tls_config.TlsSide)
-    and log in. Raises ServerError or OSError."""
+            tracked: frozenset, tls=None, tcp=None) -> None:
+    """Open the socket (``tcp``: the settings for net/sockopts.py), start TLS
+    (``tls``: the server side's net.tls_config.TlsSide) and log in. Raises
+    ServerError or OSError."""
     with gevent.Timeout(timeout or None, ServerError("08006", "server connect timeout")):
-        server.sock = _open_socket(server.host, server.port)
+        server.sock = _open_socket(server.host, server.port, tcp)
         server.sock = tls_.server_handshake(server.sock, tls, server.host)
         if tls_.is_tls(server.sock):
             log.info("%r: %s SSL established: %s", server, server.describe(), tls_.describe(server.sock))
@@ -83,13 +85,17 @@ def _login(server, auth, tracked) -> None:
             return
 
 
-def _open_socket(host: str, port: int):
+def _open_socket(host: str, port: int, tcp=None):
     if host.startswith("/"):
         sock = socket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
         sock.connect(os.path.join(host, f".s.PGSQL.{port}"))
         return sock
     sock = socket.create_connection((host, port))
-    sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+    try:
+        tune_socket(sock, tcp)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
