@@ -97,6 +97,7 @@ class Bouncer:
 
     # --- start / stop ----------------------------------------------------------
     def start(self) -> None:
+        self.lifecycle.check_pidfile()   # another instance running: stop before listening
         self.signals.install()        # before listening: a signal must never find the default action
         self.listeners.start(inherited_sockets())
         self.failover.setup()

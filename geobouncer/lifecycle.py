@@ -9,9 +9,9 @@ and the signal handlers read it there. This object only moves it; the console
 
 from __future__ import annotations
 
-import os
-
 import gevent
+
+from . import pidfile
 
 
 class Lifecycle:
@@ -131,17 +131,16 @@ class Lifecycle:
                 server.close("shutdown")
         app.stopped.set()
 
-    # --- pidfile ---------------------------------------------------------------------
-    def write_pidfile(self) -> None:
+    # --- pidfile (geobouncer/pidfile.py) ---------------------------------------------
+    def _pidfile(self) -> str | None:
         path = self.app.settings.pidfile
-        if path:
-            with open(self.app.cfg.resolve_path(path), "w") as f:
-                f.write(f"{os.getpid()}\n")
+        return self.app.cfg.resolve_path(path) if path else None
+
+    def check_pidfile(self) -> None:
+        pidfile.check(self._pidfile())
+
+    def write_pidfile(self) -> None:
+        pidfile.write(self._pidfile())
 
     def remove_pidfile(self) -> None:
-        path = self.app.settings.pidfile
-        if path:
-            try:
-                os.unlink(self.app.cfg.resolve_path(path))
-            except OSError:
-                pass
+        pidfile.remove(self._pidfile())

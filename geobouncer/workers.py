@@ -49,6 +49,7 @@ from types import MappingProxyType
 
 import gevent
 
+from . import pidfile
 from .config import Config, PeerEntry, Settings
 from .config import load_config as _load_config
 
@@ -136,13 +137,14 @@ class Supervisor:
 
     def run(self) -> int:
         s = self.cfg.pgbouncer
+        pidfile.check(self._pidfile())
         self._bind()
         base = self.cfg.resolve_path(s.unix_socket_dir) if s.unix_socket_dir else None
         self.rundir = tempfile.mkdtemp(prefix="geobouncer-workers-", dir=base if base and len(base) < 60
                                        else None)
         for i in range(1, self.count + 1):
             os.mkdir(_worker_dir(self.rundir, i), 0o700)
-        self._write_pidfile()
+        pidfile.write(self._pidfile())
         for sig in FORWARDED:
             gevent.signal_handler(sig, self._forward, sig)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
@@ -234,11 +236,9 @@ class Supervisor:
         self.sockets.clear()
         self._forward(sig)
 
-    def _write_pidfile(self) -> None:
+    def _pidfile(self) -> str | None:
         path = self.cfg.pgbouncer.pidfile
-        if path:
-            with open(self.cfg.resolve_path(path), "w") as f:
-                f.write(f"{os.getpid()}\n")
+        return self.cfg.resolve_path(path) if path else None
 
     def _cleanup(self) -> None:
         for proc in self.procs.values():
@@ -246,13 +246,12 @@ class Supervisor:
                 proc.kill()
         for sock in self.sockets:
             sock.close()
-        for path in (self.unix_path, self.cfg.resolve_path(self.cfg.pgbouncer.pidfile)
-                     if self.cfg.pgbouncer.pidfile else None):
-            if path:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+        if self.unix_path:
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
+        pidfile.remove(self._pidfile())      # only while it names this process
         if self.rundir:
             shutil.rmtree(self.rundir, ignore_errors=True)
 

@@ -37,8 +37,6 @@ from collections import deque
 from ..proto import messages as m
 from .statements import _BIG, PARSE_COMPLETE, Registry, ServerStatements, server_name
 
-_I32 = struct.Struct("!I")
-_H = struct.Struct("!H")
 _HDR = struct.Struct("!cI")
 
 # entry kinds
@@ -61,7 +59,6 @@ _DEALLOCATED = m.command_complete("DEALLOCATE")
 _DROP_ALL_TAGS = (b"DEALLOCATE ALL", b"DISCARD ALL")
 # A text that may drop every statement when it runs (Tracker.watch_drop).
 MAY_DROP_ALL = re.compile(rb"(?:deallocate\s+(?:prepare\s+)?|discard\s+)all", re.IGNORECASE)
-_DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.IGNORECASE | re.DOTALL)
 
 
 def _parse_pieces(sid: int, tail: bytes, out: list) -> None:

@@ -208,6 +208,39 @@ def test_daemon_mode_with_pidfile(pg, tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+def test_pidfile_of_a_running_instance_stops_the_start(pg, tmp_path):
+    """As PgBouncer: a pidfile naming a live process means another instance
+    runs; geobouncer stops before listening and leaves that pidfile alone."""
+    pidfile = tmp_path / "geobouncer.pid"
+    pidfile.write_text(f"{os.getpid()}\n")          # this test process: alive
+    path = write_config(tmp_path, pg, pidfile=str(pidfile))
+    result = run("-c", str(path), timeout=30)
+    message = result.stdout + result.stderr
+    assert result.returncode == 1, message
+    assert "pidfile exists, another instance running?" in message
+    assert pidfile.read_text() == f"{os.getpid()}\n"
+    assert not port_is_open("127.0.0.1", listen_port(path))
+
+
+def test_stale_pidfile_is_replaced(pg, tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pidfile = tmp_path / "geobouncer.pid"
+    pidfile.write_text(f"{dead.pid}\n")
+    logfile = tmp_path / "geobouncer.log"
+    path = write_config(tmp_path, pg, pidfile=str(pidfile), logfile=str(logfile))
+    proc = Foreground("-c", str(path))
+    try:
+        proc.wait_listening(listen_port(path))
+        assert pidfile.read_text() == f"{proc.proc.pid}\n"
+        assert "stale pidfile, removing" in logfile.read_text()
+        rc, _, _ = proc.stop()
+        assert rc is not None
+        assert not pidfile.exists()
+    finally:
+        proc.kill()
+
+
 def test_daemon_mode_needs_pidfile(pg, tmp_path):
     path = write_config(tmp_path, pg, logfile="geobouncer.log")
     result = run("-d", str(path), timeout=30)
