@@ -17,6 +17,7 @@ from time import time
 
 from .. import __version__
 from ..proto import messages as m
+from ..proto.framing import ProtocolError
 from . import set as admin_set
 from . import fanout, show, show_sockets, show_stats, workers_view
 from .control import Control
@@ -91,6 +92,8 @@ class AdminConsole:
                 client.send_error("08P01", _bad_packet_text(mtype))
                 log.error("%s", _bad_packet_text(mtype))
                 raise ClientGone()
+            if self.app.settings.disable_pqexec:     # as PgBouncer: the console too
+                raise ProtocolError("PQexec disallowed")
             sql = m.parse_query(body)
             try:
                 out = self.execute(client, sql)

@@ -115,7 +115,7 @@ class ClientConnection:
             if self.admin:
                 self._guarded(self.app.admin.serve, self)
                 return
-            self.scanner = ClientScanner(self.app.max_packet_size)
+            self.scanner = ClientScanner(self.app.max_packet_size, not self.app.settings.disable_pqexec)
             self.rw_split = bool(self.pool.db.read_write_split) and self.pool.mode != "session"
         except BaseException as exc:
             self._ended(exc)

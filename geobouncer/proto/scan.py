@@ -45,6 +45,7 @@ _NAMED = frozenset(ord(c) for c in "PBDC")    # messages whose names the pooler 
 _TARGETS = frozenset(b"SP")
 _UNNAMED_BATCH = frozenset(b"PBDES")     # an extended batch the pooler forwards unread
 CLIENT_TYPES = frozenset(ord(c) for c in "QSFXPBDECHdcf")
+_NO_QUERY_TYPES = CLIENT_TYPES - {_Q}     # disable_pqexec
 # Backend types every scanner watches: ReadyForQuery, ParameterStatus,
 # ErrorResponse, CopyIn/Out/Both responses.
 _Z, _E = ord("Z"), ord("E")
@@ -66,10 +67,13 @@ def _bad_type(mtype: int) -> ProtocolError:
 class ClientScanner:
     """Frontend stream of one client after login; see the module docstring."""
 
-    __slots__ = ("held", "limit", "owed", "requests", "synced", "terminate")
+    __slots__ = ("held", "limit", "owed", "query_type", "requests", "synced", "terminate", "types")
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, pqexec: bool = True):
         self.limit = limit          # max_packet_size
+        # disable_pqexec (``pqexec`` False): a simple Query is a protocol violation.
+        self.types = CLIENT_TYPES if pqexec else _NO_QUERY_TYPES
+        self.query_type = _Q if pqexec else -1
         self.held = b""             # an incomplete header (stream mode)
         self.owed = 0               # bytes of a forwarded message still to come
         self.requests = 0           # ReadyForQuery messages the last scan asks for
@@ -77,8 +81,8 @@ class ClientScanner:
         self.terminate = False      # a Terminate was seen (nothing after it is returned)
 
     def check(self, mtype: int, length: int) -> None:
-        if mtype not in CLIENT_TYPES:
-            raise _bad_type(mtype)
+        if mtype not in self.types:
+            raise ProtocolError("PQexec disallowed") if mtype == _Q else _bad_type(mtype)
         if length < 4 or length > self.limit:
             raise ProtocolError(f"invalid message length {length}" if length < 4
                                 else f"message of {length} bytes exceeds max_packet_size")
@@ -103,13 +107,14 @@ class ClientScanner:
         requests = 0
         synced = None
         limit = self.limit
+        types = self.types
         while pos < n:
             if n - pos < 5:
                 self.held = data[pos:]
                 break
             mtype = data[pos]
             length = _unpack_len(data, pos + 1)[0]
-            if mtype not in CLIENT_TYPES or length < 4 or length > limit:
+            if mtype not in types or length < 4 or length > limit:
                 self.check(mtype, length)
             if mtype == _Q or mtype == _F:
                 requests += 1
@@ -140,10 +145,11 @@ class ClientScanner:
         pos = 0
         n = len(buf)
         limit = self.limit
+        types = self.types
         try:
             while pos < n:
                 mtype, length = _unpack_header(buf, pos)    # struct.error: under 5 bytes left
-                if mtype not in CLIENT_TYPES or length < 4 or length > limit:
+                if mtype not in types or length < 4 or length > limit:
                     self.check(mtype, length)
                 end = pos + 1 + length
                 if end > n:
@@ -212,7 +218,7 @@ class ClientScanner:
         """Is ``data`` exactly one complete, valid simple Query (the common
         case of transaction pooling, forwarded without building a batch)?"""
         n = len(data)
-        return (5 < n <= self.limit + 1 and data[0] == _Q
+        return (5 < n <= self.limit + 1 and data[0] == self.query_type
                 and n == 1 + _unpack_len(data, 1)[0] and data[n - 1] == 0)
 
     @staticmethod

@@ -844,3 +844,17 @@ def test_server_hold_limit():
     sc = ServerScanner()
     buf, end, found = sc.feed(hdr(b"D", 0xFFFFFFFF) + b"\x00\x01")
     assert end == 7 and sc.mid_message and sc.skip == 0xFFFFFFFF + 1 - 7
+
+
+def test_disable_pqexec_makes_a_simple_query_a_protocol_violation():
+    query = m.query("select 1")
+    extended = m.extended_query("select $1::int", ["1"])
+    scanner = ClientScanner(1 << 16, pqexec=False)
+    assert scanner.lone_query(query) is False
+    assert scanner.messages(extended) is not None
+    for feed in (scanner.messages, scanner.stream):
+        for data in (query, extended + query, query[:5]):      # even a lone header
+            with pytest.raises(ProtocolError, match="PQexec disallowed"):
+                feed(data)
+    allowed = ClientScanner(1 << 16)
+    assert allowed.lone_query(query) and allowed.messages(extended + query)
