@@ -231,6 +231,7 @@ class Bouncer:
             max_db_connections=db.max_db_connections if db.max_db_connections is not None else s.max_db_connections,
             max_user_connections=(user_entry.max_user_connections if user_entry is not None
                                   and user_entry.max_user_connections is not None else s.max_user_connections),
+            round_robin=s.server_round_robin,
         )
 
     def get_pool(self, db, user: str, auth_result, forced_user: str | None = None,

@@ -37,11 +37,13 @@ class PoolLimits:
         "pool_mode",
         "pool_size",
         "reserve_pool_size",
+        "round_robin",
     )
 
     def __init__(self, pool_size, min_pool_size, reserve_pool_size, pool_mode,
-                 max_db_connections=0, max_user_connections=0):
+                 max_db_connections=0, max_user_connections=0, round_robin=False):
         self.pool_size = pool_size
+        self.round_robin = round_robin      # server_round_robin: the least recently used idle server first
         self.min_pool_size = min_pool_size
         self.reserve_pool_size = reserve_pool_size
         self.pool_mode = pool_mode
@@ -111,7 +113,8 @@ class Pool:
         OPEN and WAIT change nothing (``check_delay`` None: no check query)."""
         idle = self.idle
         if idle:
-            server = idle.pop()            # LIFO keeps the working set warm
+            # LIFO keeps the working set warm; server_round_robin spreads the load
+            server = idle.popleft() if self.limits.round_robin else idle.pop()
             server.state = SV_ACTIVE
             self.active.add(server)
             life = self.db.server_lifetime or lifetime
@@ -136,9 +139,10 @@ class Pool:
 
     # --- checkout / release ----------------------------------------------------
     def take_idle(self):
-        """Pop the most recently used idle server (LIFO keeps the working set warm)."""
+        """Pop the most recently used idle server (LIFO keeps the working set
+        warm), or with server_round_robin the least recently used."""
         if self.idle:
-            server = self.idle.pop()
+            server = self.idle.popleft() if self.limits.round_robin else self.idle.pop()
             server.state = SV_ACTIVE
             self.active.add(server)
             return server

@@ -63,6 +63,18 @@ def test_checkout_takes_the_most_recently_used_idle_server():
     assert repr(pool) == "<Pool app/app [clients: 0, 0 waiting | servers: 1 active, 1 idle, 0 login]>"
 
 
+def test_server_round_robin_takes_the_least_recently_used_idle_server():
+    pool = Pool(Db(), "app", PoolLimits(3, 0, 0, "transaction", round_robin=True), ConnectionCounters())
+    a, b, c = (opened(pool, Server()) for _ in range(3))
+    for server in (a, b, c):
+        pool.release(server)
+    assert pool.checkout(10.0, 0, None) == (TAKE, a)
+    pool.release(a)                     # back at the most recently used end
+    assert pool.take_idle() is b
+    assert pool.checkout(10.0, 0, None) == (TAKE, c)
+    assert pool.checkout(10.0, 0, None) == (TAKE, a)
+
+
 def test_checkout_opens_while_there_is_room_then_waits():
     pool = make_pool(size=1)
     assert pool.checkout(0.0, 0, None) == (OPEN, None)
