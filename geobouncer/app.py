@@ -251,6 +251,7 @@ class Bouncer:
             pool.paused = self.paused or db.name in self.paused_dbs
             self._refresh_password(pool)
             self.pools[key] = pool
+        pool.unused_since = None          # not freed under a client logging in (autodb_idle_timeout)
         if auth_result is not None and server_user == user:
             client_key = getattr(auth_result, "scram_client_key", None)
             if client_key and (pool.scram_keys is None or pool.scram_keys[0] != client_key):

@@ -61,6 +61,8 @@ class Janitor:
             if want and wanted and pool.server_count() < want and not pool.paused and not self.app.paused:
                 if pool.last_login_error is None or now - pool.last_login_error[0] > s.server_login_retry:
                     gevent.spawn(self.fill_pool, pool)
+        if s.autodb_idle_timeout > 0 and "*" in self.app.cfg.databases:
+            self.free_unused_autodb_pools(now, s.autodb_idle_timeout)
         hub = gevent.get_hub()
         parked = 0
         for client in list(self.app.clients):
@@ -73,6 +75,26 @@ class Janitor:
             gevent.spawn_later(0.1, _trim_heap)   # once the parked greenlets have ended
         for cluster in self.app.clusters.values():
             cluster.maintain()
+
+    def free_unused_autodb_pools(self, now: float, timeout: float) -> None:
+        """autodb_idle_timeout: a pool made from the ``*`` entry that has had
+        no client and no busy server this long is freed, idle servers and
+        statistics with it, as PgBouncer frees its automatic databases (so
+        clients naming ever new databases cannot grow the pooler for good)."""
+        app = self.app
+        for key, pool in list(app.pools.items()):
+            name = pool.db.name
+            if name in app.cfg.databases or name in app.extra_entries or pool.cluster is not None:
+                continue
+            if pool.clients or pool.active or pool.connecting or pool.waiters:
+                pool.unused_since = None
+            elif pool.unused_since is None:
+                pool.unused_since = now
+            elif now - pool.unused_since >= timeout:
+                for server in list(pool.idle):
+                    server.close("unused automatic database")
+                del app.pools[key]
+                log.info("freeing unused automatic database %s/%s", name, pool.user)
 
     def fill_pool(self, pool: Pool, want: int | None = None) -> None:
         from .net.checkout import open_server

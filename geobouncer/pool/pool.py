@@ -78,6 +78,7 @@ class Pool:
         self.parsed: set[int] = set()           # ids a server of this pool parsed successfully
         self.on_failure = None                  # callback(server, reason, sqlstate): host trouble
         self.cluster = None                     # the switchover cluster this database belongs to
+        self.unused_since: float | None = None  # no client, no busy server since (the janitor)
 
     @property
     def mode(self) -> str:
