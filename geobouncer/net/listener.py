@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import socket as pysocket
@@ -12,6 +13,13 @@ from gevent.server import StreamServer
 from .sockopts import tune_socket
 
 log = logging.getLogger("geobouncer")
+
+
+def _group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise OSError(f"unix_socket_group: no group named {name}") from None
 
 
 class Listeners:
@@ -47,6 +55,8 @@ class Listeners:
             sock = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
             _bind(sock, path, f"unix:{path}")
             os.chmod(path, s.unix_socket_mode)
+            if s.unix_socket_group:
+                os.chown(path, -1, _group_id(s.unix_socket_group))
             sock.listen(backlog)
             self.unix_path = path
             self._serve(sock, unix=True)

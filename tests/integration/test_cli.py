@@ -241,6 +241,24 @@ def test_stale_pidfile_is_replaced(pg, tmp_path):
         proc.kill()
 
 
+def test_unix_socket_group(pg, tmp_path):
+    import grp
+    group = grp.getgrnam("nogroup")
+    path = write_config(tmp_path, pg, unix_socket_group="nogroup")
+    port = listen_port(path)
+    proc = Foreground("-c", str(path))
+    try:
+        proc.wait_listening(port)
+        assert os.stat(tmp_path / f".s.PGSQL.{port}").st_gid == group.gr_gid
+    finally:
+        proc.stop()
+        proc.kill()
+    path = write_config(tmp_path, pg, unix_socket_group="no-such-group-here")
+    result = run("-c", str(path), timeout=30)
+    assert result.returncode == 1
+    assert "unix_socket_group: no group named no-such-group-here" in result.stdout + result.stderr
+
+
 def test_daemon_mode_needs_pidfile(pg, tmp_path):
     path = write_config(tmp_path, pg, logfile="geobouncer.log")
     result = run("-d", str(path), timeout=30)
