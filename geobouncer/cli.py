@@ -81,7 +81,8 @@ def main(config_file, config_opt, daemon, reboot, quiet, verbose, run_as, versio
         run_as = run_as or settings.user
         if run_as and os.geteuid() == 0:
             _switch_user(run_as)
-        logsetup.setup(logfile, quiet, verbose)
+        logsetup.setup(logfile, quiet, verbose,
+                       (settings.syslog_ident, settings.syslog_facility) if settings.syslog else None)
         from .app import Bouncer
 
         bouncer = Bouncer(path)

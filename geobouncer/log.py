@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import re
 import sys
@@ -44,7 +45,36 @@ class PgBouncerFormatter(logging.Formatter):
         return text
 
 
-def setup(logfile: str | None, quiet: bool, verbose: int) -> None:
+class SyslogFormatter(PgBouncerFormatter):
+    """For syslog, which stamps the time and names the process itself (and
+    carries the level as the priority): the message alone."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).split(" ", 5)[5]
+
+
+class _Syslog(logging.handlers.SysLogHandler):
+    def handleError(self, record: logging.LogRecord) -> None:
+        """The system logger is away: the line is dropped, as syslog(3) drops
+        it (a traceback on stderr for every line would be worse)."""
+
+
+def syslog_handler(ident: str, facility: str, address: str = "/dev/log") -> logging.Handler:
+    """syslog = 1: a handler for syslog_ident / syslog_facility (as openlog
+    with LOG_PID). A system logger that cannot be reached now is tried again
+    line by line; a warning on stderr says so."""
+    codes = logging.handlers.SysLogHandler.facility_names
+    handler = _Syslog(address, codes.get(facility.lower(), codes["daemon"]))
+    if handler.socket is None or handler.socket.fileno() < 0:
+        print(f"geobouncer: syslog: cannot reach {address} yet", file=sys.stderr)
+    handler.ident = f"{ident}[{os.getpid()}]: "
+    handler.setFormatter(SyslogFormatter())
+    return handler
+
+
+def setup(logfile: str | None, quiet: bool, verbose: int, syslog: tuple[str, str] | None = None) -> None:
+    """stderr unless ``quiet``, ``logfile``, and syslog when ``syslog`` is
+    (syslog_ident, syslog_facility)."""
     logger = logging.getLogger("geobouncer")
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
@@ -60,6 +90,8 @@ def setup(logfile: str | None, quiet: bool, verbose: int) -> None:
         handler = logging.FileHandler(logfile)
         handler.setFormatter(formatter)
         logger.addHandler(handler)
+    if syslog is not None:
+        logger.addHandler(syslog_handler(*syslog))
 
 
 def reopen(logfile: str | None) -> None:
