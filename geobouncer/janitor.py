@@ -61,8 +61,8 @@ class Janitor:
             if want and wanted and pool.server_count() < want and not pool.paused and not self.app.paused:
                 if pool.last_login_error is None or now - pool.last_login_error[0] > s.server_login_retry:
                     gevent.spawn(self.fill_pool, pool)
-        if s.autodb_idle_timeout > 0 and "*" in self.app.cfg.databases:
-            self.free_unused_autodb_pools(now, s.autodb_idle_timeout)
+        if (s.autodb_idle_timeout > 0 and "*" in self.app.cfg.databases) or s.pool_idle_timeout > 0:
+            self.free_unused_pools(now, s.autodb_idle_timeout, s.pool_idle_timeout)
         hub = gevent.get_hub()
         parked = 0
         for client in list(self.app.clients):
@@ -76,25 +76,31 @@ class Janitor:
         for cluster in self.app.clusters.values():
             cluster.maintain()
 
-    def free_unused_autodb_pools(self, now: float, timeout: float) -> None:
+    def free_unused_pools(self, now: float, autodb_timeout: float, pool_timeout: float) -> None:
         """autodb_idle_timeout: a pool made from the ``*`` entry that has had
         no client and no busy server this long is freed, idle servers and
         statistics with it, as PgBouncer frees its automatic databases (so
-        clients naming ever new databases cannot grow the pooler for good)."""
+        clients naming ever new databases cannot grow the pooler for good).
+        pool_idle_timeout: any pool with no client and no server connection
+        at all this long. Pools of switchover clusters and replica sets stay."""
         app = self.app
         for key, pool in list(app.pools.items()):
             name = pool.db.name
-            if name in app.cfg.databases or name in app.extra_entries or pool.cluster is not None:
+            if name in app.extra_entries or pool.cluster is not None:
                 continue
-            if pool.clients or pool.active or pool.connecting or pool.waiters:
+            auto = autodb_timeout > 0 and name not in app.cfg.databases
+            if pool.clients or pool.active or pool.connecting or pool.waiters or (pool.idle and not auto):
                 pool.unused_since = None
-            elif pool.unused_since is None:
+                continue
+            if pool.unused_since is None:
                 pool.unused_since = now
-            elif now - pool.unused_since >= timeout:
+                continue
+            limit = autodb_timeout if auto else pool_timeout
+            if limit > 0 and now - pool.unused_since >= limit:
                 for server in list(pool.idle):
                     server.close("unused automatic database")
                 del app.pools[key]
-                log.info("freeing unused automatic database %s/%s", name, pool.user)
+                log.info("freeing unused %s %s/%s", "automatic database" if auto else "pool", name, pool.user)
 
     def fill_pool(self, pool: Pool, want: int | None = None) -> None:
         from .net.checkout import open_server
@@ -148,7 +154,13 @@ class Janitor:
             if s.client_idle_timeout > 0 and now - client.request_time > s.client_idle_timeout and client.state == "active":
                 client.shutdown("08P01", "client_idle_timeout")
             return
-        if server.outstanding > 0:
+        if s.transaction_timeout > 0 and server.tx_status != b"I" \
+                and now - server.xact_started > s.transaction_timeout:
+            client.server = None
+            server.client = None
+            server.close("transaction timeout")
+            client.shutdown("08P01", "transaction timeout")
+        elif server.outstanding > 0:
             if s.query_timeout > 0 and now - server.request_started > s.query_timeout:
                 client.server = None
                 server.client = None

@@ -90,6 +90,8 @@ def login(client) -> bool:
     out = [m.AUTH_OK]
     out.extend(m.parameter_status(k, v) for k, v in welcome.items())
     out.append(m.backend_key_data(*client.cancel_key))
+    if app.settings.login_notify_message:
+        out.append(m.notice_response(app.settings.login_notify_message))
     out.append(m.READY_IDLE)
     client.sock.sendall(b"".join(out))
     client.state = CL_ACTIVE

@@ -1,0 +1,65 @@
+"""Settings of PgBouncer releases after 1.18 (so these tests are geobouncer's
+alone): transaction_timeout, pool_idle_timeout, login_notify_message."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg2
+import pytest
+from _util_pool import RawClient, query_one
+from fixtures.ports import wait_until
+
+pytestmark = pytest.mark.geobouncer_only("settings newer than PgBouncer 1.18")
+
+
+@pytest.mark.parametrize("pool_mode", ["session", "transaction"])
+def test_transaction_timeout_ends_a_long_transaction_only(pg, bouncer, pool_mode):
+    b = bouncer(pgbouncer={"pool_mode": pool_mode, "auth_type": "md5", "transaction_timeout": 2})
+    auto = b.connect(autocommit=True)
+    conn = b.connect()
+    try:
+        pid = query_one(conn, "SELECT pg_backend_pid()")[0]        # BEGIN ... : in a transaction now
+        assert query_one(auto, "SELECT pg_sleep(2.5), 1")[1] == 1   # a long statement outside: untouched
+        time.sleep(1)
+        with pytest.raises(psycopg2.OperationalError):
+            query_one(conn, "SELECT 1")
+        assert "closing because: transaction timeout" in b.log_text()
+        assert b.log_text().count("closing because: transaction timeout") == 2    # client and server
+        probe = pg.connect()
+        try:
+            wait_until(lambda: query_one(probe, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                         (pid,))[0] == 0, timeout=10, message="its server closed")
+        finally:
+            probe.close()
+        assert query_one(auto, "SELECT 2") == (2,)
+    finally:
+        conn.close()
+        auto.close()
+
+
+def test_pool_idle_timeout_frees_an_unused_pool(pg, bouncer):
+    b = bouncer(pgbouncer={"pool_mode": "session", "auth_type": "md5", "pool_idle_timeout": 1,
+                           "server_idle_timeout": 1})
+    conn = b.connect()
+    assert query_one(conn, "SELECT 1") == (1,)
+    pools = lambda: {row.database for row in b.admin("SHOW POOLS")} - {"pgbouncer"}   # noqa: E731
+    time.sleep(2.5)
+    assert pools() == {"app"}           # its client is still there
+    conn.close()
+    wait_until(lambda: pools() == set(), timeout=15, message="pool freed once its server is gone")
+    conn = b.connect()
+    assert query_one(conn, "SELECT 3") == (3,)
+    conn.close()
+
+
+def test_login_notify_message(pg, bouncer):
+    b = bouncer(pgbouncer={"auth_type": "md5", "login_notify_message": "you are talking to a pooler"})
+    raw = RawClient(b.host, b.port)
+    try:
+        replies = raw.login("app", "app_pw", "app")
+    finally:
+        raw.close()
+    kinds = [t for t, _ in replies]
+    assert kinds[-2:] == [b"N", b"Z"], kinds        # after BackendKeyData, before ReadyForQuery
+    assert b"Myou are talking to a pooler\x00" in replies[-2][1]
