@@ -162,10 +162,8 @@ class Janitor:
             client.shutdown("08P01", "transaction timeout")
         elif server.outstanding > 0:
             if s.query_timeout > 0 and now - server.request_started > s.query_timeout:
-                client.server = None
-                server.client = None
-                server.close("query timeout")
-                client.shutdown("08P01", "query timeout")
+                # The server is closed once a message under way has gone out whole.
+                client.shutdown("08P01", "query timeout", server_reason="query timeout")
         elif server.tx_status != b"I":
             if s.idle_transaction_timeout > 0 and now - server.last_activity > s.idle_transaction_timeout:
                 client.server = None

@@ -11,7 +11,6 @@ server has answered everything and may go back to the pool.
 from __future__ import annotations
 
 import logging
-import socket as pysocket
 from time import monotonic
 
 import gevent
@@ -22,7 +21,7 @@ from ..pool.states import CL_ACTIVE, CL_LOGIN, CL_WAITING
 from ..proto import messages as m
 from ..proto.framing import ProtocolError
 from ..proto.scan import ClientScanner
-from . import forward, login, stream, tls
+from . import forward, last_words, login, stream, tls
 from . import params as tracked_params
 from .checkout import ClientError, acquire_server
 from .fastio import Parked, sender
@@ -258,19 +257,16 @@ class ClientConnection:
         """Has the server been sent part of a message whose rest is still to come?"""
         return self.scanner is not None and self.scanner.owed > 0
 
-    def shutdown(self, sqlstate: str | None = None, text: str | None = None) -> None:
-        """Close this client from another greenlet (janitor, admin KILL, lost server)."""
+    def shutdown(self, sqlstate: str | None = None, text: str | None = None,
+                 server_reason: str | None = None) -> None:
+        """Close this client from another greenlet (janitor, admin KILL, lost server):
+        the FATAL at a message boundary, then EOF (net/last_words.py)."""
         if self.closing:
             return
         self.closing = True
-        if text:
-            if self.app.settings.log_pooler_errors:
-                log.warning("%s closing because: %s", self.label(), text)
-            self.send_error(sqlstate or "08P01", text, fatal=True)
-        try:
-            self.sock.shutdown(pysocket.SHUT_RDWR)
-        except OSError:
-            pass
+        if text and self.app.settings.log_pooler_errors:
+            log.warning("%s closing because: %s", self.label(), text)
+        last_words.shutdown(self, sqlstate, text, server_reason)
         if self.queued is not None:
             self.queued.cancel(ClientGone())     # its greenlet may wait for a server, not read
 

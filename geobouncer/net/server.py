@@ -31,7 +31,7 @@ from ..proto import messages as m
 from ..proto.framing import ProtocolError, message_at
 from ..proto.scan import REQUEST_REPLIES, SERVER_WATCH, ServerScanner
 from .fastio import receiver
-from . import internal, server_login
+from . import internal, last_words, server_login
 from .internal import InternalQuery, ServerError  # noqa: F401 - re-exported
 from .server_login import send_cancel  # noqa: F401 - re-exported
 
@@ -61,8 +61,8 @@ class ServerConnection:
     __slots__ = ("client", "close_reason", "closed", "created_at", "cancelling", "dirty", "host", "id",
                  "idle_since", "in_copy", "internal", "key", "last_activity", "linked_at", "local_addr",
                  "outstanding", "params", "pid", "pool", "port", "reader", "request_started", "scanner",
-                 "send", "session_sets", "sock", "stale", "state", "tparams", "tracker", "tx_status",
-                 "unsynced", "xact_started", "__weakref__")
+                 "send", "session_sets", "sock", "stale", "state", "tparams", "to_boundary", "tracker",
+                 "tx_status", "unsynced", "xact_started", "__weakref__")
 
     def __init__(self, pool, host: str, port: int):
         global _next_id
@@ -96,6 +96,7 @@ class ServerConnection:
         self.reader = None
         self.cancelling = False
         self.stale = False            # config changed: close instead of reusing
+        self.to_boundary = False      # the client is being closed: end the message under way, stop
         # Transaction/statement pooling renames prepared statements (pool/prepared.py).
         self.tracker = Tracker(pool.registry, pool.max_prepared, pool.parsed) if pool.tracking else None
         self.session_sets: dict[str, str] = {}   # SETs replayed here (pool/session_state.py)
@@ -152,6 +153,10 @@ class ServerConnection:
                 if self.internal is not None:
                     internal.internal_data(self, data)
                     continue
+                if self.to_boundary:
+                    if last_words.forward_rest(self, data):
+                        continue
+                    return
                 if tracker is not None:
                     exact = tracker.exact
                     client = self.client
