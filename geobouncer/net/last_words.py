@@ -25,6 +25,7 @@ greenlet closes it once it has seen the EOF (no gevent watcher is live then).
 
 from __future__ import annotations
 
+import logging
 import socket as pysocket
 
 import gevent
@@ -32,6 +33,8 @@ import gevent
 from ..proto import messages as m
 from . import tls
 from .fastio import plain
+
+log = logging.getLogger("geobouncer")
 
 LAST_WORDS_TIMEOUT = 5.0   # to end the message under way and write the error
 MAX_REST = 1 << 24         # a message with more still to come is not waited for
@@ -103,6 +106,8 @@ def _finish(client, server, rest: bytes, locked: bool, server_reason: str | None
     except gevent.Timeout as exc:
         if exc is not timeout:
             raise
+        log.info("%s the message under way did not end within %.0fs: closed without the error",
+                 client.label(), LAST_WORDS_TIMEOUT)
     except (OSError, ValueError, AttributeError):
         pass                           # the client went away (a TLS socket's errors too)
     finally:
@@ -123,6 +128,8 @@ def _wait_for_boundary(client, server) -> bool:
             return True
         wlock.release()
         if server.closed or server.client is not client:
+            log.info("%s its server went away in the middle of a message: closed without the error",
+                     client.label())
             return False
         gevent.sleep(_POLL)
 
