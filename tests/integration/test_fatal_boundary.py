@@ -9,6 +9,7 @@ client's receive buffer and how fast the client reads. See net/last_words.py.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -179,6 +180,35 @@ def test_never_reading_client_is_closed_in_time_and_its_server_too(pg, bouncer):
         assert time.monotonic() - started < 10
         wait_until(lambda: not [r for r in b.admin("SHOW SERVERS") if r.database == "app"], timeout=10,
                    message="its server closed")
+    finally:
+        raw.close()
+    finish(b)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.geobouncer_only("the FATAL at a message boundary (PgBouncer 1.18 writes it mid-row)")
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_tls_client_reads_whole_rows_then_the_fatal(tls_files, pg, bouncer, shape):
+    """The same over TLS: the writes go through the SSL socket's own sendall."""
+    sql, columns = SHAPES[shape]
+    b = bouncer(pgbouncer={**settings("kill_client"), "client_tls_sslmode": "require",
+                           "client_tls_key_file": tls_files.key("bouncer"),
+                           "client_tls_cert_file": tls_files.cert("bouncer")})
+    raw = RawClient(b.host, b.port, timeout=20)
+    try:
+        raw.sock.sendall(struct.pack("!II", 8, 80877103))      # SSLRequest
+        assert raw.sock.recv(1) == b"S"
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        raw.sock = ctx.wrap_socket(raw.sock)
+        assert raw.login(*APP)[-1][0] == b"Z"
+        raw.sock.sendall(query_message(sql))
+        time.sleep(1.0)
+        kill(b, "kill_client")
+        rows, others = read_to_eof(raw, columns)
+        assert_ends_with_fatal(others, "kill_client")
+        assert rows > 0
     finally:
         raw.close()
     finish(b)
