@@ -154,15 +154,12 @@ class Janitor:
             if s.client_idle_timeout > 0 and now - client.request_time > s.client_idle_timeout and client.state == "active":
                 client.shutdown("08P01", "client_idle_timeout")
             return
+        # The server is closed once a message under way has gone out whole (net/last_words.py).
         if s.transaction_timeout > 0 and server.tx_status != b"I" \
                 and now - server.xact_started > s.transaction_timeout:
-            client.server = None
-            server.client = None
-            server.close("transaction timeout")
-            client.shutdown("08P01", "transaction timeout")
+            client.shutdown("08P01", "transaction timeout", server_reason="transaction timeout")
         elif server.outstanding > 0:
             if s.query_timeout > 0 and now - server.request_started > s.query_timeout:
-                # The server is closed once a message under way has gone out whole.
                 client.shutdown("08P01", "query timeout", server_reason="query timeout")
         elif server.tx_status != b"I":
             if s.idle_transaction_timeout > 0 and now - server.last_activity > s.idle_transaction_timeout:

@@ -72,13 +72,22 @@ def read_to_eof(raw: RawClient, columns, seconds: float = 60) -> tuple[int, list
     raise AssertionError(f"no EOF within {seconds}s ({rows} rows)")
 
 
-def stalled_client(b, sql: str, rcvbuf: int | None) -> RawClient:
+def stalled_client(b, sql: str, rcvbuf: int | None, columns) -> tuple[RawClient, tuple]:
+    """A client whose result has started (its RowDescription and first row
+    read, that row checked): (the client, the RowDescription)."""
     raw = RawClient(b.host, b.port, timeout=20)
     if rcvbuf:
         raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     assert raw.login(*APP)[-1][0] == b"Z"
+    return raw, start_result(raw, sql, columns)
+
+
+def start_result(raw: RawClient, sql: str, columns) -> tuple:
     raw.sock.sendall(query_message(sql))
-    return raw
+    description, row = raw.read_message(), raw.read_message()
+    assert (description[0], row[0]) == (b"T", b"D"), (description, row)
+    check_row(row[1], columns)
+    return description
 
 
 def kill(b, how: str) -> None:
@@ -116,12 +125,12 @@ def settings(how: str) -> dict:
 def test_stalled_client_reads_whole_rows_then_the_fatal(pg, bouncer, how, shape, rcvbuf):
     sql, columns = SHAPES[shape]
     b = bouncer(pgbouncer=settings(how))
-    raw = stalled_client(b, sql, rcvbuf)
+    raw, description = stalled_client(b, sql, rcvbuf, columns)
     try:
         time.sleep(1.0)                  # every buffer on the way is full
         kill(b, how)
         rows, others = read_to_eof(raw, columns)
-        assert_ends_with_fatal(others, how)
+        assert_ends_with_fatal([description, *others], how)
         assert rows > 0
     finally:
         raw.close()
@@ -137,7 +146,7 @@ def test_kill_while_a_slow_reader_streams_many_chunks(pg, bouncer, shape, delay)
     many times, so the kill finds it at a different point each run."""
     sql, columns = SHAPES[shape]
     b = bouncer(pgbouncer=settings("kill_client"))
-    raw = stalled_client(b, sql, None)
+    raw, description = stalled_client(b, sql, None, columns)
     slow_recv = raw.sock.recv
 
     def throttled(size):
@@ -157,7 +166,7 @@ def test_kill_while_a_slow_reader_streams_many_chunks(pg, bouncer, shape, delay)
         if isinstance(outcome, BaseException):
             raise outcome
         _, others = outcome
-        assert_ends_with_fatal(others, "kill_client")
+        assert_ends_with_fatal([description, *others], "kill_client")
     finally:
         raw.close()
     finish(b)
@@ -168,9 +177,9 @@ def test_kill_while_a_slow_reader_streams_many_chunks(pg, bouncer, shape, delay)
 def test_never_reading_client_is_closed_in_time_and_its_server_too(pg, bouncer):
     """A client that never reads cannot hold the close: past the bound it is
     shut without the error, and its server is closed, not given back."""
-    sql, _ = SHAPES["wide"]
+    sql, columns = SHAPES["wide"]
     b = bouncer(pgbouncer=settings("kill_client"))
-    raw = stalled_client(b, sql, 4096)
+    raw, _ = stalled_client(b, sql, 4096, columns)
     try:
         time.sleep(1.0)
         started = time.monotonic()
@@ -203,11 +212,11 @@ def test_tls_client_reads_whole_rows_then_the_fatal(tls_files, pg, bouncer, shap
         ctx.verify_mode = ssl.CERT_NONE
         raw.sock = ctx.wrap_socket(raw.sock)
         assert raw.login(*APP)[-1][0] == b"Z"
-        raw.sock.sendall(query_message(sql))
+        description = start_result(raw, sql, columns)
         time.sleep(1.0)
         kill(b, "kill_client")
         rows, others = read_to_eof(raw, columns)
-        assert_ends_with_fatal(others, "kill_client")
+        assert_ends_with_fatal([description, *others], "kill_client")
         assert rows > 0
     finally:
         raw.close()
