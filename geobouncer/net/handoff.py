@@ -82,9 +82,9 @@ def write_request(server, data, now: float, syncs: int = 0, parses: int = 0) -> 
     batch: its other messages are unnamed, and a reply to one of them
     changes nothing the tracker knows (pool/prepared.py, server_message)."""
     tracker = server.tracker
+    server.unsynced = False     # a Query, like a Sync, ends the extended messages before it
     if syncs:
         requests = syncs
-        server.unsynced = False
         if tracker is not None:
             tracker.pending.extend((_SYNC_ENTRY,) * syncs)
             tracker.parses += parses
