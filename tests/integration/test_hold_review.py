@@ -10,7 +10,6 @@ first one still gets right answers.
 
 from __future__ import annotations
 
-import socket
 import time
 
 import psycopg2
@@ -47,7 +46,7 @@ def _quiet(raw: RawClient, wait: float = 0.4) -> list:
             if msg is None:
                 break
             out.append(msg)
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         pass
     finally:
         raw.sock.settimeout(15)
