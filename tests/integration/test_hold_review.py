@@ -247,3 +247,41 @@ def test_large_parse_then_local_answer_does_not_pool_the_open_transaction(pg, bo
         assert other.get(20) == (False,), "another client ran inside the first one's implicit transaction"
         _query_ok(raw, 6)
     finish(b)
+
+
+SET_PATH = parse("", "SET search_path = hold_other, public") + bind("") + execute()
+SET_SEQUENCES = {
+    # The SET's Execute and the Sync that commits it in separate batches.
+    "execute-flush-then-sync": [SET_PATH + FLUSH, SYNC],
+    # A Query ends the implicit transaction, and the SET with it.
+    "execute-then-query": [SET_PATH + query_message("SELECT 1")],
+    "execute-flush-then-query": [SET_PATH + FLUSH, query_message("SELECT 1")],
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(TARGET == "pgbouncer", strict=True, reason="PgBouncer 1.18 does not track SETs: "
+                   "every SET reaches the next client in transaction pooling")
+@pytest.mark.parametrize("sequence", sorted(SET_SEQUENCES))
+def test_extended_set_is_not_pooled_with_the_server(pg, bouncer, sequence):
+    """A SET run through the extended protocol takes effect when its implicit
+    transaction ends (a Sync or a Query, maybe in a later batch). The server
+    then goes back to the pool: the next client must not inherit the
+    search_path, and the first one keeps it on its next transaction."""
+    b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "default_pool_size": 1,
+                           "query_wait_timeout": 5})
+    with raw_login(b) as raw:
+        for part in SET_SEQUENCES[sequence]:
+            raw.sock.sendall(part)
+            if part.endswith(FLUSH):
+                assert kinds(raw.read_until(b"C"))[-3:] == b"12C"
+        replies = read_n_ready(raw, 1)
+        assert replies[-1] == (b"Z", b"I") and not errors_in(replies), describe_msgs(replies)
+        time.sleep(0.3)
+        other = run_in_thread(lambda: query_one(b.connect(autocommit=True, connect_timeout=10),
+                                                "SHOW search_path"))
+        assert other.get(15) == ('"$user", public',), "the next client inherited the SET"
+        raw.sock.sendall(query_message("SHOW search_path"))
+        replies = read_n_ready(raw, 1)
+        assert rows_of(replies) == [["hold_other, public"]], describe_msgs(replies)
+    finish(b)
