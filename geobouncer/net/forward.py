@@ -271,7 +271,7 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
     run = 0
     requests = 0
     synced = None
-    sync_effect = None
+    sync_effect = tracker.sync_effect     # an Execute's SET whose Sync is still to come
     # SETs count only when run outside a transaction: as of this batch's start,
     # and before any other request of the batch.
     outside = server.tx_status == b"I" and not tracker.pending and deferred is None
@@ -288,11 +288,12 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
                     run = end
                     continue
                 effect = params.session_effect(client, server, params.session_change(body[:-1]), outside)
-                replaced = client_message(mtype, body, stmts, scratch, effect)
+                replaced = client_message(mtype, body, stmts, scratch, params.both(sync_effect, effect))
             else:
-                replaced = client_message(mtype, None, stmts, scratch)
+                replaced = client_message(mtype, None, stmts, scratch, sync_effect)
             requests += 1
             synced = True       # it ends the implicit transaction of the messages before it
+            sync_effect = None
             outside = False
         elif mtype in _RENAMED:
             if mtype == _P or mtype == _B or mtype == _D:
@@ -367,6 +368,7 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
         # A large batch goes out piece by piece: joined, it would be one more copy.
         chunk = b"".join(out) if last <= _BIG else [piece for piece in out if len(piece)]
     del buf[:last]
+    tracker.sync_effect = sync_effect
     if synced is False:
         tracker.exact = True    # what fails before the Sync decides what it skips (pool/unanswered.py)
     if deferred is not None:

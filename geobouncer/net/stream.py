@@ -82,7 +82,10 @@ def stream_large(client, buf: bytearray, recv, scratch: list) -> None:
             tracker.parses += 1
             client.unnamed_change = None
         else:
-            tracker.client_message(mtype, None, client.statements, scratch)
+            effect = None
+            if mtype in (_Q, _F):     # it commits an Execute's SET sent before it (net/forward.py)
+                effect, tracker.sync_effect = tracker.sync_effect, None
+            tracker.client_message(mtype, None, client.statements, scratch, effect)
             scratch.clear()
     client.request_time = monotonic()
     first = bytes(buf)

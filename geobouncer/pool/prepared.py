@@ -107,9 +107,10 @@ class Tracker:
         # Requests PostgreSQL will not answer (pool/unanswered.py): skipping to a
         # Sync after an extended-protocol error, a COPY FROM STDIN swallowing
         # Syncs, CopyDone entries queued; ``settle``: the reader has news
-        # (``unanswered`` to take off what the server owes, ``needs_sync``).
+        # (``unanswered`` to take off what the server owes, ``needs_sync``);
+        # ``sync_effect``: an Execute's SET sent, its Sync or Query not yet (net/forward.py).
         self.irregular = self.skipping = self.copy_in = self.settle = self.needs_sync = False
-        self.unanswered = 0
+        self.unanswered, self.sync_effect = 0, None
 
     def reset(self) -> None:
         """The server lost its statements (DISCARD ALL, reset query)."""

@@ -58,13 +58,19 @@ def skip_to_sync(tracker, through_queries: bool) -> None:
             tracker.prepared.restore(entry[2])   # the eviction's Close was skipped
     if pending:
         pending[0] = (pending[0][0], False, None)   # the batch failed: no effect
-    elif through_queries:
+        return _count(tracker, skipped, False)
+    tracker.sync_effect = None      # nor for a Sync still to come
+    if through_queries:
         # What the client sends next is skipped too, up to its Sync: the
         # ReadyForQuery that comes is that Sync's (ready_irregular).
         tracker.skipping = tracker.irregular = True
-    if skipped or (through_queries and not pending):
+    _count(tracker, skipped, through_queries)
+
+
+def _count(tracker, skipped: int, needs_sync: bool) -> None:
+    if skipped or needs_sync:
         tracker.unanswered += skipped
-        tracker.needs_sync = tracker.needs_sync or not pending
+        tracker.needs_sync = tracker.needs_sync or needs_sync
         tracker.settle = True
 
 
