@@ -158,12 +158,21 @@ def _pipelined_error_in_the_middle(raw):
 PGBOUNCER_HOLDS = {"error-then-query-then-sync", "error-then-later-query-then-sync",
                    "pipelined-error-in-the-middle"}
 
+def _query_then_stray_copy_done(raw):
+    # PostgreSQL ignores a CopyDone outside COPY.
+    raw.sock.sendall(query_message("SELECT 2") + message(b"c"))
+    replies = read_n_ready(raw, 1)
+    assert rows_of(replies) == [["2"]] and replies[-1] == (b"Z", b"I"), describe_msgs(replies)
+    assert _quiet(raw) == []
+
+
 CASES = {
     "extended-then-query": _extended_then_query,
     "error-then-query-then-sync": _error_then_query_then_sync,
     "error-then-later-query-then-sync": _error_then_later_query_then_sync,
     "copy-in-extended-with-sync": _copy_in_extended_with_sync,
     "copy-in-sync-inside": _copy_in_sync_inside,
+    "query-then-stray-copy-done": _query_then_stray_copy_done,
     "copy-in-abandoned-with-query": _copy_in_abandoned_with_query,
     "sync-only": _sync_only,
     "execute-missing-portal-then-sync": _execute_missing_portal_then_sync,
