@@ -273,8 +273,6 @@ class ServerConnection:
                 self.tracker.copy_in = self.tracker.irregular = True   # it swallows Syncs
             return
         if mtype == _E:
-            if self.tracker is not None:
-                self.tracker.copy_in = False    # a COPY that fails: what it swallowed is not known
             fields = m.parse_error_fields(data[start:end])
             if fields.get("S") in ("FATAL", "PANIC"):
                 self.dirty = True

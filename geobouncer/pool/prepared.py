@@ -350,6 +350,7 @@ class Tracker:
                     self._drop_watch_over()
             return True, fakes
         if mtype == _R_ERROR:
+            self.copy_in = False      # a COPY that fails: what it swallowed is not known
             if kind == QUERY:
                 pending[0] = (QUERY, False, None)   # a failed query has no effect to apply
                 return True, b""
