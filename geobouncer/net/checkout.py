@@ -27,6 +27,13 @@ class ClientError(Exception):
         self.close = close
 
 
+def no_server_now(pool) -> bool:
+    """Every server busy and no room for another: only then is a Parse-only
+    batch answered without a server (a server, when there is one, checks the
+    text against the database as it is now; net/forward.py)."""
+    return not pool.idle and not pool.may_open(False)
+
+
 def acquire_server(app, pool, client) -> ServerConnection:
     """Return an active server for ``client``, or raise ClientError. The pool
     decides (Pool.checkout); this carries the decision out."""

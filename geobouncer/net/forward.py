@@ -12,7 +12,7 @@ from ..pool.statements import parse_locally
 from ..proto import messages as m
 from ..proto.scan import OWES_SYNC
 from . import defer_begin, params, route, stream
-from .checkout import ClientError
+from .checkout import ClientError, no_server_now
 from .fastio import Handoff, receiver
 from .handoff import queue_if_full, write_request
 from .login import ClientGone
@@ -228,13 +228,6 @@ def _write(server, data, now: float, syncs: int = 0, parses: int = 0) -> None:
         raise ClientError("08P01", "server conn crashed?") from None
 
 
-def _no_server_now(pool) -> bool:
-    """Every server busy and no room for another: only then is a Parse-only
-    batch answered without a server (a server, when there is one, checks the
-    text against the database as it is now)."""
-    return not pool.idle and not pool.may_open(False)
-
-
 def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
     if client.lost_tx:
         client._answer_lost(buf, msgs)
@@ -248,7 +241,7 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
             return
         msgs = route.route_batch(client, buf, msgs)
     server = client.server
-    if server is None and msgs[0][0] == _P and _no_server_now(client.route_pool or client.pool):
+    if server is None and msgs[0][0] == _P and no_server_now(client.route_pool or client.pool):
         reply = parse_locally(client.app.registry, buf, msgs, client.statements, _needs_inspection,
                               (client.route_pool or client.pool).parsed)
         if reply is not None:
@@ -278,7 +271,7 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
     run = 0
     requests = 0
     synced = None
-    sync_effect = None
+    sync_effect = tracker.sync_effect     # an Execute's SET whose Sync is still to come
     # SETs count only when run outside a transaction: as of this batch's start,
     # and before any other request of the batch.
     outside = server.tx_status == b"I" and not tracker.pending and deferred is None
@@ -295,10 +288,12 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
                     run = end
                     continue
                 effect = params.session_effect(client, server, params.session_change(body[:-1]), outside)
-                replaced = client_message(mtype, body, stmts, scratch, effect)
+                replaced = client_message(mtype, body, stmts, scratch, params.both(sync_effect, effect))
             else:
-                replaced = client_message(mtype, None, stmts, scratch)
+                replaced = client_message(mtype, None, stmts, scratch, sync_effect)
             requests += 1
+            synced = True       # it ends the implicit transaction of the messages before it
+            sync_effect = None
             outside = False
         elif mtype in _RENAMED:
             if mtype == _P or mtype == _B or mtype == _D:
@@ -350,6 +345,7 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
         else:
             if mtype == _F:
                 requests += 1
+                synced = True
             elif mtype in OWES_SYNC:
                 synced = False
             replaced = client_message(mtype, None, stmts, scratch)
@@ -372,6 +368,9 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
         # A large batch goes out piece by piece: joined, it would be one more copy.
         chunk = b"".join(out) if last <= _BIG else [piece for piece in out if len(piece)]
     del buf[:last]
+    tracker.sync_effect = sync_effect
+    if synced is False:
+        tracker.exact = True    # what fails before the Sync decides what it skips (pool/unanswered.py)
     if deferred is not None:
         # The deferred BEGIN goes first; the client had its reply already.
         for _ in deferred[0]:

@@ -82,16 +82,25 @@ def write_request(server, data, now: float, syncs: int = 0, parses: int = 0) -> 
     batch: its other messages are unnamed, and a reply to one of them
     changes nothing the tracker knows (pool/prepared.py, server_message)."""
     tracker = server.tracker
-    if syncs:
-        requests = syncs
+    effect = None
+    if server.unsynced:
+        # A Query, like a Sync, ends the extended messages before it, and
+        # commits what they SET (net/forward.py).
         server.unsynced = False
         if tracker is not None:
+            effect, tracker.sync_effect = tracker.sync_effect, None
+    if syncs:
+        requests = syncs
+        if tracker is not None:
+            if effect is not None:
+                tracker.pending.append((SYNC, False, effect))
+                syncs -= 1
             tracker.pending.extend((_SYNC_ENTRY,) * syncs)
             tracker.parses += parses
     else:
         requests = 1
         if tracker is not None:
-            tracker.pending.append(_QUERY_ENTRY)
+            tracker.pending.append(_QUERY_ENTRY if effect is None else (QUERY, False, effect))
     if server.outstanding <= 0:
         server.outstanding = requests
         server.request_started = now

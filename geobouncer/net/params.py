@@ -147,3 +147,10 @@ def session_effect(client, server, change, outside: bool):
             session_state.apply(client.session_sets, change)
             session_state.apply(server.session_sets, change)
     return remember
+
+
+def both(first, second):
+    """Two session effects for one ReadyForQuery, ``first`` first (either may be None)."""
+    if first is None or second is None:
+        return first or second
+    return lambda status: (first(status), second(status))

@@ -205,6 +205,8 @@ class ServerConnection:
                 if tracker is not None:
                     if tracker.dropped_all:
                         self._statements_dropped()
+                    if tracker.settle:
+                        self._settle()
                     if exact and pending and pending[0][0] == FAKE and self.client is not None:
                         chunk += tracker.first_fakes()
                 if chunk:
@@ -242,6 +244,18 @@ class ServerConnection:
                 client.stmt_routes.pop(name, None)
                 client.stmt_class.pop(name, None)
 
+    def _settle(self) -> None:
+        """Requests PostgreSQL will not answer were dropped (pool/unanswered.py):
+        they owe nothing; after an extended-protocol error with no Sync sent
+        yet, the server waits for one."""
+        tracker = self.tracker
+        tracker.settle = False
+        self.outstanding -= tracker.unanswered
+        tracker.unanswered = 0
+        if tracker.needs_sync:
+            tracker.needs_sync = False
+            self.unsynced = True
+
     def pool_limit(self) -> int:
         return 1 << 26
 
@@ -260,6 +274,8 @@ class ServerConnection:
             return
         if mtype in (_G, _H, _W):
             self.in_copy = True
+            if mtype == _G and self.tracker is not None:
+                self.tracker.copy_in = self.tracker.irregular = True   # it swallows Syncs
             return
         if mtype == _E:
             fields = m.parse_error_fields(data[start:end])

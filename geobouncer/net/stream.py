@@ -11,6 +11,7 @@ from time import monotonic
 
 from ..pool.prepared import PARSE
 from ..proto.framing import ProtocolError
+from ..proto.scan import OWES_SYNC
 from .checkout import ClientError
 from .fastio import receiver
 from .login import ClientGone
@@ -81,13 +82,21 @@ def stream_large(client, buf: bytearray, recv, scratch: list) -> None:
             tracker.parses += 1
             client.unnamed_change = None
         else:
-            tracker.client_message(mtype, None, client.statements, scratch)
+            effect = None
+            if mtype in (_Q, _F):     # it commits an Execute's SET sent before it (net/forward.py)
+                effect, tracker.sync_effect = tracker.sync_effect, None
+            tracker.client_message(mtype, None, client.statements, scratch, effect)
             scratch.clear()
     client.request_time = monotonic()
     first = bytes(buf)
     buf.clear()
     scanner.start_streaming(total, len(first))
-    client._send(first, 1 if mtype in (_Q, _F) else 0, None)
+    # Like the batches of net/forward.py: a Query ends the extended messages
+    # before it, a Parse or Bind leaves the server waiting for a Sync.
+    synced = True if mtype in (_Q, _F) else False if mtype in OWES_SYNC else None
+    if synced is False and tracker is not None:
+        tracker.exact = True
+    client._send(first, 1 if mtype in (_Q, _F) else 0, synced)
     while scanner.owed > 0:
         data = recv()
         if not data:

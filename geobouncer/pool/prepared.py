@@ -23,9 +23,10 @@ replies to injected messages are swallowed, faked replies are inserted at
 their place in the stream, and after an error the entries up to the next Sync
 are dropped, as the server skips those messages.
 
-This module holds the Tracker and the entry kinds of its FIFO (net/ reads
-them); the ids it renames to, the per-server set of prepared ids and
-parse_locally, which need no FIFO, are in pool/statements.py.
+This module holds the Tracker (net/ reads the entry kinds of its FIFO here;
+they, and the requests PostgreSQL never answers, are in pool/unanswered.py);
+the ids it renames to, the per-server set of prepared ids and parse_locally,
+which need no FIFO, are in pool/statements.py.
 """
 
 from __future__ import annotations
@@ -36,16 +37,15 @@ from collections import deque
 
 from ..proto import messages as m
 from .statements import _BIG, PARSE_COMPLETE, Registry, ServerStatements, server_name
+from .unanswered import BIND, CLOSE, COPY_END, DESCRIBE, EXECUTE, EXTENDED, FAKE, INJECTED, PARSE, QUERY, SYNC
+from .unanswered import ready_irregular, skip_to_sync
 
 _HDR = struct.Struct("!cI")
 
-# entry kinds
-PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FAKE, INJECTED = range(9)
-# INJECTED: a simple Query the pooler sent (a deferred BEGIN, net/defer_begin.py):
-# its replies are swallowed (CommandComplete, a warning, ReadyForQuery), an error forwarded.
 
 CLOSE_COMPLETE = m.message(b"3")
 _P, _B, _D, _C, _S, _Q, _E, _F = (ord(c) for c in "PBDCSQEF")
+_COPY_ENDS = frozenset(b"cf")   # CopyDone, CopyFail
 # reply types
 _R_PARSE, _R_BIND, _R_CLOSE = ord("1"), ord("2"), ord("3")
 _R_ROWDESC, _R_NODATA = ord("T"), ord("n")
@@ -101,6 +101,13 @@ class Tracker:
         # (``watch_drop``): (server ids, the client's names), until the queue empties.
         self.drop_watch = None
         self.dropped_names = None   # with dropped_all: only these names go (None: all)
+        # Requests PostgreSQL will not answer (pool/unanswered.py): skipping to a
+        # Sync after an extended-protocol error, a COPY FROM STDIN swallowing
+        # Syncs, CopyDone entries queued; ``settle``: the reader has news
+        # (``unanswered`` to take off what the server owes, ``needs_sync``);
+        # ``sync_effect``: an Execute's SET sent, its Sync or Query not yet (net/forward.py).
+        self.irregular = self.skipping = self.copy_in = self.settle = self.needs_sync = False
+        self.unanswered, self.sync_effect = 0, None
 
     def reset(self) -> None:
         """The server lost its statements (DISCARD ALL, reset query)."""
@@ -130,7 +137,9 @@ class Tracker:
         to ``out``, a scratch list for this one message. ``effect`` runs when a
         simple query succeeds."""
         pending = self.pending
-        if mtype == _Q:
+        if mtype == _Q or mtype == _F:
+            if pending and pending[-1][0] in EXTENDED:
+                self.exact = True     # skipped if one of those fails (pool/unanswered.py)
             pending.append((QUERY, False, effect))
             return False
         if mtype == _S:
@@ -177,8 +186,9 @@ class Tracker:
                 return True
             pending.append((CLOSE, False, None))
             return False
-        if mtype == _F:
-            pending.append((QUERY, False, None))
+        if mtype in _COPY_ENDS:
+            pending.append((COPY_END, False, None))
+            self.irregular = True
         return False
 
     def parse_at(self, buf, start: int, end: int, client_stmts: dict, out: list) -> bool:
@@ -297,6 +307,8 @@ class Tracker:
         every entry up to and including its Sync or Query is done."""
         self.status = status
         pending = self.pending
+        if self.irregular:
+            ready_irregular(self)
         while pending:
             entry = pending.popleft()
             if entry[0] == SYNC or entry[0] == QUERY:
@@ -318,6 +330,8 @@ class Tracker:
                 return False, self.first_fakes()
             return mtype not in _INJECTED_SWALLOWED, b""
         if mtype == _R_READY:
+            if self.irregular:
+                ready_irregular(self)
             # drop whatever the server skipped, up to and including the Sync/Query
             while pending and pending[0][0] not in (SYNC, QUERY):
                 pending.popleft()
@@ -333,6 +347,7 @@ class Tracker:
                     self._drop_watch_over()
             return True, fakes
         if mtype == _R_ERROR:
+            self.copy_in = False      # a COPY that fails: what it swallowed is not known
             if kind == QUERY:
                 pending[0] = (QUERY, False, None)   # a failed query has no effect to apply
                 return True, b""
@@ -346,20 +361,7 @@ class Tracker:
                 # A taken name: the server named its own statement; say the client's.
                 name = pending[0][2].decode(errors="replace")
                 replacement = m.error_response("42P05", f'prepared statement "{name}" already exists')
-            while pending and pending[0][0] not in (SYNC, QUERY):
-                entry = pending.popleft()
-                if entry[0] == PARSE and isinstance(entry[2], int):
-                    # Refused, or skipped after the error: not prepared there,
-                    # and the client's name is free again.
-                    self.prepared.discard(entry[2])
-                    self.parsed.discard(entry[2])
-                    owner = entry[3] if len(entry) > 3 else None
-                    if owner is not None and owner[0].get(owner[1], (None,))[0] == entry[2]:
-                        del owner[0][owner[1]]
-                elif entry[0] == CLOSE and type(entry[2]) is int:
-                    self.prepared.restore(entry[2])   # the eviction's Close was skipped
-            if pending:
-                pending[0] = (pending[0][0], False, None)   # the batch failed: no effect
+            skip_to_sync(self, self.exact and kind in EXTENDED)
             return not replacement, replacement
         done = False
         if mtype == _R_COMPLETE and body[:4] in (b"DEAL", b"DISC") and bytes(body[:-1]) in _DROP_ALL_TAGS:

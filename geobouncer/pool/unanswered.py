@@ -1,0 +1,107 @@
+"""The kinds of the prepared-statement tracker's FIFO entries (pool/prepared.py),
+and the requests PostgreSQL never answers, without I/O.
+
+Every Query, FunctionCall and Sync sent counts as owing one ReadyForQuery
+(``ServerConnection.outstanding``), and a server goes back to its pool only
+when nothing is owed. PostgreSQL answers none of these:
+
+- after an error in an extended-protocol message it skips every message up to
+  the next Sync, a Query or FunctionCall included (postgres.c, ignore_till_sync);
+- while it reads COPY FROM STDIN data it swallows Syncs and Flushes, for the
+  sake of libpq, which sends a Sync with the COPY in the extended protocol and
+  another after CopyDone (copyfromparse.c).
+
+Left counted, each keeps the server linked to its client, idle, for ever. So
+the tracker drops them from its FIFO and says how many (``Tracker.unanswered``)
+for the reader to take off ``outstanding`` (``settle``; ``needs_sync``: the
+server waits for a Sync). Only what is certain is dropped: a
+count too high holds a server (its own client's); one too low would give the
+next client a ReadyForQuery that is not its own.
+"""
+
+from __future__ import annotations
+
+PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FAKE, INJECTED, COPY_END = range(10)
+# INJECTED: a simple Query the pooler sent (a deferred BEGIN, net/defer_begin.py):
+# its replies are swallowed (CommandComplete, a warning, ReadyForQuery), an error forwarded.
+# COPY_END: a CopyDone or CopyFail sent (where a COPY FROM STDIN stops swallowing Syncs).
+
+# An error in one of these makes PostgreSQL skip to the next Sync. Only known
+# for sure while the tracker matches every reply (``exact``): otherwise the
+# head of the FIFO may be a message already answered.
+EXTENDED = frozenset((PARSE, BIND, DESCRIBE, EXECUTE, CLOSE))
+_SYNC_ONLY = frozenset((SYNC,))
+_SYNC_OR_QUERY = frozenset((SYNC, QUERY))
+
+
+def skip_to_sync(tracker, through_queries: bool) -> None:
+    """An error: drop the entries PostgreSQL skips, up to the next Sync (or
+    Query, when the error was a Query's own or the extended case is not
+    certain). Statements those entries would have prepared are not there."""
+    pending = tracker.pending
+    stops = _SYNC_ONLY if through_queries else _SYNC_OR_QUERY
+    skipped = 0
+    while pending and pending[0][0] not in stops:
+        entry = pending.popleft()
+        kind = entry[0]
+        if kind == QUERY:
+            skipped += 1
+        elif kind == PARSE and isinstance(entry[2], int):
+            # Refused, or skipped after the error: not prepared there,
+            # and the client's name is free again.
+            tracker.prepared.discard(entry[2])
+            tracker.parsed.discard(entry[2])
+            owner = entry[3] if len(entry) > 3 else None
+            if owner is not None and owner[0].get(owner[1], (None,))[0] == entry[2]:
+                del owner[0][owner[1]]
+        elif kind == CLOSE and type(entry[2]) is int:
+            tracker.prepared.restore(entry[2])   # the eviction's Close was skipped
+    if pending:
+        pending[0] = (pending[0][0], False, None)   # the batch failed: no effect
+        return _count(tracker, skipped, False)
+    tracker.sync_effect = None      # nor for a Sync still to come
+    if through_queries:
+        # What the client sends next is skipped too, up to its Sync: the
+        # ReadyForQuery that comes is that Sync's (ready_irregular).
+        tracker.skipping = tracker.irregular = True
+    _count(tracker, skipped, through_queries)
+
+
+def _count(tracker, skipped: int, needs_sync: bool) -> None:
+    if skipped or needs_sync:
+        tracker.unanswered += skipped
+        tracker.needs_sync = tracker.needs_sync or needs_sync
+        tracker.settle = True
+
+
+def ready_irregular(tracker) -> None:
+    """A ReadyForQuery came while something above applies (``irregular``),
+    before the entries it answers are dropped."""
+    pending = tracker.pending
+    if tracker.skipping:
+        tracker.skipping = False
+        skip_to_sync(tracker, True)
+    if tracker.copy_in:
+        # A COPY FROM STDIN ended well (an error clears copy_in): PostgreSQL
+        # read every message up to its CopyDone, so the Syncs before that were
+        # swallowed (nothing answered before the COPY is still queued).
+        tracker.copy_in = False
+        at = next((i for i, entry in enumerate(pending) if entry[0] == COPY_END), None)
+        if at is not None:
+            kept = [entry for entry in list(pending)[:at] if entry[0] != SYNC]
+            tracker.unanswered += at - len(kept)
+            tracker.settle = True
+            for _ in range(at):
+                pending.popleft()
+            pending.extendleft(reversed(kept))
+    # A CopyDone right after the request this ReadyForQuery answers ended a
+    # COPY now over (or none: PostgreSQL ignores it outside COPY). Those
+    # before it go with it.
+    later = False
+    for i, entry in enumerate(pending):
+        if entry[0] == SYNC or entry[0] == QUERY:
+            while len(pending) > i + 1 and pending[i + 1][0] == COPY_END:
+                del pending[i + 1]
+            later = any(entry[0] == COPY_END for entry in list(pending)[i + 1:])
+            break
+    tracker.irregular = tracker.copy_in or later

@@ -1,0 +1,87 @@
+"""Requests PostgreSQL never answers (pool/unanswered.py), over the tracker's
+FIFO: what is dropped, what the reader is told, and what is never dropped."""
+
+from test_prepared import EXECUTE, Z, bind, parse, reply, send
+
+from geobouncer.pool.prepared import COPY_END, QUERY, SYNC, Tracker
+from geobouncer.pool.statements import Registry
+from geobouncer.proto import messages as m
+
+QUERY_MSG = m.query("SELECT 2")
+ERROR = m.error_response("42601", "syntax error")
+COPY_DONE = m.message(b"c")
+DONE = m.command_complete("SELECT 1")
+
+
+def _tracker():
+    return Tracker(Registry(), 10)
+
+
+def _kinds(tracker):
+    return [entry[0] for entry in tracker.pending]
+
+
+def test_query_after_failed_extended_message_is_skipped():
+    t = _tracker()
+    send(t, {}, parse(b"", b"SELEC 1"), QUERY_MSG)
+    assert t.exact          # a Query after unsynced extended messages: every reply matched
+    reply(t, ERROR)
+    assert t.pending == type(t.pending)() and t.settle
+    assert (t.unanswered, t.needs_sync, t.skipping) == (1, True, True)
+
+
+def test_query_sent_while_skipping_is_dropped_at_the_sync():
+    t = _tracker()
+    send(t, {}, parse(b"", b"SELEC 1"))
+    t.exact = True          # net/forward.py: a batch that ends unsynced
+    reply(t, ERROR)
+    assert t.skipping and t.unanswered == 0
+    send(t, {}, QUERY_MSG, m.SYNC)
+    t.settle, t.needs_sync = False, False
+    assert reply(t, Z) == Z
+    assert list(t.pending) == [] and t.unanswered == 1 and not t.skipping
+
+
+def test_a_querys_own_error_skips_nothing():
+    t = _tracker()
+    send(t, {}, parse(b"", b"SELECT 1"), bind(b""), EXECUTE, QUERY_MSG)
+    reply(t, m.message(b"1"), m.message(b"2"), DONE, ERROR)
+    assert _kinds(t) == [QUERY] and t.unanswered == 0 and not t.skipping
+    reply(t, Z)
+    assert list(t.pending) == []
+
+
+def test_lean_error_never_drops_a_query():
+    # Not exact: the head may be a message answered already; nothing dropped.
+    t = _tracker()
+    send(t, {}, parse(b"", b"SELECT 1"), bind(b""), EXECUTE)
+    t.exact = False
+    t.pending.append((QUERY, False, None))
+    reply(t, ERROR)
+    assert _kinds(t) == [QUERY] and t.unanswered == 0
+
+
+def test_syncs_swallowed_by_a_copy_that_ended_well():
+    t = _tracker()
+    send(t, {}, parse(b"", b"COPY t FROM STDIN"), bind(b""), EXECUTE, m.SYNC)
+    t.copy_in = t.irregular = True       # the reader saw CopyInResponse
+    send(t, {}, m.message(b"d", b"1\n"), COPY_DONE, m.SYNC)
+    assert _kinds(t)[-3:] == [SYNC, COPY_END, SYNC]
+    t.ready(b"I")
+    assert list(t.pending) == [] and t.unanswered == 1 and not t.irregular
+
+
+def test_a_failed_copy_drops_no_sync():
+    t = _tracker()
+    send(t, {}, m.query("COPY t FROM STDIN"))
+    t.copy_in = t.irregular = True
+    send(t, {}, m.SYNC, m.message(b"d", b"x\n"), m.SYNC, COPY_DONE)
+    reply(t, m.error_response("22P02", "invalid input syntax"), Z)
+    assert t.unanswered == 0 and _kinds(t) == [SYNC, SYNC, COPY_END]
+
+
+def test_copy_done_after_the_copy_leaves_nothing_queued():
+    t = _tracker()
+    send(t, {}, m.query("COPY t FROM STDIN"), COPY_DONE)
+    t.ready(b"I")
+    assert list(t.pending) == [] and not t.irregular
