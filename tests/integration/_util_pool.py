@@ -152,6 +152,23 @@ def query_one(conn, sql: str, params: Any = None):
         return cur.fetchone()
 
 
+def another_client_gets(b, sql: str = "SELECT 'served'", timeout: float = 15.0):
+    """The row a second client gets for ``sql`` through pooler ``b`` (or the
+    error it got, or TimeoutError), asked in a thread while the test's own
+    client idles: does that client hold the pool?"""
+    def ask():
+        conn = b.connect(autocommit=True, connect_timeout=10)
+        try:
+            return query_one(conn, sql)
+        finally:
+            conn.close()
+
+    try:
+        return run_in_thread(ask).get(timeout)
+    except (psycopg2.Error, TimeoutError) as exc:
+        return exc
+
+
 def close_quietly(*conns) -> None:
     for conn in conns:
         try:

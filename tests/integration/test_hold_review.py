@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import time
 
-import psycopg2
 import pytest
-from _util_pool import RawClient, errors_in, query_message, query_one, run_in_thread
+from _util_pool import RawClient, another_client_gets, errors_in, query_message, query_one, run_in_thread
 from fixtures.pooler import TARGET
 from test_red_team import (
     FLUSH,
@@ -212,12 +211,7 @@ def test_one_client_does_not_hold_the_pool(pg, bouncer, case):
     with raw_login(b) as raw:
         closed = CASES[case](raw) == "closed"
         time.sleep(0.3)
-        got = run_in_thread(lambda: query_one(b.connect(autocommit=True, connect_timeout=10),
-                                              "SELECT 'served', txid_current_if_assigned()"))
-        try:
-            got = got.get(15)
-        except (psycopg2.Error, TimeoutError) as exc:
-            got = exc
+        got = another_client_gets(b, "SELECT 'served', txid_current_if_assigned()")
         assert got == ("served", None), f"another client while {case}'s client idles: {got!r}"
         if not closed:
             _query_ok(raw, 6)

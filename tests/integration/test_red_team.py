@@ -18,6 +18,7 @@ import psycopg2
 import pytest
 from _util_pool import (
     RawClient,
+    another_client_gets,
     check_pooler_alive,
     close_quietly,
     errors_in,
@@ -1013,12 +1014,7 @@ def test_copy_data_after_copy_failed_does_not_hold_a_server(pg, bouncer, pool_mo
         assert [e.get("C") for e in errors_in(replies)] == ["22P02"], describe_msgs(replies)
         raw.sock.sendall(message(b"d", COPY_ROW * 10) + message(b"c"))    # in flight when the error came
         time.sleep(0.5)
-        got = run_in_thread(lambda: query_one(b.connect(autocommit=True, connect_timeout=10),
-                                              "SELECT 'served'"))
-        try:
-            got = got.get(15)
-        except (psycopg2.Error, TimeoutError) as exc:
-            got = exc
+        got = another_client_gets(b)
         assert got == ("served",), f"another client while the failed COPY's client idles: {got!r}"
         _query_ok(raw, 5)
     finish(b)
@@ -1050,12 +1046,7 @@ def test_messages_nothing_answers_do_not_hold_a_server(pg, bouncer, stray):
             replies = read_n_ready(raw, 1)
             assert rows_of(replies) == [["41"]] and replies[-1] == (b"Z", b"I"), describe_msgs(replies)
         time.sleep(0.3)
-        got = run_in_thread(lambda: query_one(b.connect(autocommit=True, connect_timeout=10),
-                                              "SELECT 'served'"))
-        try:
-            got = got.get(15)
-        except (psycopg2.Error, TimeoutError) as exc:
-            got = exc
+        got = another_client_gets(b)
         assert got == ("served",), f"another client while the stray messages' client idles: {got!r}"
         _query_ok(raw, 6)
     finish(b)
