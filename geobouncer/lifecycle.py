@@ -12,13 +12,15 @@ from __future__ import annotations
 import gevent
 
 from . import pidfile
+from .net import last_words
 
 
 class Lifecycle:
-    __slots__ = ("app",)
+    __slots__ = ("_last_words", "app")
 
     def __init__(self, app):
         self.app = app   # the Bouncer: run state, pools, clients, listeners, signals
+        self._last_words = None    # a shutdown waiting for clients' last words
 
     # --- pause / resume / suspend -------------------------------------------------
     def pause(self, dbname: str | None = None) -> None:
@@ -121,15 +123,37 @@ class Lifecycle:
             self.shutdown_now()
 
     def shutdown_now(self, reason: str = "pgbouncer is shutting down") -> None:
+        """Close every client and server and stop. A client closed in the
+        middle of a result gets its FATAL once the message under way has ended
+        (net/last_words.py): its server is left to that, and the process waits
+        for those last words (LAST_WORDS_TIMEOUT at most). Called again while
+        it waits (a second signal), it stops at once."""
         app = self.app
+        if self._last_words is not None:
+            app.stopped.set()
+            return
         app.shutting_down = app.shutting_down or "now"
         app.listeners.stop()
         for client in list(app.clients):
             client.shutdown("57P01", reason)
-        for pool in app.pools.values():
+        self._close_servers()
+        if last_words.pending():
+            self._last_words = gevent.spawn(self._stop_after_last_words)
+        else:
+            app.stopped.set()
+
+    def _close_servers(self, all_of_them: bool = False) -> None:
+        for pool in self.app.pools.values():
             for server in list(pool.idle) + list(pool.active):
-                server.close("shutdown")
-        app.stopped.set()
+                if all_of_them or not last_words.owes_last_words(server):
+                    server.close("shutdown")
+
+    def _stop_after_last_words(self) -> None:
+        try:
+            last_words.wait_pending(last_words.LAST_WORDS_TIMEOUT + 1)
+            self._close_servers(all_of_them=True)
+        finally:
+            self.app.stopped.set()
 
     # --- pidfile (geobouncer/pidfile.py) ---------------------------------------------
     def _pidfile(self) -> str | None:

@@ -14,6 +14,7 @@ from time import monotonic
 
 import gevent
 
+from ..net import last_words
 from ..proto import messages as m
 from .errors import AdminError
 
@@ -182,7 +183,8 @@ class Control:
         for pool in app.pools.values():
             if pool.db.name in names:
                 for server in list(pool.idle) + list(pool.active):
-                    server.close("database removed")
+                    if not last_words.owes_last_words(server):
+                        server.close("database removed")
         return m.command_complete("KILL")
 
     def cmd_kill_client(self, client, arg, sql):

@@ -41,6 +41,27 @@ MAX_REST = 1 << 24         # a message with more still to come is not waited for
 _POLL = 0.02               # while the reader fetches the message's rest from the server
 
 
+_pending: set = set()       # the greenlets of closes still writing their last words
+
+
+def owes_last_words(server) -> bool:
+    """Is ``server`` still to forward the rest of a message to a client being
+    closed? Whoever closes servers wholesale (KILL, SHUTDOWN) leaves it to that
+    close, which closes it (it is dirty) once the message has ended."""
+    return server.to_boundary
+
+
+def pending() -> bool:
+    return bool(_pending)
+
+
+def wait_pending(timeout: float) -> None:
+    """Let the closes under way write their last words (a SHUTDOWN before the
+    process exits), for at most ``timeout`` seconds."""
+    if _pending:
+        gevent.joinall(list(_pending), timeout=timeout)
+
+
 def at_boundary(client, server) -> bool:
     """Does what was written to ``client`` so far end with a whole message?
     Held bytes (an incomplete header, a watched message) were not forwarded."""
@@ -71,7 +92,9 @@ def shutdown(client, sqlstate: str | None, text: str | None, server_reason: str 
             if server is not None and not locked:
                 server.dirty = True
                 server.to_boundary = True
-            gevent.spawn(_finish, client, server, rest, locked, server_reason)
+            closer = gevent.spawn(_finish, client, server, rest, locked, server_reason)
+            _pending.add(closer)
+            closer.link(_pending.discard)
             return
     _drop_server(client, server, server_reason)
     _shut(client.sock)

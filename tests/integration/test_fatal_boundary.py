@@ -239,3 +239,47 @@ class _Throttled:
 
     def __getattr__(self, name):
         return getattr(self._sock, name)
+
+
+def _console(b, command: str) -> None:
+    """A console command that may close the console's own connection (SHUTDOWN)."""
+    import psycopg2
+    try:
+        b.admin(command)
+    except psycopg2.OperationalError:
+        if not command.startswith("SHUTDOWN"):
+            raise
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.geobouncer_only("the FATAL at a message boundary (PgBouncer 1.18 writes it mid-row)")
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("command,text", [("KILL app", "database removed"),
+                                          ("SHUTDOWN", "pgbouncer is shutting down")],
+                         ids=["kill_db", "shutdown"])
+def test_console_closes_a_client_mid_result_then_the_fatal(pg, bouncer, shape, command, text):
+    """KILL of the database, or SHUTDOWN, while a large result is under way:
+    they close the servers too, but not the one still owing the rest of the
+    client's message (its close waits for that, bounded); a SHUTDOWN waits for
+    those last words before the process exits."""
+    sql, columns = SHAPES[shape]
+    b = bouncer(pgbouncer=settings("kill_client"))
+    raw, description = stalled_client(b, sql, None, columns)
+    try:
+        time.sleep(1.0)
+        _console(b, command)
+        rows, others = read_to_eof(raw, columns)
+        kinds = [t for t, _ in [description, *others]]
+        assert kinds[:1] == [b"T"] and kinds[-1:] == [b"E"], kinds
+        error = errors_in(others[-1:])[0]
+        assert (error["S"], error["M"]) == ("FATAL", text), error
+        assert rows > 0
+    finally:
+        raw.close()
+    if command == "SHUTDOWN":
+        b.exit_expected = True
+        assert b.wait_exit(20) == 0
+        assert "Traceback" not in b.log_text()
+    else:
+        b.admin("RESUME app")
+        finish(b)

@@ -41,8 +41,12 @@ def assert_settled(b, pg, servers_at_most: int) -> None:
     row = pool_row(b)
     counted = int(row.sv_active) + int(row.sv_idle) + int(row.sv_used) + int(row.sv_tested) + int(row.sv_login)
     assert counted <= servers_at_most, row
-    wait_until(lambda: pg.backends("app") == counted, timeout=10,
-               message=f"PostgreSQL runs the {counted} servers SHOW POOLS counts")
+    try:
+        wait_until(lambda: pg.backends("app") == counted, timeout=10,
+                   message=f"PostgreSQL runs the {counted} servers SHOW POOLS counts")
+    except TimeoutError:
+        raise AssertionError(f"SHOW POOLS {pool_row(b)}, SHOW SERVERS {b.admin('SHOW SERVERS')}, "
+                             f"PostgreSQL runs {pg.backends('app')}") from None
     fresh = logged_in(b)
     try:
         started = time.monotonic()
