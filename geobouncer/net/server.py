@@ -252,6 +252,10 @@ class ServerConnection:
         tracker.settle = False
         self.outstanding -= tracker.unanswered
         tracker.unanswered = 0
+        if tracker.doubtful:
+            tracker.doubtful = False
+            self.dirty = True
+            self.close_reason = "replies owed after a failed COPY not certain"
         if tracker.needs_sync:
             tracker.needs_sync = False
             self.unsynced = True

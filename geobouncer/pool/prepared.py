@@ -38,7 +38,7 @@ from collections import deque
 from ..proto import messages as m
 from .statements import _BIG, PARSE_COMPLETE, Registry, ServerStatements, server_name
 from .unanswered import BIND, CLOSE, COPY_END, DESCRIBE, EXECUTE, EXTENDED, FAKE, INJECTED, PARSE, QUERY, SYNC
-from .unanswered import ready_irregular, skip_to_sync
+from .unanswered import copy_failed, ready_irregular, skip_to_sync
 
 _HDR = struct.Struct("!cI")
 
@@ -106,7 +106,10 @@ class Tracker:
         # Syncs, CopyDone entries queued; ``settle``: the reader has news
         # (``unanswered`` to take off what the server owes, ``needs_sync``);
         # ``sync_effect``: an Execute's SET sent, its Sync or Query not yet (net/forward.py).
+        # ``doubtful``: how many ReadyForQuery messages are still to come is not
+        # certain (a failed COPY FROM STDIN): the server is closed, not pooled.
         self.irregular = self.skipping = self.copy_in = self.settle = self.needs_sync = False
+        self.doubtful = False
         self.unanswered, self.sync_effect = 0, None
 
     def reset(self) -> None:
@@ -347,7 +350,12 @@ class Tracker:
                     self._drop_watch_over()
             return True, fakes
         if mtype == _R_ERROR:
-            self.copy_in = False      # a COPY that fails: what it swallowed is not known
+            if self.copy_in:          # a COPY that fails: what it swallowed is not known
+                self.copy_in = False
+                copy_failed(self)
+                if not pending:
+                    return True, b""
+                kind = pending[0][0]
             if kind == QUERY:
                 pending[0] = (QUERY, False, None)   # a failed query has no effect to apply
                 return True, b""

@@ -67,6 +67,34 @@ def skip_to_sync(tracker, through_queries: bool) -> None:
     _count(tracker, skipped, through_queries)
 
 
+def copy_failed(tracker) -> None:
+    """A COPY FROM STDIN failed (an ErrorResponse while ``copy_in``). The
+    Syncs PostgreSQL read in COPY mode were swallowed; those it reads after
+    the error are answered (the first ends the skip of an extended-protocol
+    error). Of the Syncs sent before the first CopyDone / CopyFail, which
+    were read before the error is not known: a bad row or a CopyFail comes
+    after them (all swallowed), a statement_timeout or a trigger may come
+    before. Count them swallowed, the common case, and doubt the server
+    (``doubtful``): it goes on serving its client, whose stream is forwarded
+    as PostgreSQL sends it, and is closed, not pooled, once that client is
+    done with it (a ReadyForQuery still to come would reach the next client).
+    Left counted, they held the server linked to its idle client for ever."""
+    pending = tracker.pending
+    kept, swallowed, ended = [], 0, False
+    for entry in pending:
+        ended = ended or entry[0] == COPY_END
+        if not ended and entry[0] == SYNC:
+            swallowed += 1
+        else:
+            kept.append(entry)
+    if not swallowed:
+        return
+    pending.clear()
+    pending.extend(kept)
+    tracker.doubtful = True
+    _count(tracker, swallowed, False)
+
+
 def _count(tracker, skipped: int, needs_sync: bool) -> None:
     if skipped or needs_sync:
         tracker.unanswered += skipped

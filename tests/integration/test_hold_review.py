@@ -101,6 +101,39 @@ def _copy_in_extended_with_sync(raw):
     assert _quiet(raw) == []
 
 
+BAD_ROW = b"not a number\tx\n"
+
+
+def _copy_in_extended_bad_row(raw):
+    # The same COPY failing on its data: PostgreSQL swallowed the first Sync
+    # (read in COPY mode) and skips to the second; one ReadyForQuery.
+    raw.sock.sendall(parse("", "COPY hold_copy FROM STDIN") + bind("") + execute() + SYNC)
+    assert kinds(raw.read_until(b"G"))[-1:] == b"G"
+    raw.sock.sendall(message(b"d", ROW) + message(b"d", BAD_ROW) + message(b"c") + SYNC)
+    replies = read_n_ready(raw, 1)
+    assert _sqlstates(replies) == ["22P02"] and replies[-1] == (b"Z", b"I"), describe_msgs(replies)
+    assert _quiet(raw) == []
+
+
+def _copy_in_extended_copy_fail(raw):
+    raw.sock.sendall(parse("", "COPY hold_copy FROM STDIN") + bind("") + execute() + SYNC)
+    assert kinds(raw.read_until(b"G"))[-1:] == b"G"
+    raw.sock.sendall(message(b"d", ROW) + message(b"f", b"client gave up\x00") + SYNC)
+    replies = read_n_ready(raw, 1)
+    assert _sqlstates(replies) == ["57014"] and replies[-1] == (b"Z", b"I"), describe_msgs(replies)
+    assert _quiet(raw) == []
+
+
+def _copy_in_fails_sync_inside(raw):
+    # A simple-Query COPY failing, a Sync among its data (swallowed, as above).
+    raw.sock.sendall(query_message("COPY hold_copy FROM STDIN"))
+    assert kinds(raw.read_until(b"G"))[-1:] == b"G"
+    raw.sock.sendall(SYNC + message(b"d", BAD_ROW) + message(b"c"))
+    replies = read_n_ready(raw, 1)
+    assert _sqlstates(replies) == ["22P02"] and replies[-1] == (b"Z", b"I"), describe_msgs(replies)
+    assert _quiet(raw) == []
+
+
 def _copy_in_sync_inside(raw):
     raw.sock.sendall(query_message("COPY hold_copy FROM STDIN"))
     assert kinds(raw.read_until(b"G"))[-1:] == b"G"
@@ -171,6 +204,9 @@ CASES = {
     "error-then-later-query-then-sync": _error_then_later_query_then_sync,
     "copy-in-extended-with-sync": _copy_in_extended_with_sync,
     "copy-in-sync-inside": _copy_in_sync_inside,
+    "copy-in-extended-bad-row": _copy_in_extended_bad_row,
+    "copy-in-extended-copy-fail": _copy_in_extended_copy_fail,
+    "copy-in-fails-sync-inside": _copy_in_fails_sync_inside,
     "query-then-stray-copy-done": _query_then_stray_copy_done,
     "copy-in-abandoned-with-query": _copy_in_abandoned_with_query,
     "sync-only": _sync_only,

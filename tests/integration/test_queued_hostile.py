@@ -44,9 +44,11 @@ def assert_settled(b, pg, servers_at_most: int) -> None:
     try:
         wait_until(lambda: pg.backends("app") == counted, timeout=10,
                    message=f"PostgreSQL runs the {counted} servers SHOW POOLS counts")
-    except TimeoutError:
+    except TimeoutError as exc:
+        running = pg.psql("SELECT pid, state, wait_event, backend_start, state_change, left(query, 60), "
+                          "client_port FROM pg_stat_activity WHERE datname = 'app' AND pid <> pg_backend_pid()")
         raise AssertionError(f"SHOW POOLS {pool_row(b)}, SHOW SERVERS {b.admin('SHOW SERVERS')}, "
-                             f"PostgreSQL runs {pg.backends('app')}") from None
+                             f"PostgreSQL runs {running}; last error {exc.__cause__!r}") from None
     fresh = logged_in(b)
     try:
         started = time.monotonic()

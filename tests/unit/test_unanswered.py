@@ -71,13 +71,42 @@ def test_syncs_swallowed_by_a_copy_that_ended_well():
     assert list(t.pending) == [] and t.unanswered == 1 and not t.irregular
 
 
-def test_a_failed_copy_drops_no_sync():
+def test_a_failed_copy_counts_the_syncs_before_its_end_swallowed_and_doubts():
+    # A simple-Query COPY: the Syncs among its data are taken as swallowed (the
+    # failing row came after them, the common case) and the server is doubted.
     t = _tracker()
     send(t, {}, m.query("COPY t FROM STDIN"))
     t.copy_in = t.irregular = True
     send(t, {}, m.SYNC, m.message(b"d", b"x\n"), m.SYNC, COPY_DONE)
+    reply(t, m.error_response("22P02", "invalid input syntax"))
+    assert (t.unanswered, t.doubtful, t.settle, t.copy_in) == (2, True, True, False)
+    assert _kinds(t) == [QUERY, COPY_END]
+    reply(t, Z)
+    assert list(t.pending) == []
+
+
+def test_a_failed_extended_copy_waits_for_the_sync_after_its_end():
+    # libpq: Execute + Sync, the data, CopyDone + Sync. The first Sync is taken
+    # as swallowed; the one after CopyDone ends the error's skip (certain).
+    t = _tracker()
+    send(t, {}, parse(b"", b"COPY t FROM STDIN"), bind(b""), EXECUTE, m.SYNC)
+    t.copy_in = t.irregular = True
+    send(t, {}, m.message(b"d", b"x\n"), COPY_DONE, m.SYNC, m.SYNC)
+    reply(t, m.error_response("22P02", "invalid input syntax"))
+    assert (t.unanswered, t.doubtful) == (1, True)
+    assert _kinds(t) == [SYNC, SYNC]      # after the CopyDone: both answered
+    reply(t, Z, Z)
+    assert list(t.pending) == []
+
+
+def test_a_copy_failing_before_any_sync_doubts_nothing():
+    t = _tracker()
+    send(t, {}, m.query("COPY t FROM STDIN"))
+    t.copy_in = t.irregular = True
+    send(t, {}, m.message(b"d", b"x\n"), COPY_DONE, m.SYNC)
     reply(t, m.error_response("22P02", "invalid input syntax"), Z)
-    assert t.unanswered == 0 and _kinds(t) == [SYNC, SYNC, COPY_END]
+    assert (t.unanswered, t.doubtful) == (0, False)
+    assert _kinds(t) == [SYNC]
 
 
 def test_copy_done_after_the_copy_leaves_nothing_queued():
