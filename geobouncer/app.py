@@ -201,6 +201,8 @@ class Bouncer:
             log.debug("hook reload: %s", error)
         self.classifier = Classifier(self.settings.write_functions)
         self.failover.reload(new)
+        s = self.settings
+        logsetup.apply_syslog((s.syslog_ident, s.syslog_facility) if s.syslog else None)
 
     def database_for(self, name: str):
         if name not in self.cfg.databases and name in self.extra_entries:

@@ -68,6 +68,7 @@ def syslog_handler(ident: str, facility: str, address: str = "/dev/log") -> logg
     if handler.socket is None or handler.socket.fileno() < 0:
         print(f"geobouncer: syslog: cannot reach {address} yet", file=sys.stderr)
     handler.ident = f"{ident}[{os.getpid()}]: "
+    handler.wanted = (ident, facility)
     handler.setFormatter(SyslogFormatter())
     return handler
 
@@ -92,6 +93,22 @@ def setup(logfile: str | None, quiet: bool, verbose: int, syslog: tuple[str, str
         logger.addHandler(handler)
     if syslog is not None:
         logger.addHandler(syslog_handler(*syslog))
+
+
+def apply_syslog(syslog: tuple[str, str] | None, address: str = "/dev/log",
+                 logger: logging.Logger | None = None) -> None:
+    """RELOAD (or SET) of syslog / syslog_ident / syslog_facility: the syslog
+    handler follows the config now, added, replaced or removed (``syslog``:
+    (ident, facility), or None for syslog = 0)."""
+    logger = logger or logging.getLogger("geobouncer")
+    current = [h for h in logger.handlers if isinstance(h, _Syslog)]
+    if [getattr(h, "wanted", None) for h in current] == ([syslog] if syslog is not None else []):
+        return
+    for handler in current:
+        logger.removeHandler(handler)
+        handler.close()
+    if syslog is not None:
+        logger.addHandler(syslog_handler(*syslog, address=address))
 
 
 def reopen(logfile: str | None) -> None:

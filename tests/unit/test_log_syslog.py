@@ -55,3 +55,41 @@ def test_no_system_logger_drops_lines_quietly_then_reaches_it(tmp_path, capsys):
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+def test_reload_adds_changes_and_removes_the_syslog_handler(tmp_path):
+    """RELOAD of syslog settings (apply_syslog): lines follow the new ident and
+    facility, stop after syslog = 0, and an unchanged config keeps the handler."""
+    from geobouncer.log import _Syslog, apply_syslog
+    path = str(tmp_path / "log")
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(path)
+    sink.settimeout(5)
+    logger = logging.getLogger("geobouncer.test-syslog-reload")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    pid = os.getpid()
+    try:
+        apply_syslog(("first", "local3"), address=path, logger=logger)
+        logger.info("one")
+        assert sink.recv(4096) == f"<{19 << 3 | 6}>first[{pid}]: one\x00".encode()
+        kept = [h for h in logger.handlers if isinstance(h, _Syslog)]
+        apply_syslog(("first", "local3"), address=path, logger=logger)
+        assert [h for h in logger.handlers if isinstance(h, _Syslog)] == kept
+        apply_syslog(("second", "local4"), address=path, logger=logger)
+        logger.info("two")
+        assert sink.recv(4096) == f"<{20 << 3 | 6}>second[{pid}]: two\x00".encode()
+        apply_syslog(None, address=path, logger=logger)
+        assert not [h for h in logger.handlers if isinstance(h, _Syslog)]
+        logger.info("three")
+        sink.settimeout(0.3)
+        try:
+            got = sink.recv(4096)
+        except TimeoutError:
+            got = None
+        assert got is None, got
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+        sink.close()
