@@ -164,6 +164,7 @@ class ServerConnection:
                         client is not None and client.statements) else _WATCHED
                 data, end, found = feed(data)
                 out = None          # pieces, once a reply is dropped or one inserted
+                cut = None          # an error nobody asked for: what comes before it is forwarded
                 for mtype, start, stop in found:
                     if mtype == _Z:
                         self.outstanding -= 1
@@ -186,6 +187,11 @@ class ServerConnection:
                         if not exact and data[start + 5:start + 9] not in _DROP_HEADS:
                             continue
                     elif mtype in _WATCHED:
+                        if mtype == _E and self.outstanding <= 0 and tracker is not None \
+                                and self.tx_status == b"I" and not self.unsynced and self.client is not None:
+                            cut = start
+                            self._error_after_ready(data[start + 5:stop])
+                            break
                         watched(mtype, data, start + 5, stop)
                     if pending:
                         keep, fakes = server_message(mtype, data[start + 5:stop])
@@ -197,6 +203,8 @@ class ServerConnection:
                             if fakes:
                                 out.append(fakes)
                             run = stop
+                if cut is not None:
+                    end = cut
                 if out is not None:
                     out.append(data[run:end])
                     chunk = b"".join(out)
@@ -243,6 +251,17 @@ class ServerConnection:
                 client.stmt_sets.pop(name, None)
                 client.stmt_routes.pop(name, None)
                 client.stmt_class.pop(name, None)
+
+    def _error_after_ready(self, body) -> None:
+        """An ErrorResponse after the ReadyForQuery that answered the last
+        request, in the same read (the backend terminated or timed out while
+        idle): nobody asked for it, and the client, its transaction over, is
+        not shown it. The server is closed when released (transaction
+        pooling), as if it had come a moment later ("server error while idle")."""
+        fields = m.parse_error_fields(body)
+        self.dirty = True
+        self.close_reason = f"server error while idle: {fields.get('M', '')}"
+        self._trouble(fields.get("M", ""), fields.get("C"))
 
     def _settle(self) -> None:
         """Requests PostgreSQL will not answer were dropped (pool/unanswered.py):

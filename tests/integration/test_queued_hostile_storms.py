@@ -321,10 +321,6 @@ def _chaos_client(b, seed: int, rounds: int) -> int:
 
 
 @pytest.mark.timeout(55)
-@pytest.mark.xfail(strict=False, reason=(
-    "known intermittent defect (about 1 run in 6, since the queued hand-off): a client gets a terminated "
-    "server's FATAL 57P01 and then its query answered by another server instead of the close; its answer "
-    "is its own (see the issue-8 closing note)"))
 def test_chaos_of_clients_leaving_pipelining_and_servers_dying(pg, bouncer):
     """Thirty clients with their own application_name, pool of two, each a
     random life of queries, pipelined pairs and abrupt leaves, while
