@@ -36,6 +36,9 @@ def _stopped_while(b, seconds: float) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.xfail(TARGET == "pgbouncer", strict=True, reason=(
+    "PgBouncer 1.18 forwards the error and then closes the client (server conn crashed?) when it came in "
+    "the same read as the ReadyForQuery; a moment later it would have closed only the idle server"))
 @pytest.mark.parametrize("protocol", ["simple", "pipelined"])
 def test_fatal_after_the_last_ready_for_query_is_not_the_clients(pg, bouncer, protocol):
     b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "default_pool_size": 1})

@@ -258,6 +258,7 @@ def test_one_client_does_not_hold_the_pool(pg, bouncer, case):
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.geobouncer_only("DEALLOCATE answered by the pooler (PgBouncer 1.18 has no prepared-statement support)")
 def test_large_parse_then_local_answer_does_not_pool_the_open_transaction(pg, bouncer):
     """A Parse large enough to be streamed (over 1 MiB) opens PostgreSQL's
     implicit transaction like any other and owes a Sync. A DEALLOCATE of a
