@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import weakref
 from time import monotonic
 
 import gevent
 
 from .net.checkout import ClientError
 from .pool.pool import Pool
+from .pool.states import CL_WAITING
+from .proto import messages as m
 
 log = logging.getLogger("geobouncer")
 
@@ -31,6 +34,21 @@ try:
     _libc.malloc_trim.argtypes = [ctypes.c_size_t]
 except (OSError, AttributeError):   # not glibc
     _libc = None
+
+
+# query_wait_notify: the clients told they wait, by the wait_started of that wait.
+_wait_notified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WAIT_NOTICE = m.notice_response("No server connection available in postgres backend, client being queued")
+
+
+def _notify_waiting(client) -> None:
+    """PgBouncer's notice to a client queued for query_wait_notify seconds. Its
+    own greenlet: a client that does not read may block the write, never the
+    janitor. Nothing else writes to a client that has no server."""
+    try:
+        client.send(_WAIT_NOTICE)
+    except (OSError, ValueError):
+        pass        # gone: its own greenlet sees that
 
 
 class Janitor:
@@ -139,6 +157,11 @@ class Janitor:
             return
         server = client.server
         if server is None:
+            if s.query_wait_notify > 0 and client.state == CL_WAITING \
+                    and now - client.wait_started > s.query_wait_notify \
+                    and _wait_notified.get(client) != client.wait_started:
+                _wait_notified[client] = client.wait_started     # once per wait
+                gevent.spawn(_notify_waiting, client)
             queued = client.queued
             if queued is not None:
                 # A Query queued while its greenlet reads the client (net/handoff.py);

@@ -1,5 +1,5 @@
 """Settings of PgBouncer releases after 1.18 (so these tests are geobouncer's
-alone): transaction_timeout, pool_idle_timeout, login_notify_message."""
+alone): transaction_timeout, pool_idle_timeout, login_notify_message, query_wait_notify."""
 
 from __future__ import annotations
 
@@ -63,3 +63,38 @@ def test_login_notify_message(pg, bouncer):
     kinds = [t for t, _ in replies]
     assert kinds[-2:] == [b"N", b"Z"], kinds        # after BackendKeyData, before ReadyForQuery
     assert b"Myou are talking to a pooler\x00" in replies[-2][1]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("queued", ["simple", "extended"], ids=["lone-query", "pipelined"])
+def test_query_wait_notify_tells_a_queued_client_once(pg, bouncer, queued):
+    """A client queued longer than query_wait_notify gets PgBouncer's notice,
+    once for that wait, then its answer; one served at once gets none."""
+    from _util_pool import another_client_gets
+    b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "default_pool_size": 1,
+                           "query_wait_notify": 1})
+    holder = b.connect()
+    raw = RawClient(b.host, b.port, timeout=20)
+    try:
+        query_one(holder, "SELECT 1")                   # in a transaction: the only server is held
+        assert raw.login("app", "app_pw", "app")[-1][0] == b"Z"
+        from _util_pool import query_message
+        data = query_message("SELECT 41") if queued == "simple" else query_message("SELECT 41") * 2
+        raw.sock.sendall(data)
+        wait_until(lambda: int(next(r for r in b.admin("SHOW POOLS") if r.database == "app").cl_waiting) == 1,
+                   timeout=10, message="the client waits")
+        time.sleep(3.5)                                  # three janitor rounds past the limit
+        holder.commit()
+        replies = raw.read_until(b"Z")
+        notices = [body for t, body in replies if t == b"N"]
+        assert len(notices) == 1, replies
+        assert b"MNo server connection available in postgres backend, client being queued\x00" in notices[0]
+        assert [t for t, _ in replies if t != b"N"] == [b"T", b"D", b"C", b"Z"], replies
+        if queued != "simple":
+            assert [t for t, _ in raw.read_until(b"Z")] == [b"T", b"D", b"C", b"Z"]
+        raw.sock.sendall(query_message("SELECT 42"))     # served at once: no notice
+        assert [t for t, _ in raw.read_until(b"Z")] == [b"T", b"D", b"C", b"Z"]
+        assert another_client_gets(b) == ("served",)
+    finally:
+        raw.close()
+        holder.close()
