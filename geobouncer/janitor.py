@@ -71,6 +71,8 @@ class Janitor:
             for server in pool.idle_servers_to_close(now, s.server_idle_timeout, s.server_lifetime):
                 idle_too_long = s.server_idle_timeout > 0 and now - server.idle_since > s.server_idle_timeout
                 server.close("server idle timeout" if idle_too_long else "server lifetime over")
+            if s.server_fast_close and pool.active:
+                self.fast_close(pool)
             if pool.waiters and pool.may_open(True):
                 pool.wake_one_waiter()
             want = min(pool.limits.min_pool_size, pool.limits.pool_size)
@@ -93,6 +95,19 @@ class Janitor:
             gevent.spawn_later(0.1, _trim_heap)   # once the parked greenlets have ended
         for cluster in self.app.clusters.values():
             cluster.maintain()
+
+    @staticmethod
+    def fast_close(pool: Pool) -> None:
+        """server_fast_close: a linked server marked for reconnect (RECONNECT, a
+        RELOAD that changed its connection settings) that is between
+        transactions is closed now, not at its session's end, and its client
+        with it, as PgBouncer does (session pooling: the other modes release
+        such servers at each transaction's end anyway)."""
+        for server in list(pool.active):
+            client = server.client
+            if server.stale and client is not None and not client.closing and server.reusable():
+                client.shutdown("08P01", "database configuration changed",
+                                server_reason="database configuration changed")
 
     def free_unused_pools(self, now: float, autodb_timeout: float, pool_timeout: float) -> None:
         """autodb_idle_timeout: a pool made from the ``*`` entry that has had
