@@ -87,12 +87,14 @@ def password_failed(user: str, log_detail: str | None = None) -> AuthFailed:
 
 
 def authenticate_client(method: str, user: str, secret: str | None,
-                        channel_binding: bytes | None = None) -> AuthExchange:
+                        channel_binding: bytes | None = None,
+                        iterations: int = SCRAM_DEFAULT_ITERATIONS) -> AuthExchange:
     """Run the exchange for ``method`` (an auth_type) with the user's ``secret``
     from auth_file or auth_query (None: no such user). ``channel_binding``:
     tls-server-end-point data of a TLS client connection, which makes SCRAM
     offer SCRAM-SHA-256-PLUS. Does not send AuthenticationOk: the caller does,
-    after its own checks."""
+    after its own checks. ``iterations``: scram_iterations, for the SCRAM
+    secret made from a plain-text password (and for a user with none)."""
     method = method.lower()
     if method in ("trust", "any"):
         return AuthResult(method)
@@ -100,10 +102,10 @@ def authenticate_client(method: str, user: str, secret: str | None,
         return (yield from _cleartext_exchange(user, secret or None))
     if method == "md5":
         if secret and secret_kind(secret) == "scram":
-            return (yield from _scram_exchange(user, secret, channel_binding))
+            return (yield from _scram_exchange(user, secret, channel_binding, iterations))
         return (yield from _md5_exchange(user, secret or None))
     if method == "scram-sha-256":
-        return (yield from _scram_exchange(user, secret or None, channel_binding))
+        return (yield from _scram_exchange(user, secret or None, channel_binding, iterations))
     raise AuthFailed(f'unsupported auth_type "{method}"', "28000")
 
 
@@ -162,29 +164,31 @@ def _why_no_secret(user: str, secret: str | None) -> str:
 
 # --- SCRAM-SHA-256 -----------------------------------------------------------
 
-def _mock_secret(user: str) -> ScramSecret:
-    """A secret nobody can match, with a salt that is stable per user name."""
+def _mock_secret(user: str, iterations: int = SCRAM_DEFAULT_ITERATIONS) -> ScramSecret:
+    """A secret nobody can match, with a salt that is stable per user name
+    (and the iteration count a real one made here would have)."""
     salt = hmac_sha256(_MOCK_KEY, user.encode())[:SCRAM_SALT_LEN]
-    return ScramSecret(SCRAM_DEFAULT_ITERATIONS, salt, os.urandom(32), os.urandom(32))
+    return ScramSecret(iterations, salt, os.urandom(32), os.urandom(32))
 
 
 @functools.lru_cache(maxsize=1024)
-def _derived_secret(user: str, password: str) -> ScramSecret:
-    # One PBKDF2 per (user, password) per process rather than one per login:
-    # it costs ~1 ms of CPU, during which the hub runs nothing else.
-    return parse_scram_secret(scram_secret_from_password(password))
+def _derived_secret(user: str, password: str, iterations: int = SCRAM_DEFAULT_ITERATIONS) -> ScramSecret:
+    # One PBKDF2 per (user, password, iterations) per process rather than one
+    # per login: it costs ~1 ms of CPU, during which the hub runs nothing else.
+    return parse_scram_secret(scram_secret_from_password(password, iterations=iterations))
 
 
-def _scram_secret_for(user: str, secret: str | None) -> tuple[ScramSecret, str | None]:
+def _scram_secret_for(user: str, secret: str | None,
+                      iterations: int = SCRAM_DEFAULT_ITERATIONS) -> tuple[ScramSecret, str | None]:
     """-> (the secret to run the exchange with, why it must fail or None)."""
     if secret is None:
-        return _mock_secret(user), f'Role "{user}" does not exist or has no password.'
+        return _mock_secret(user, iterations), f'Role "{user}" does not exist or has no password.'
     kind = secret_kind(secret)
     if kind == "scram":
         return parse_scram_secret(secret), None
     if kind == "plain":
-        return _derived_secret(user, secret), None
-    return _mock_secret(user), f'User "{user}" does not have a valid SCRAM secret.'
+        return _derived_secret(user, secret, iterations), None
+    return _mock_secret(user, iterations), f'User "{user}" does not have a valid SCRAM secret.'
 
 
 def _sasl_initial(body: object) -> tuple[str, bytes]:
@@ -202,8 +206,9 @@ def _sasl_initial(body: object) -> tuple[str, bytes]:
     return mechanism, data
 
 
-def _scram_exchange(user: str, secret: str | None, channel_binding: bytes | None = None) -> AuthExchange:
-    scram_secret, refusal = _scram_secret_for(user, secret)
+def _scram_exchange(user: str, secret: str | None, channel_binding: bytes | None = None,
+                    iterations: int = SCRAM_DEFAULT_ITERATIONS) -> AuthExchange:
+    scram_secret, refusal = _scram_secret_for(user, secret, iterations)
     pass_through = secret is not None and secret_kind(secret) == "scram"
     # PostgreSQL lists the -PLUS mechanism first when it can bind.
     offered = [scram.MECHANISM_PLUS, scram.MECHANISM] if channel_binding else [scram.MECHANISM]

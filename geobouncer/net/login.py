@@ -232,7 +232,7 @@ def _authenticate(client, secret, method):
     if method in ("cert", "peer"):
         return _identity_login(client, method)
     binding = tls.server_end_point(client.sock) if tls.is_tls(client.sock) else None
-    gen = authenticate_client(method, client.user, secret, binding)
+    gen = authenticate_client(method, client.user, secret, binding, client.app.settings.scram_iterations)
     try:
         out = next(gen)
         while True:

@@ -1,5 +1,6 @@
 """Settings of PgBouncer releases after 1.18 (so these tests are geobouncer's
-alone): transaction_timeout, pool_idle_timeout, login_notify_message, query_wait_notify."""
+alone): transaction_timeout, pool_idle_timeout, login_notify_message, query_wait_notify,
+scram_iterations."""
 
 from __future__ import annotations
 
@@ -98,3 +99,33 @@ def test_query_wait_notify_tells_a_queued_client_once(pg, bouncer, queued):
     finally:
         raw.close()
         holder.close()
+
+
+def test_scram_iterations_reach_the_client(pg, bouncer):
+    """scram_iterations: a SCRAM login against a plain-text auth_file password
+    is offered that iteration count (server-first-message), and succeeds."""
+    import struct
+
+    from _util_pool import message, startup_packet
+    from scramp import ScramClient
+    b = bouncer(pgbouncer={"auth_type": "scram-sha-256", "scram_iterations": 8192})
+    client = ScramClient(["SCRAM-SHA-256"], "app", "app_pw")
+    raw = RawClient(b.host, b.port)
+    try:
+        raw.send(startup_packet({"user": "app", "database": "app"}))
+        kind, body = raw.read_message()
+        assert kind == b"R" and struct.unpack_from("!I", body)[0] == 10, body
+        first = client.get_client_first().encode()
+        raw.send(message(b"p", b"SCRAM-SHA-256\x00" + struct.pack("!i", len(first)) + first))
+        kind, body = raw.read_message()
+        assert kind == b"R" and struct.unpack_from("!I", body)[0] == 11, body
+        server_first = body[4:].decode()
+        assert ",i=8192" in server_first, server_first
+        client.set_server_first(server_first)
+        raw.send(message(b"p", client.get_client_final().encode()))
+        kind, body = raw.read_message()
+        assert kind == b"R" and struct.unpack_from("!I", body)[0] == 12, body
+        client.set_server_final(body[4:].decode())
+        assert raw.authenticate("app", "app_pw")[-1][0] == b"Z"
+    finally:
+        raw.close()

@@ -123,6 +123,28 @@ def test_scramp_client_against_pooler(secret):
         gen.send(None)
 
 
+@pytest.mark.parametrize("secret", [PASSWORD, None], ids=["plain-password", "no-such-user"])
+def test_scram_iterations_for_secrets_made_here(secret):
+    """scram_iterations: the count the pooler's own secret (from a plain-text
+    auth_file password, or the mock one for an unknown user) is made with; a
+    client logs in with it. A SCRAM secret from the auth_file keeps its own."""
+    client = ScramClient(["SCRAM-SHA-256"], USER, PASSWORD)
+    gen = authenticate_client("scram-sha-256", USER, secret, None, 5001)
+    assert auth_request(next(gen)) == (10, MECHS)
+    server_first = send_initial(gen, client.get_client_first().encode())
+    assert dict(part.split("=", 1) for part in server_first.split(","))["i"] == "5001"
+    if secret is None:
+        return
+    client.set_server_first(server_first)
+    code, data = auth_request(gen.send(client.get_client_final().encode()))
+    assert code == 12
+    client.set_server_final(data.decode())
+    stored = authenticate_client("scram-sha-256", USER, SCRAM, None, 5001)
+    next(stored)
+    assert ",i=4096" in send_initial(stored, ScramClient(["SCRAM-SHA-256"], USER, PASSWORD)
+                                     .get_client_first().encode())
+
+
 def libpq_style_final(server_first: str, bare: str, gs2: str = "n,,") -> bytes:
     """client-final-message computed here from RFC 5802, not by geobouncer.auth."""
     attrs = dict(part.split("=", 1) for part in server_first.split(","))
