@@ -116,7 +116,13 @@ class ClientScanner:
             length = _unpack_len(data, pos + 1)[0]
             if mtype not in types or length < 4 or length > limit:
                 self.check(mtype, length)
-            if mtype == _Q or mtype == _F:
+            if mtype == _Q:
+                # A Query, like a Sync, ends the extended messages before it
+                # (after an error PostgreSQL skips it; its ReadyForQuery, still
+                # owed then, keeps the server from looking answered).
+                requests += 1
+                synced = True
+            elif mtype == _F:
                 requests += 1
             elif mtype == _S:
                 requests += 1

@@ -15,6 +15,7 @@ import time
 import pytest
 from _util_pool import RawClient, another_client_gets, errors_in, query_message, query_one, run_in_thread
 from fixtures.pooler import TARGET
+from fixtures.ports import wait_until
 from test_red_team import (
     FLUSH,
     SYNC,
@@ -325,3 +326,22 @@ def test_extended_set_is_not_pooled_with_the_server(pg, bouncer, sequence):
         replies = read_n_ready(raw, 1)
         assert rows_of(replies) == [["hold_other, public"]], describe_msgs(replies)
     finish(b)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.geobouncer_only("which server a session-mode client gets next (PgBouncer 1.18 does the same; "
+                             "its log lines differ)")
+def test_session_extended_then_query_leaves_a_reusable_server(pg, bouncer):
+    """Session pooling: Parse/Bind/Execute without a Sync, then a Query, which
+    ends them as a Sync would. When the client leaves, its server is reset
+    and given to the next client, not closed as if it were unsynced."""
+    b = bouncer(pgbouncer={"pool_mode": "session", "auth_type": "md5", "default_pool_size": 1})
+    with raw_login(b) as raw:
+        raw.sock.sendall(query_message("SELECT pg_backend_pid()"))
+        pid = rows_of(read_n_ready(raw, 1))[0][0]
+        _extended_then_query(raw)
+    wait_until(lambda: "closing because: client close request" in b.log_text(), timeout=10,
+               message="the client left")
+    with raw_login(b) as raw:
+        raw.sock.sendall(query_message("SELECT pg_backend_pid()"))
+        assert rows_of(read_n_ready(raw, 1))[0][0] == pid, b.log_text()[-2000:]

@@ -27,6 +27,7 @@ SETTINGS = settings(max_examples=40, deadline=None,
 _Q, _F, _S, _X, _Z = (ord(c) for c in "QFSXZ")
 _REQUESTS = frozenset((_Q, _F, _S))
 _EXTENDED = frozenset(ord(c) for c in "PBDEC")
+_SYNCING = frozenset((_S, _Q))     # a Query ends the extended messages before it, as a Sync does
 _COPY_START = frozenset(ord(c) for c in "GHW")
 TRACKED = SERVER_WATCH | REQUEST_REPLIES
 
@@ -143,8 +144,8 @@ def run_client(model: ClientModel, cuts, limit: int = LIMIT, error_at=None, erro
         assert got == data[r:want], (r, c, want)
         started = model.started(r, want)
         assert sc.requests == sum(t in _REQUESTS for t in started)
-        ext = [t for t in started if t in _EXTENDED or t == _S]
-        assert sc.synced == (ext[-1] == _S if ext else None)
+        ext = [t for t in started if t in _EXTENDED or t in _SYNCING]
+        assert sc.synced == (ext[-1] in _SYNCING if ext else None)
         assert sc.owed == model.owed(want), (r, c, want)
         assert sc.terminate == (model.term is not None and c >= model.term + 5)
         assert len(sc.held) == c - want or sc.terminate
@@ -165,8 +166,8 @@ def check_whole_run(model: ClientModel, returned, requests, synced, sc):
     assert returned == model.data[:model.stop]
     before = [t for t, s, _ in model.spans if s < model.stop]
     assert requests == sum(t in _REQUESTS for t in before)
-    ext = [t for t in before if t in _EXTENDED or t == _S]
-    assert synced == (ext[-1] == _S if ext else None)
+    ext = [t for t in before if t in _EXTENDED or t in _SYNCING]
+    assert synced == (ext[-1] in _SYNCING if ext else None)
     assert sc.owed == 0
     assert sc.terminate == (model.term is not None)
     # no returned prefix ever ended inside a header: checked per call in run_client
