@@ -8,7 +8,7 @@ from __future__ import annotations
 from time import monotonic
 
 from ..pool.prepared import FAKE, INJECTED, MAY_DROP_ALL
-from ..pool.statements import parse_locally
+from ..pool.statements import close_locally, parse_locally
 from ..proto import messages as m
 from ..proto.scan import OWES_SYNC
 from . import defer_begin, params, route, stream
@@ -19,7 +19,7 @@ from .login import ClientGone
 
 RECV_SIZE = 65536
 _Q, _S, _F, _X = (ord(c) for c in "QSFX")
-_P, _B, _D, _E = (ord(c) for c in "PBDE")
+_P, _B, _D, _E, _C = (ord(c) for c in "PBDEC")
 _RENAMED = frozenset(ord(c) for c in "PBDC")
 # Query texts worth parsing for session effects: SET, RESET, DEALLOCATE, DISCARD
 # (and anything starting with whitespace or a comment, to be safe).
@@ -247,6 +247,12 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
         if reply is not None:
             del buf[:msgs[-1][2]]
             client.pool.stats.client_parse_count += sum(1 for t, _, _ in msgs if t == _P)
+            client.send(reply)
+            return
+    if server is None and msgs[0][0] == _C and (client.route_pool or client.pool).tracking:
+        reply = close_locally(buf, msgs, client.statements)
+        if reply is not None:
+            del buf[:msgs[-1][2]]
             client.send(reply)
             return
     if server is None:

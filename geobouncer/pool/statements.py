@@ -27,6 +27,8 @@ from ..proto import messages as m
 
 _BIG = 1 << 16        # bodies above this are sliced through views, not copied
 _P, _S, _H_ = (ord(c) for c in "PSH")
+_C_ = ord("C")          # Close
+_S_KIND = ord("S")      # ... of a statement (not a portal)
 
 PARSE_COMPLETE = m.message(b"1")
 
@@ -122,6 +124,34 @@ def parse_locally(registry: Registry, buf, msgs: list, client_stmts: dict,
     for name, sid, tail in names:
         client_stmts[name] = (sid, tail)
     return b"".join(out)
+
+
+_CLOSE_COMPLETE = m.message(b"3")
+_CLOSE_ONLY = frozenset((_C_, _S, _H_))
+
+
+def close_locally(buf, msgs: list, client_stmts: dict) -> bytes | None:
+    """Answer a batch of only Close of named statements (+ Sync / Flush)
+    without a server: the statements are the client's names for the pooler's
+    (the tracker answers such a Close itself when a server is linked, never
+    sending it on), so CloseComplete per Close, ReadyForQuery (idle) per Sync.
+    Linking a server for it held that server while the client, having sent
+    no Sync, idled. None when the batch needs a server (a portal, the
+    unnamed statement, anything else)."""
+    names = []
+    for mtype, start, end in msgs:
+        if mtype not in _CLOSE_ONLY:
+            return None
+        if mtype == _C_:
+            if end - start < 8 or buf[start + 5] != _S_KIND or buf.find(0, start + 6, end) != end - 1:
+                return None         # a portal, the unnamed statement, or malformed: the server says
+            names.append(bytes(buf[start + 6:end - 1]))
+    if not names:
+        return None
+    for name in names:
+        client_stmts.pop(name, None)
+    return b"".join(_CLOSE_COMPLETE if mtype == _C_ else m.READY_IDLE
+                    for mtype, _, _ in msgs if mtype != _H_)
 
 
 class ServerStatements:

@@ -177,6 +177,16 @@ def _close_flush_then_sync(raw):
     assert read_n_ready(raw, 1) == [(b"Z", b"I")]
 
 
+def _close_flush_then_idle(raw):
+    # A driver closing a statement it prepared, with a Flush and no Sync (it
+    # sends the Sync with its next request): nothing of this needs a server.
+    raw.sock.sendall(parse("held_s", "SELECT 1") + SYNC)
+    assert read_n_ready(raw, 1) == [(b"1", b""), (b"Z", b"I")]
+    raw.sock.sendall(close_msg("S", "held_s") + FLUSH)
+    assert kinds(raw.read_until(b"3")) == b"3"
+    assert _quiet(raw) == []
+
+
 def _pipelined_error_in_the_middle(raw):
     ok = parse("", "SELECT $1::int") + bind("", [5]) + execute() + SYNC
     bad = parse("", "SELECT 1/$1::int") + bind("", [0]) + execute() + query_message("SELECT 3") + SYNC
@@ -213,6 +223,7 @@ CASES = {
     "sync-only": _sync_only,
     "execute-missing-portal-then-sync": _execute_missing_portal_then_sync,
     "close-flush-then-sync": _close_flush_then_sync,
+    "close-flush-then-idle": _close_flush_then_idle,
     "pipelined-error-in-the-middle": _pipelined_error_in_the_middle,
 }
 

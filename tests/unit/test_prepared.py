@@ -365,3 +365,22 @@ def test_registry_forgets_old_texts_and_never_reuses_an_id():
     assert parsed == {4, 5}
     assert reg.id_for(b"q0") == 7           # seen again: a new id, a new server name
     assert reg.id_for(b"q4") == 5           # still remembered
+
+
+def test_close_only_batch_of_named_statements_is_answered_locally():
+    from geobouncer.pool.statements import close_locally
+    from geobouncer.proto import messages as m
+    close = lambda body: m.message(b"C", body)     # noqa: E731
+    stmts = {b"s1": (1, b"x"), b"s2": (2, b"y")}
+    buf, msgs = _batch(close(b"Ss1\x00"), m.FLUSH)
+    assert close_locally(buf, msgs, stmts) == m.message(b"3")
+    assert stmts == {b"s2": (2, b"y")}
+    buf, msgs = _batch(close(b"Snever\x00"), close(b"Ss2\x00"), m.SYNC)
+    assert close_locally(buf, msgs, stmts) == m.message(b"3") * 2 + m.READY_IDLE
+    assert stmts == {}
+    # the server's to answer: a portal, the unnamed statement, other messages
+    # (a malformed Close never gets here: the scanner refuses it, 08P01)
+    for batch in ([close(b"Pp1\x00"), m.SYNC], [close(b"S\x00"), m.SYNC],
+                  [close(b"Ss1\x00"), m.message(b"D", b"Ss1\x00"), m.SYNC], [m.SYNC]):
+        buf, msgs = _batch(*batch)
+        assert close_locally(buf, msgs, {b"a": 1}) is None, batch
