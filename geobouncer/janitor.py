@@ -71,7 +71,7 @@ class Janitor:
             for server in pool.idle_servers_to_close(now, s.server_idle_timeout, s.server_lifetime):
                 idle_too_long = s.server_idle_timeout > 0 and now - server.idle_since > s.server_idle_timeout
                 server.close("server idle timeout" if idle_too_long else "server lifetime over")
-            if s.server_fast_close and pool.active:
+            if s.server_fast_close and pool.active and pool.limits.pool_mode == "session":
                 self.fast_close(pool)
             if pool.waiters and pool.may_open(True):
                 pool.wake_one_waiter()
