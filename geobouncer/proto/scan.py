@@ -188,17 +188,25 @@ class ClientScanner:
         n = len(buf)
         limit = self.limit
         syncs = parses = binds = 0
-        last = 0
+        synced = -1         # where the last Sync ends
         try:
             while pos < n:
                 mtype, length = _unpack_header(buf, pos)    # struct.error: under 5 bytes left
-                if mtype not in _UNNAMED_BATCH or length < 4 or length > limit:
+                if length > limit or mtype not in _UNNAMED_BATCH:
                     return None
+                # A length under 4 ends inside the 5 bytes unpacked: never incomplete.
+                # Each branch refuses it (Parse, Bind and Describe by their own minimum).
                 end = pos + 1 + length
                 if end > n:
                     break
                 if mtype == _S:
+                    if length < 4:
+                        return None
                     syncs += 1
+                    synced = end
+                elif mtype == _E:
+                    if length < 4:
+                        return None
                 elif mtype == _B:
                     if length < 6 or buf[pos + 5] != 0 or buf[pos + 6] != 0:
                         return None
@@ -209,14 +217,12 @@ class ClientScanner:
                             or bytes(buf[at:at + 3]) in heads or buf.find(0, at, end) < 0:
                         return None
                     parses += 1
-                elif mtype == _D:
-                    if length != 6 or buf[pos + 6] != 0 or buf[pos + 5] not in _TARGETS:
-                        return None
-                last = mtype
+                elif length != 6 or buf[pos + 6] != 0 or buf[pos + 5] not in _TARGETS:    # Describe
+                    return None
                 pos = end
         except struct.error:
             pass
-        if last != _S:
+        if synced != pos:
             return None
         return pos, syncs, parses, binds
 
@@ -272,10 +278,10 @@ class ServerScanner:
         """Returns ``(buf, end, found)``: forward ``buf[:end]``; ``found`` lists
         ``(type, start, end)`` of the watched messages in it, all complete.
         What follows ``end`` is kept for the next feed."""
-        self.ready = 0
         skip = self.skip
         n = len(data)
         if skip >= n and not self.held:
+            self.ready = 0
             self.skip = skip - n
             return data, n, []
         if self.held:
@@ -286,8 +292,13 @@ class ServerScanner:
         self.skip = 0
         found = []
         watch = self.watch
+        ready = 0
+        last_ready = -1     # where the last ReadyForQuery starts
         try:
-            while pos < n:
+            # pos < n here (a skip that covers the data returned above, and
+            # held bytes come with no skip), and every branch leaves once its
+            # message reaches n: no loop condition to test per message.
+            while True:
                 mtype, length = _unpack_header(data, pos)   # struct.error: under 5 bytes left
                 end = pos + 1 + length
                 if length < 4:
@@ -297,21 +308,28 @@ class ServerScanner:
                         if length > SERVER_HOLD_LIMIT:
                             raise ProtocolError("server message too large")
                         self.held = data[pos:]
-                        return data, pos, found
+                        n = pos
+                        break
                     found.append((mtype, pos, end))
                     if mtype == _Z:
-                        self.ready += 1
-                        self.status = data[pos + 5:pos + 6]
+                        ready += 1
+                        last_ready = pos
                         self.copy = False
                     elif mtype in _COPY:
                         self.copy = True
-                elif end > n:
-                    self.skip = end - n
-                    return data, n, found
+                    if end == n:
+                        break
+                elif end >= n:
+                    if end > n:
+                        self.skip = end - n
+                    break
                 pos = end
         except struct.error:
             self.held = data[pos:]       # an incomplete header
-            return data, pos, found
+            n = pos
+        self.ready = ready
+        if ready:
+            self.status = data[last_ready + 5:last_ready + 6]
         return data, n, found
 
     @property
