@@ -189,11 +189,11 @@ class Tracker:
                 return True
             pending.append((CLOSE, False, None))
             return False
-        if mtype in _COPY_ENDS and any(entry[0] == QUERY or entry[0] == EXECUTE for entry in pending):
-            # Only a CopyDone / CopyFail that may end a COPY: one sent with no
-            # Query or Execute queued before it (nothing that could be a COPY,
-            # say idle in a transaction) is ignored by PostgreSQL, and queued it
-            # would pass for the end of the next COPY (its Syncs then counted owed).
+        if mtype in _COPY_ENDS and (pending or self.copy_in):
+            # Only a CopyDone / CopyFail that may end a COPY: one sent with
+            # nothing queued before it (no COPY under way or to start, say idle
+            # in a transaction) is ignored by PostgreSQL, and queued it would
+            # pass for the end of the next COPY (its Syncs then counted owed).
             pending.append((COPY_END, False, None))
             self.irregular = True
         return False

@@ -538,3 +538,54 @@ def test_failing_copy_as_postgres_and_the_pool_of_one_serves(pg, bouncer, case):
         assert _run_steps(raw, steps) == want, "the same case again"
         _query_ok(raw, 7)
     finish(b)
+
+
+LATE_BIG_ROW = message(b"d", b"1\t" + b"y" * (2 << 20) + b"\n")     # over 1 MiB: streamed, not held
+
+
+def _fail_copy_then_late_big_data(raw, hold=None) -> list:
+    raw.sock.sendall(_q("COPY r9_copy FROM STDIN"))
+    got = [t for t, _ in raw.read_until(b"G")]
+    raw.sock.sendall(BAD)
+    replies = raw.read_until(b"Z")
+    got += [t for t, _ in replies]
+    assert [e.get("C") for e in errors_in(replies)] == ["22P02"], replies
+    if hold is not None:
+        hold()
+    raw.sock.sendall(LATE_BIG_ROW + DONE)     # the rest of the data, sent before the error was read
+    got += [t for t, _ in _run_steps(raw, [("quiet", 0.5)])]
+    return got
+
+
+@pytest.mark.timeout(90)
+def test_late_large_copy_data_after_a_failed_copy_needs_no_server(pg, bouncer):
+    """A COPY fails on a row while the client still sends: the rest of its data
+    (a row over 1 MiB, streamed) comes when the client has no server any more.
+    PostgreSQL ignores it; the pooler must not wait for a server for it (a
+    pool of one held by another client: query_wait_timeout would close a
+    client that asked for nothing)."""
+    _setup_copy_tables(pg)
+    with RawClient(pg.host, pg.port, timeout=15) as raw:
+        assert raw.login("trust_user", "", "app")[-1][0] == b"Z"
+        want = _fail_copy_then_late_big_data(raw)
+        _query_ok(raw, 6)
+    b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "default_pool_size": 1,
+                           "query_wait_timeout": 2})
+    holder = b.connect()
+    release = threading.Event()
+
+    def hold():
+        with holder.cursor() as cur:
+            cur.execute("SELECT 1")       # in a transaction: the only server is the holder's
+        threading.Timer(4.0, release.set).start()
+
+    try:
+        with raw_login(b) as raw:
+            got = _fail_copy_then_late_big_data(raw, hold)
+            assert got == want, (got, want)
+            assert release.wait(10)
+            holder.commit()
+            _query_ok(raw, 6)
+    finally:
+        holder.close()
+    finish(b)
