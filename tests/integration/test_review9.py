@@ -23,10 +23,23 @@ import threading
 import time
 
 import pytest
-from _util_pool import RawClient, another_client_gets, errors_in, query_message
+from _util_pool import RawClient, another_client_gets, errors_in, query_message, run_in_thread
 from fixtures.ports import wait_until
-from test_fatal_boundary import SHAPES, check_row, read_to_eof, start_result
-from test_red_team import APP, finish, no_traceback
+from test_fatal_boundary import SHAPES, read_to_eof, start_result
+from test_red_team import (
+    APP,
+    FLUSH,
+    SYNC,
+    _query_ok,
+    bind,
+    data_values,
+    execute,
+    finish,
+    message,
+    no_traceback,
+    parse,
+    raw_login,
+)
 
 LAST_WORDS_TIMEOUT = 5.0     # geobouncer/net/last_words.py
 GEOBOUNCER_ONLY = pytest.mark.geobouncer_only("the FATAL at a message boundary (PgBouncer 1.18 writes it mid-row)")
@@ -282,8 +295,6 @@ def test_client_resets_mid_result_during_kill_and_shutdown(pg, bouncer):
 
 # -- part 2: failing COPY FROM STDIN in transaction pooling, a pool of one -------------
 
-from test_red_team import FLUSH, SYNC, _query_ok, bind, data_values, describe_msgs, execute, message, parse  # noqa: E402
-from test_red_team import raw_login  # noqa: E402
 
 
 def _row(i: int) -> bytes:
@@ -681,7 +692,6 @@ def test_failing_copies_of_drivers_alongside_good_clients(pg, bouncer, pool_size
     _setup_copy_tables(pg)
     b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "default_pool_size": pool_size,
                            "query_wait_timeout": 60})
-    from _util_pool import run_in_thread
     jobs = []
     for i in range(3):
         jobs.append(run_in_thread(_psycopg3_bad_copy, b.dsn(), i))
