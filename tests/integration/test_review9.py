@@ -407,13 +407,7 @@ COPY_CASES = {
 }
 
 # Known divergences (strict xfail): see the test's docstring.
-_STALE_COPY_END = (
-    "a CopyDone sent after an Execute of the same batch that was no COPY (PostgreSQL ignores it) is queued "
-    "as a COPY_END: the COPY after it counts its Syncs up to that stale entry, so the Sync among its data "
-    "stays owed and the idle client holds its server (pool/unanswered.py ready_irregular, copy_failed)")
 COPY_XFAIL = {
-    "stray-copy-done-between-executes-then-good-copy": _STALE_COPY_END,
-    "stray-copy-done-between-executes-then-failing-copy": _STALE_COPY_END,
     # copy_failed counts every Sync sent before the CopyDone swallowed; a BEFORE
     # STATEMENT trigger fails the COPY before PostgreSQL reads any of them, so it
     # answers them all: the server, doubtful, is released and closed at the first
@@ -704,4 +698,30 @@ def test_failing_copies_of_drivers_alongside_good_clients(pg, bouncer, pool_size
     _servers_match_backends(pg, b)
     servers = [r for r in b.admin("SHOW SERVERS") if r.database == "app"]
     assert all(r.state == "idle" for r in servers), servers
+    finish(b)
+
+
+STRAY_THEN_NAMED = _x("SELECT 1") + DONE + bind("r9s") + execute() + SYNC
+
+
+@pytest.mark.timeout(60)
+def test_stray_copy_done_before_a_statement_prepared_again(pg, bouncer):
+    """A CopyDone outside COPY (PostgreSQL ignores it) between an Execute and
+    the Bind of a named statement that the pooler prepares again on a new
+    server: the replies to the pooler's own Close and Parse are swallowed, as
+    ever, and the client sees what PostgreSQL sends it directly."""
+    with RawClient(pg.host, pg.port, timeout=15) as raw:
+        assert raw.login("trust_user", "", "app")[-1][0] == b"Z"
+        want = _run_steps(raw, [("send", parse("r9s", "SELECT 41") + SYNC), ("ready", 1),
+                                ("send", STRAY_THEN_NAMED), ("ready", 1), ("quiet", 0.3)])
+    b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "default_pool_size": 1,
+                           "query_wait_timeout": 5})
+    with raw_login(b) as raw:
+        got = _run_steps(raw, [("send", parse("r9s", "SELECT 41") + SYNC), ("ready", 1)])
+        b.admin("RECONNECT app")         # the next server does not have it
+        wait_until(lambda: not [r for r in b.admin("SHOW SERVERS") if r.database == "app"], timeout=10,
+                   message="the server closed")
+        got += _run_steps(raw, [("send", STRAY_THEN_NAMED), ("ready", 1), ("quiet", 0.3)])
+        assert got == want, f"through the pooler:\n{got}\nPostgreSQL:\n{want}"
+        _query_ok(raw, 6)
     finish(b)
