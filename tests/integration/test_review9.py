@@ -401,6 +401,12 @@ COPY_CASES = {
          + _row(1) + DONE + SYNC), ("ready", 3), ("quiet", 0.3)],
     # A BEFORE STATEMENT trigger: the COPY fails before PostgreSQL reads anything
     # (the Sync sent with it is answered), with the data sent after the error.
+    # A simple COPY failing on a row, a Sync and a query pipelined after that
+    # row (PostgreSQL reads one CopyData at a time, fails on its row, and
+    # answers what follows).
+    "simple-bad-row-then-syncs-pipelined": [
+        ("send", _q("COPY r9_copy FROM STDIN") + BAD + SYNC + _x("SELECT pg_sleep(0.5), 'late'") + SYNC + DONE),
+        ("ready", 3), ("quiet", 0.3)],
     "extended-statement-trigger-data-after-error": [("send", _x("COPY r9_guard FROM STDIN") + SYNC), ("ready", 1),
                                                     ("send", _row(1) + DONE + SYNC), ("ready", 1),
                                                     ("quiet", 0.3)],
@@ -408,11 +414,16 @@ COPY_CASES = {
 
 # Known divergences (strict xfail): see the test's docstring.
 COPY_XFAIL = {
-    # copy_failed counts every Sync sent before the CopyDone swallowed; a BEFORE
-    # STATEMENT trigger fails the COPY before PostgreSQL reads any of them, so it
-    # answers them all: the server, doubtful, is released and closed at the first
-    # ReadyForQuery, and the rest of the client's replies (the second query's row,
-    # two ReadyForQuery) never reach it: the client waits for ever.
+    # copy_failed counts every Sync sent before the CopyDone swallowed; a COPY
+    # failing before PostgreSQL read some of them (a BEFORE STATEMENT trigger; a
+    # bad row in the CopyData before them) has them answered: the server,
+    # doubtful, is released and closed at the first ReadyForQuery, and the rest
+    # of the client's replies (the later query's row, two ReadyForQuery) never
+    # reach it: the client waits for ever. Other clients are not affected.
+    "simple-bad-row-then-syncs-pipelined": (
+        "copy_failed takes the Syncs sent before the CopyDone as swallowed; PostgreSQL fails on the row of "
+        "the CopyData it just read and answers the Syncs after it, and the doubtful server is closed at the "
+        "first ReadyForQuery: the rest of the client's replies are lost"),
     "extended-statement-trigger-pipelined": (
         "copy_failed takes the Syncs sent before the CopyDone as swallowed; failing before it read them "
         "(a BEFORE STATEMENT trigger), PostgreSQL answers them, and the doubtful server is closed at the "
@@ -432,7 +443,7 @@ COPY_FAILS_WITH = {
     "tx-stray-copy-done-then-failing-copy": "22P02", "tx-stray-copy-done-then-good-extended-copy": None,
     "stray-copy-done-between-executes-then-good-copy": None,
     "stray-copy-done-between-executes-then-failing-copy": "22P02",
-    "extended-statement-trigger-pipelined": "P0001", "extended-statement-trigger-data-after-error": "P0001",
+    "extended-statement-trigger-pipelined": "P0001", "simple-bad-row-then-syncs-pipelined": "22P02", "extended-statement-trigger-data-after-error": "P0001",
 }
 
 
