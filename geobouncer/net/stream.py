@@ -21,6 +21,7 @@ _Q, _F, _P = ord("Q"), ord("F"), ord("P")
 _UNNAMED_PARSE = (PARSE, False, None)
 _RENAMED = frozenset(ord(c) for c in "PBDC")
 _STREAM_ABOVE = 1 << 20      # messages above 1 MiB stream through unless they must be read
+_COPY_REST = frozenset(b"df")   # CopyData, CopyFail: nothing to answer
 _HOLD_LIMIT = 0x3FFFFFFF     # PostgreSQL refuses messages over 1 GB: never hold more
 
 
@@ -69,11 +70,30 @@ def large_message(client, buf: bytearray) -> bool:
     return True
 
 
+def _drop_large(client, buf: bytearray, recv, total: int) -> None:
+    """The rest of a failed COPY FROM STDIN (large CopyData sent before the
+    error came) from a client with no server: PostgreSQL would ignore it, so
+    no server is linked (or waited for) to take it (net/forward.py,
+    _drop_unanswered, for the whole messages)."""
+    owed = total - len(buf)
+    buf.clear()
+    while owed > 0:
+        data = recv()
+        if not data:
+            raise ClientGone()
+        if len(data) > owed:
+            buf += data[owed:]
+        owed -= min(len(data), owed)
+
+
 def stream_large(client, buf: bytearray, recv, scratch: list) -> None:
     """Forward one large message (a huge query, big CopyData) as it arrives."""
     scanner = client.scanner
     mtype = buf[0]
     total = scanner.pending_length(buf)
+    if client.server is None and mtype in _COPY_REST:
+        _drop_large(client, buf, recv, total)
+        return
     server = client.server or client._link()
     tracker = server.tracker
     if tracker is not None:

@@ -189,9 +189,15 @@ class Tracker:
                 return True
             pending.append((CLOSE, False, None))
             return False
-        if mtype in _COPY_ENDS:
+        if mtype in _COPY_ENDS and (pending or self.copy_in):
+            # Only a CopyDone / CopyFail that may end a COPY: one sent with
+            # nothing queued before it (no COPY under way or to start, say idle
+            # in a transaction) is ignored by PostgreSQL, and queued it would
+            # pass for the end of the next COPY (its Syncs then counted owed).
             pending.append((COPY_END, False, None))
-            self.irregular = True
+            # Every reply matched: once those before it are all answered and no
+            # COPY is under way, it was read outside COPY (drop_stale_copy_ends).
+            self.irregular = self.exact = True
         return False
 
     def parse_at(self, buf, start: int, end: int, client_stmts: dict, out: list) -> bool:
@@ -293,9 +299,22 @@ class Tracker:
         self.pending.append((FAKE, False, None))
         return True
 
+    def drop_stale_copy_ends(self) -> None:
+        """CopyDone / CopyFail entries at the head of the queue with no COPY
+        under way (every request before them answered, no CopyInResponse
+        since): PostgreSQL read them outside COPY and ignored them. Left
+        there, the replies after them would be matched against them (the
+        pooler's own Close / Parse replies forwarded) and the next COPY would
+        take one for its end."""
+        pending = self.pending
+        while pending and pending[0][0] == COPY_END and not self.copy_in:
+            pending.popleft()
+
     def first_fakes(self) -> bytes:
         """Faked replies now at the head of the queue (nothing real before them)."""
         pending = self.pending
+        if pending and pending[0][0] == COPY_END:
+            self.drop_stale_copy_ends()
         out = b""
         while pending and pending[0][0] == FAKE:
             reply = pending.popleft()[2]
@@ -323,6 +342,8 @@ class Tracker:
         """Match one reply to its request. Returns (forward it?, faked replies
         that must follow it)."""
         pending = self.pending
+        if pending and pending[0][0] == COPY_END:
+            self.drop_stale_copy_ends()
         if not pending:
             return True, b""
         kind = pending[0][0]

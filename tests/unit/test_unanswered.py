@@ -114,3 +114,42 @@ def test_copy_done_after_the_copy_leaves_nothing_queued():
     send(t, {}, m.query("COPY t FROM STDIN"), COPY_DONE)
     t.ready(b"I")
     assert list(t.pending) == [] and not t.irregular
+
+
+def test_a_stray_copy_done_with_nothing_queued_is_not_taken_for_a_copys_end():
+    # Idle in a transaction, a CopyDone (PostgreSQL ignores it), then a COPY
+    # with a Sync among its data that ends well: that Sync was swallowed.
+    t = _tracker()
+    send(t, {}, COPY_DONE)
+    assert list(t.pending) == [] and not t.irregular
+    send(t, {}, parse(b"", b"COPY t FROM STDIN"), bind(b""), EXECUTE, m.SYNC)
+    t.copy_in = t.irregular = True
+    send(t, {}, m.message(b"d", b"1\n"), COPY_DONE, m.SYNC)
+    t.ready(b"T")
+    assert list(t.pending) == [] and t.unanswered == 1
+
+
+def test_a_stray_copy_done_before_a_failing_copy_leaves_its_syncs_counted_swallowed():
+    t = _tracker()
+    send(t, {}, COPY_DONE, m.query("COPY t FROM STDIN"))
+    t.copy_in = t.irregular = True
+    send(t, {}, m.SYNC, m.message(b"d", b"x\n"), COPY_DONE)
+    reply(t, m.error_response("22P02", "invalid input syntax"))
+    assert (t.unanswered, t.doubtful) == (1, True)
+    reply(t, Z)
+    assert list(t.pending) == []
+
+
+def test_a_stray_copy_done_after_an_answered_execute_is_dropped():
+    # Execute (no COPY), CopyDone, then a COPY with a Sync among its data: the
+    # CopyDone was read outside COPY; the COPY's own Sync is swallowed.
+    t = _tracker()
+    send(t, {}, parse(b"", b"SELECT 1"), bind(b""), EXECUTE, COPY_DONE,
+         parse(b"", b"COPY t FROM STDIN"), bind(b""), EXECUTE, m.SYNC, m.message(b"d", b"1\n"), COPY_DONE, m.SYNC)
+    assert t.exact
+    reply(t, m.message(b"1"), m.message(b"2"), DONE)
+    assert _kinds(t)[:1] != [COPY_END]
+    reply(t, m.message(b"1"), m.message(b"2"))
+    t.copy_in = t.irregular = True       # CopyInResponse
+    reply(t, m.command_complete("COPY 1"), Z)
+    assert list(t.pending) == [] and t.unanswered == 1
