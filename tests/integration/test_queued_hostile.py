@@ -266,6 +266,9 @@ def test_reload_with_a_smaller_pool_while_queued(pg, bouncer):
 
 
 @pytest.mark.timeout(40)
+@pytest.mark.xfail(TARGET == "pgbouncer", strict=True, reason=(
+    "PgBouncer 1.18 closes the queued clients with suspend_timeout: the holder's open transaction keeps "
+    "its SUSPEND from flushing"))
 def test_suspend_while_queued_then_resume(pg, bouncer):
     """SUSPEND with queued clients and a holder: the holder's COMMIT (sent
     while suspended) and the queued queries all complete after RESUME, and

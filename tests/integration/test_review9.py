@@ -24,6 +24,7 @@ import time
 
 import pytest
 from _util_pool import RawClient, another_client_gets, errors_in, query_message, run_in_thread
+from fixtures.pooler import TARGET
 from fixtures.ports import wait_until
 from test_fatal_boundary import SHAPES, read_to_eof, start_result
 from test_red_team import (
@@ -523,10 +524,23 @@ def _direct_transcript(pg, steps) -> list:
     return got
 
 
+# PgBouncer 1.18 holds the idle client's server (another client waits until
+# query_wait_timeout) or stalls the failing COPY's client in these.
+PGBOUNCER_COPY_DIVERGES = {"extended-timeout-flush-sync-later-in-tx", "pipeline-around-a-failing-copy",
+                           "pipeline-failing-copy-then-good-copy", "pipeline-failing-extended-copy-then-good-extended-copy"}
+
+
+def _copy_marks(case: str):
+    if case in COPY_XFAIL:
+        return pytest.mark.xfail(strict=True, reason=COPY_XFAIL[case])
+    if case in PGBOUNCER_COPY_DIVERGES:
+        return pytest.mark.xfail(TARGET == "pgbouncer", strict=True,
+                                 reason="PgBouncer 1.18 holds the server or stalls this client")
+    return ()
+
+
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("case", [
-    pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=COPY_XFAIL[case]) if case in COPY_XFAIL else ())
-    for case in sorted(COPY_CASES)])
+@pytest.mark.parametrize("case", [pytest.param(case, marks=_copy_marks(case)) for case in sorted(COPY_CASES)])
 def test_failing_copy_as_postgres_and_the_pool_of_one_serves(pg, bouncer, case):
     """What PostgreSQL sends the client, the pooler sends it; then, while the
     client idles, another client is served (a pool of one), and the first
@@ -574,6 +588,8 @@ def _fail_copy_then_late_big_data(raw, hold=None) -> list:
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.xfail(TARGET == "pgbouncer", strict=True,
+                   reason="PgBouncer 1.18 links a server for the leftover CopyData and resets the client")
 def test_late_large_copy_data_after_a_failed_copy_needs_no_server(pg, bouncer):
     """A COPY fails on a row while the client still sends: the rest of its data
     (a row over 1 MiB, streamed) comes when the client has no server any more.
@@ -716,6 +732,7 @@ STRAY_THEN_NAMED = _x("SELECT 1") + DONE + bind("r9s") + execute() + SYNC
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.geobouncer_only("statements prepared again by the pooler (PgBouncer 1.18 has no prepared statements)")
 def test_stray_copy_done_before_a_statement_prepared_again(pg, bouncer):
     """A CopyDone outside COPY (PostgreSQL ignores it) between an Execute and
     the Bind of a named statement that the pooler prepares again on a new
