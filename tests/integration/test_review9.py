@@ -527,7 +527,8 @@ def _direct_transcript(pg, steps) -> list:
 # PgBouncer 1.18 holds the idle client's server (another client waits until
 # query_wait_timeout) or stalls the failing COPY's client in these.
 PGBOUNCER_COPY_DIVERGES = {"extended-timeout-flush-sync-later-in-tx", "pipeline-around-a-failing-copy",
-                           "pipeline-failing-copy-then-good-copy", "pipeline-failing-extended-copy-then-good-extended-copy"}
+                           "pipeline-failing-copy-then-good-copy",
+                           "pipeline-failing-extended-copy-then-good-extended-copy"}
 
 
 def _copy_marks(case: str):
