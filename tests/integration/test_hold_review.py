@@ -197,9 +197,10 @@ def _pipelined_error_in_the_middle(raw):
 
 
 # PgBouncer 1.18 counts the Query PostgreSQL skipped after an extended-protocol
-# error, and the idle client holds its server.
+# error, and the idle client holds its server; it also links a server for a
+# Close + Flush and holds it until the Sync.
 PGBOUNCER_HOLDS = {"error-then-query-then-sync", "error-then-later-query-then-sync",
-                   "pipelined-error-in-the-middle"}
+                   "pipelined-error-in-the-middle", "close-flush-then-idle"}
 
 def _query_then_stray_copy_done(raw):
     # PostgreSQL ignores a CopyDone outside COPY.
