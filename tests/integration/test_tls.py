@@ -253,6 +253,7 @@ def test_reload_new_certificate_for_new_handshakes(tls_files, bouncer, tmp_path)
 
 # --- direct TLS (PostgreSQL 17's sslnegotiation=direct) ------------------------------------
 
+@pytest.mark.geobouncer_only("direct TLS (PostgreSQL 17's sslnegotiation=direct; PgBouncer 1.25)")
 def test_direct_tls_with_alpn(tls_files, bouncer):
     b = bouncer(pgbouncer=tls_settings(tls_files))
     assert psycopg.pq.version() >= 170000, "libpq 17+ needed for sslnegotiation=direct"

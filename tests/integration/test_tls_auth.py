@@ -168,6 +168,7 @@ def test_scram_channel_binding_for_tls_clients(tls_files, bouncer):
     assert psql(b.dsn(sslmode="disable")).stdout.strip() == "app"
 
 
+@pytest.mark.geobouncer_only("user name maps in auth_ident_file (PgBouncer 1.23)")
 def test_hba_peer_with_ident_map(bouncer, tmp_path):
     """A local peer line: the OS user at the other end of the Unix socket
     (SO_PEERCRED), mapped through auth_ident_file."""
