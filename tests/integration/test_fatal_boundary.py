@@ -205,12 +205,7 @@ def test_tls_client_reads_whole_rows_then_the_fatal(tls_files, pg, bouncer, shap
                            "client_tls_cert_file": tls_files.cert("bouncer")})
     raw = RawClient(b.host, b.port, timeout=20)
     try:
-        raw.sock.sendall(struct.pack("!II", 8, 80877103))      # SSLRequest
-        assert raw.sock.recv(1) == b"S"
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        raw.sock = ctx.wrap_socket(raw.sock)
+        tls_upgrade(raw)
         assert raw.login(*APP)[-1][0] == b"Z"
         description = start_result(raw, sql, columns)
         time.sleep(1.0)
@@ -221,6 +216,16 @@ def test_tls_client_reads_whole_rows_then_the_fatal(tls_files, pg, bouncer, shap
     finally:
         raw.close()
     finish(b)
+
+
+def tls_upgrade(raw: RawClient) -> None:
+    """SSLRequest, then TLS on the raw client's socket (the test CA is not checked)."""
+    raw.sock.sendall(struct.pack("!II", 8, 80877103))
+    assert raw.sock.recv(1) == b"S"
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    raw.sock = ctx.wrap_socket(raw.sock)
 
 
 def _read_guarded(raw, columns):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import ssl
 import struct
 import threading
 import time
@@ -26,7 +25,7 @@ import pytest
 from _util_pool import RawClient, another_client_gets, errors_in, query_message, run_in_thread
 from fixtures.pooler import TARGET
 from fixtures.ports import wait_until
-from test_fatal_boundary import SHAPES, read_to_eof, start_result
+from test_fatal_boundary import SHAPES, _console, read_to_eof, start_result, tls_upgrade
 from test_red_team import (
     APP,
     FLUSH,
@@ -53,24 +52,10 @@ def _stalled(b, sql: str, columns, rcvbuf: int | None = None, tls: bool = False)
     if rcvbuf:
         raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     if tls:
-        raw.sock.sendall(struct.pack("!II", 8, 80877103))
-        assert raw.sock.recv(1) == b"S"
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        raw.sock = ctx.wrap_socket(raw.sock)
+        tls_upgrade(raw)
     assert raw.login(*APP)[-1][0] == b"Z"
     raw.description = start_result(raw, sql, columns)
     return raw
-
-
-def _console(b, command: str) -> None:
-    import psycopg2
-    try:
-        b.admin(command)
-    except psycopg2.OperationalError:
-        if not command.startswith("SHUTDOWN"):
-            raise
 
 
 def _read_all(raws, columns) -> list:
