@@ -24,6 +24,7 @@ from _util_pool import (
 )
 from fixtures.pooler import TARGET
 from fixtures.ports import wait_until
+from fixtures.sockets import command_of, process_tree, tcp_owners
 from test_queued_queries import hold_transaction, logged_in, reply, rows, start, waiting
 
 
@@ -41,19 +42,28 @@ def assert_settled(b, pg, servers_at_most: int) -> None:
     row = pool_row(b)
     counted = int(row.sv_active) + int(row.sv_idle) + int(row.sv_used) + int(row.sv_tested) + int(row.sv_login)
     assert counted <= servers_at_most, row
-    # Backends older than this pooler are not its servers: a previous test's
-    # pooler's last server has been seen to outlive that pooler's exit by
-    # seconds (PostgreSQL's side; see the closing note of issue 8).
-    ours = ("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-            "AND datname = 'app' AND pid <> pg_backend_pid() AND backend_start >= to_timestamp(%s)")
+    # PostgreSQL's backends whose client end this pooler's process holds: a
+    # backend still listed after the pooler closed its socket (PostgreSQL not
+    # done exiting), or another process's (an earlier test's), is not its
+    # server (fixtures/sockets.py).
+    backends = ("SELECT pid, client_port, state, backend_start, left(query, 60) FROM pg_stat_activity "
+                "WHERE backend_type = 'client backend' AND datname = 'app' AND pid <> pg_backend_pid()")
+    pooler = process_tree(b.pid)
+
+    def held_by_pooler() -> list:
+        owners = tcp_owners()
+        return [row for row in pg.psql(backends) if owners.get(row[1], set()) & pooler]
+
     try:
-        wait_until(lambda: int(pg.psql(ours, (b.started_at - 0.5,))[0][0]) == counted, timeout=10,
+        wait_until(lambda: len(held_by_pooler()) == counted, timeout=10,
                    message=f"PostgreSQL runs the {counted} servers SHOW POOLS counts")
     except TimeoutError as exc:
-        running = pg.psql("SELECT pid, state, wait_event, backend_start, state_change, left(query, 60), "
-                          "client_port FROM pg_stat_activity WHERE datname = 'app' AND pid <> pg_backend_pid()")
+        owners = tcp_owners()
+        running = [(row, sorted((pid, command_of(pid)) for pid in owners.get(row[1], ())))
+                   for row in pg.psql(backends)]
         raise AssertionError(f"SHOW POOLS {pool_row(b)}, SHOW SERVERS {b.admin('SHOW SERVERS')}, "
-                             f"PostgreSQL runs {running}; last error {exc.__cause__!r}") from None
+                             f"pooler {sorted(pooler)}; PostgreSQL runs (with the client end's owners) "
+                             f"{running}; last error {exc.__cause__!r}") from None
     fresh = logged_in(b)
     try:
         started = time.monotonic()

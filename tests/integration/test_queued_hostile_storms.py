@@ -144,11 +144,6 @@ print(cur.fetchone()[0], flush=True)
 
 
 @pytest.mark.timeout(50)
-@pytest.mark.xfail(strict=False, reason=(
-    "known intermittent defect (about 1 module run in 20): after the storm PostgreSQL lists a backend "
-    "started since this pooler started, for ~10 s, while SHOW POOLS and SHOW SERVERS show none: a server "
-    "connection the pooler lost track of without closing it, most likely one opened for a victim that "
-    "was killed during the server's login or parameter sync (see the issue-8 closing note)"))
 def test_sigkilled_psycopg2_processes_with_queued_queries(pg, bouncer):
     """Ten psycopg2 processes queue a query and are SIGKILLed: five before
     the server is released, five as it is handed round."""
