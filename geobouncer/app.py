@@ -142,14 +142,19 @@ class Bouncer:
 
     def reload(self) -> None:
         """SIGHUP / RELOAD: re-read the config and the auth_file; apply what can change live."""
+        step = "config"
         try:
             new = load_config(self.config_path)
             self._check_supported(new.pgbouncer)
+            step = "tls"
             tls = TlsConfig.from_config(new)
+            step = "auth"
             hba, ident_maps = load_auth_rules(new)
             auth_file = self._load_auth_file(new)
         except (ConfigError, AuthFileError) as exc:
             log.error("config reload failed, keeping the old config: %s", exc)
+            if step == "tls":   # PgBouncer's line for this case, which its users' log alerts know
+                log.error("TLS configuration could not be reloaded, keeping old configuration")
             return False
         server_tls_changed = tls.server.identity != self.tls.server.identity
         self.tls, self.hba, self.ident_maps = tls, hba, ident_maps

@@ -1,7 +1,7 @@
 """Shared pytest configuration: the fixtures live in tests/fixtures/ as plugins.
 
 - ``pg``, ``pg_replica``, ``make_pg``, ``make_replica``: real PostgreSQL (fixtures/pg.py)
-- ``bouncer``: geobouncer as a subprocess (fixtures/bouncer.py)
+- ``bouncer``: geobouncer as a subprocess; ``shared_tmp``: a temp dir it can read (fixtures/bouncer.py)
 - ``proxy``: a TCP tunnel to cut the network (fixtures/proxy.py)
 - a per-test time limit (fixtures/watchdog.py)
 

@@ -25,6 +25,8 @@ from .client import AuthFailed, AuthResult
 
 METHODS = ("trust", "reject", "password", "md5", "scram-sha-256", "cert", "peer")
 TYPES = ("local", "host", "hostssl", "hostnossl")
+# PgBouncer's answer to every failed certificate login (the reason goes to the log only).
+CERT_FAILED = "certificate authentication failed"
 # What each hba method runs as an auth_type (auth/client.py, net/login.py).
 AS_AUTH_TYPE = {"password": "plain"}
 
@@ -292,13 +294,18 @@ def load_ident(path: str) -> IdentMaps:
 
 # --- identity logins -------------------------------------------------------------
 
-def cert_login(user: str, identity: str | None, method: str, maps: tuple | None = None):
+def cert_login(user: str, identity: str | None, method: str, maps: tuple | None = None, tls: bool = True):
     """Accept ``user`` on a verified identity: the client certificate's CN
     (cert) or the peer's OS user (peer). ``maps`` is (IdentMaps, map name) when
-    the hba line names a map; otherwise the identity must be the user name."""
+    the hba line names a map; otherwise the identity must be the user name.
+
+    A cert refusal tells the client only "certificate authentication failed",
+    as PgBouncer does; why (no TLS, no certificate, another name) is the
+    ``log_detail``, with PgBouncer's wording first."""
     if identity is None:
         if method == "cert":
-            raise AuthFailed("TLS client certificate required", "28000")
+            reason = "TLS client certificate required" if tls else "TLS connection required"
+            raise AuthFailed(CERT_FAILED, "28000", reason)
         raise AuthFailed(f'Peer authentication failed for user "{user}"', "28000",
                          "could not get the peer's user name")
     if maps is not None and maps[0] is not None and maps[1]:
@@ -307,8 +314,8 @@ def cert_login(user: str, identity: str | None, method: str, maps: tuple | None 
         ok = identity == user
     if not ok:
         if method == "cert":
-            raise AuthFailed("TLS certificate name mismatch", "28000",
-                             f'certificate CN "{identity}" is not user "{user}"')
+            detail = f'TLS certificate name mismatch: certificate CN "{identity}" is not user "{user}"'
+            raise AuthFailed(CERT_FAILED, "28000", detail)
         raise AuthFailed(f'Peer authentication failed for user "{user}"', "28000",
                          f'peer is OS user "{identity}"')
     return AuthResult(method)

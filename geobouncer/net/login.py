@@ -255,14 +255,17 @@ def _authenticate(client, secret, method):
 def _identity_login(client, method):
     """auth_type cert (the client certificate's CN) or an hba ``peer`` line
     (the Unix user at the other end of the socket); ident maps may apply."""
+    encrypted = tls.is_tls(client.sock)
     if method == "cert":
-        identity = tls.peer_common_name(client.sock) if tls.is_tls(client.sock) else None
+        identity = tls.peer_common_name(client.sock) if encrypted else None
     else:
         identity = peer_user(client.sock) if client.unix else None
     try:
-        return cert_login(client.user, identity, method, client.app.secrets.ident_map(client))
+        return cert_login(client.user, identity, method, client.app.secrets.ident_map(client), encrypted)
     except AuthFailed as exc:
-        if client.app.settings.log_pooler_errors:
+        if method == "cert":
+            log.error("%s %s", client.label(), exc.log_detail)    # PgBouncer logs the reason as an ERROR
+        elif client.app.settings.log_pooler_errors:
             log.warning("%s %s", client.label(), exc.log_detail or exc.message)
         raise ClientError(exc.sqlstate, exc.message) from None
 

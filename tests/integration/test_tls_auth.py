@@ -1,7 +1,13 @@
 """auth_type = cert (the client certificate's CN is the user name) and
 auth_type = hba (auth_hba_file, first matching line decides; hostssl,
 hostnossl, reject, cert lines; auth_ident_file maps), through real clients.
-Refusals are checked on the wire too: an ErrorResponse with SQLSTATE 28000."""
+Refusals are checked on the wire too: an ErrorResponse with SQLSTATE 28000
+(08P01 from PgBouncer 1.18, which sends it for all its own errors).
+
+PgBouncer answers a refused certificate with "certificate authentication
+failed" and logs why; geobouncer the same. An hba refusal is PostgreSQL's text
+from geobouncer, "login rejected" from PgBouncer (``hba_refusal``).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,25 @@ import struct
 import subprocess
 
 import pytest
+from fixtures.bouncer import TARGET
+from fixtures.pooler import pooler_sqlstate
 from fixtures.ports import wait_until
 
 SSL_REQUEST = struct.pack("!II", 8, 80877103)
+CERT_FAILED = "certificate authentication failed"
+
+
+def hba_refusal(geobouncer_text: str) -> str:
+    """What the client is told when no hba line admits it, or a reject line
+    does: PostgreSQL's text from geobouncer, "login rejected" from PgBouncer
+    1.18 (its current source says "no authentication method is found" when no
+    line matches)."""
+    return "login rejected" if TARGET == "pgbouncer" else geobouncer_text
+
+
+def password_refusal() -> str:
+    # PgBouncer 1.18 says "SASL authentication failed" for a SCRAM login.
+    return "authentication failed" if TARGET == "pgbouncer" else "password authentication failed"
 
 
 def psql(dsn: str) -> subprocess.CompletedProcess:
@@ -65,10 +87,11 @@ def test_auth_type_cert(tls_files, bouncer):
     b = bouncer(pgbouncer=cert_settings(tls_files))
     out = psql(tls_dsn(tls_files, b, "app", cert="client_app"))
     assert out.returncode == 0 and out.stdout.strip() == "app", out.stderr
-    # Another user's name with this certificate: refused, 28000.
+    # Another user's name with this certificate: refused, 28000, PgBouncer's text; the log says why.
     out = psql(tls_dsn(tls_files, b, "md5_user", cert="client_app"))
-    assert out.returncode != 0 and "TLS certificate name mismatch" in out.stderr, out.stderr
-    assert raw_login(b, "md5_user", tls_files, cert="client_app") == ("28000", "TLS certificate name mismatch")
+    assert out.returncode != 0 and CERT_FAILED in out.stderr, out.stderr
+    assert raw_login(b, "md5_user", tls_files, cert="client_app") == (pooler_sqlstate("28000"), CERT_FAILED)
+    assert "TLS certificate name mismatch" in b.log_text()
     # No certificate: verify-full (which auth_type = cert requires, as PgBouncer) ends it in the handshake.
     out = psql(tls_dsn(tls_files, b, "app"))
     assert out.returncode != 0 and "certificate" in out.stderr, out.stderr
@@ -81,75 +104,111 @@ HBA = """\
 # test rules: the first matching line decides
 hostssl   app  app          127.0.0.1/32  scram-sha-256
 hostssl   app  md5_user     127.0.0.1/32  cert
-hostssl   app  scram_user   127.0.0.1     255.255.255.255  cert  map=certs
+hostssl   app  scram_user   127.0.0.1     255.255.255.255  cert
 hostnossl all  all          0.0.0.0/0     reject
 host      app  @plainusers  127.0.0.1/32  md5
 local     all  all                        trust
 """
+# The cert line of scram_user with a user name map (PgBouncer 1.23's auth_ident_file).
+MAPPED_HBA = HBA.replace("255.255.255.255  cert\n", "255.255.255.255  cert  map=certs\n")
 IDENT = """\
 certs   app             scram_user
 certs   /^(other)$      \\1
 """
 
 
-def hba_bouncer(files, bouncer, tmp_path):
-    (tmp_path / "hba.conf").write_text(HBA)
-    (tmp_path / "plainusers").write_text("plain_user\n")
-    (tmp_path / "ident.conf").write_text(IDENT)
-    return bouncer(pgbouncer=hba_settings(files, tmp_path))
+def hba_bouncer(files, bouncer, path, hba=HBA):
+    """``path`` must be readable by PgBouncer as the test target (``shared_tmp``):
+    it reads the files again at RELOAD, as the postgres OS user."""
+    (path / "hba.conf").write_text(hba)
+    (path / "plainusers").write_text("plain_user\n")
+    return bouncer(pgbouncer=hba_settings(files, path))
 
 
-def hba_settings(files, tmp_path):
-    return {
-        "auth_type": "hba", "auth_hba_file": str(tmp_path / "hba.conf"),
-        "auth_ident_file": str(tmp_path / "ident.conf"),
+def hba_settings(files, path):
+    settings = {
+        "auth_type": "hba", "auth_hba_file": str(path / "hba.conf"),
         "client_tls_sslmode": "prefer", "client_tls_key_file": files.key("bouncer"),
         "client_tls_cert_file": files.cert("bouncer"), "client_tls_ca_file": files.path("ca.pem")}
+    if (path / "ident.conf").exists():
+        settings["auth_ident_file"] = str(path / "ident.conf")
+    return settings
 
 
-def test_hba_rules(tls_files, bouncer, tmp_path):
-    b = hba_bouncer(tls_files, bouncer, tmp_path)
+def test_hba_rules(tls_files, bouncer, shared_tmp):
+    b = hba_bouncer(tls_files, bouncer, shared_tmp)
     # hostssl + scram-sha-256: works over TLS with the password.
     out = psql(tls_dsn(tls_files, b, "app", password="app_pw"))
     assert out.stdout.strip() == "app", out.stderr
     # ... and the wrong password fails.
     out = psql(tls_dsn(tls_files, b, "app", password="nope"))
-    assert out.returncode != 0 and "password authentication failed" in out.stderr
+    assert out.returncode != 0 and password_refusal() in out.stderr, out.stderr
     # hostnossl ... reject: plaintext is refused, whoever it is.
     out = psql(b.dsn(sslmode="disable"))
-    assert out.returncode != 0 and "pg_hba.conf rejects connection" in out.stderr, out.stderr
+    assert out.returncode != 0 and hba_refusal("pg_hba.conf rejects connection") in out.stderr, out.stderr
     code, text = raw_login(b, "app")
-    assert code == "28000" and "rejects connection" in text and "no encryption" in text
+    assert code == pooler_sqlstate("28000") and hba_refusal("rejects connection") in text
+    assert TARGET == "pgbouncer" or "no encryption" in text
     # A cert line: the CN must be the user; no certificate is refused (28000).
     out = psql(tls_dsn(tls_files, b, "md5_user", cert="client_md5_user"))
     assert out.stdout.strip() == "md5_user", out.stderr
-    assert raw_login(b, "md5_user", tls_files, cert="client_app") == ("28000", "TLS certificate name mismatch")
-    assert raw_login(b, "md5_user", tls_files) == ("28000", "TLS client certificate required")
-    # A cert line with an ident map: CN app may log in as scram_user, CN other as "other" only.
-    out = psql(tls_dsn(tls_files, b, "scram_user", cert="client_app"))
+    assert raw_login(b, "md5_user", tls_files, cert="client_app") == (pooler_sqlstate("28000"), CERT_FAILED)
+    assert raw_login(b, "md5_user", tls_files) == (pooler_sqlstate("28000"), CERT_FAILED)
+    log = b.log_text()
+    assert "TLS certificate name mismatch" in log and "TLS client certificate required" in log
+    # A cert line given as address and mask.
+    out = psql(tls_dsn(tls_files, b, "scram_user", cert="client_scram_user"))
     assert out.stdout.strip() == "scram_user", out.stderr
-    assert raw_login(b, "scram_user", tls_files, cert="client_other")[0] == "28000"
+    assert raw_login(b, "scram_user", tls_files, cert="client_app")[0] == pooler_sqlstate("28000")
     # No line for this user over TLS.
     code, text = raw_login(b, "trust_user", tls_files)
-    assert code == "28000" and text.startswith("no pg_hba.conf entry for host"), text
+    assert code == pooler_sqlstate("28000"), code
+    assert text.startswith(hba_refusal("no pg_hba.conf entry for host")), text
     # The Unix socket matches the local line.
     out = psql(b.dsn(host=str(b.workdir), user="trust_user", password=None))
     assert out.stdout.strip() == "trust_user", out.stderr
     assert "Traceback" not in b.log_text()
 
 
-def test_bad_hba_file_is_a_config_error(tls_files, bouncer, tmp_path):
-    b = hba_bouncer(tls_files, bouncer, tmp_path)
-    (tmp_path / "hba.conf").write_text(HBA + "host all all 127.0.0.1/32 kerberos\n")
+@pytest.mark.geobouncer_only("user name maps in auth_ident_file (PgBouncer 1.23)")
+def test_hba_cert_line_with_ident_map(tls_files, bouncer, shared_tmp):
+    (shared_tmp / "ident.conf").write_text(IDENT)
+    b = hba_bouncer(tls_files, bouncer, shared_tmp, hba=MAPPED_HBA)
+    # CN app may log in as scram_user, CN other as "other" only.
+    out = psql(tls_dsn(tls_files, b, "scram_user", cert="client_app"))
+    assert out.stdout.strip() == "scram_user", out.stderr
+    assert raw_login(b, "scram_user", tls_files, cert="client_other") == ("28000", CERT_FAILED)
+    # Without the map the CN is the user: CN scram_user is no longer enough.
+    assert raw_login(b, "scram_user", tls_files, cert="client_scram_user") == ("28000", CERT_FAILED)
+    assert "Traceback" not in b.log_text()
+
+
+def test_bad_hba_file_is_a_config_error(tls_files, bouncer, shared_tmp):
+    """A bad line is a config error, as PostgreSQL treats pg_hba.conf: RELOAD keeps
+    the old rules, start-up fails. PgBouncer (since 1.8) skips the line with a
+    warning instead, and applies the others."""
+    b = hba_bouncer(tls_files, bouncer, shared_tmp)
+    (shared_tmp / "hba.conf").write_text(HBA + "host all all 127.0.0.1/32 kerberos\n")
     b.reload()
-    wait_until(lambda: "config reload failed" in b.log_text(), timeout=10, message="reload refused")
-    assert f"{tmp_path / 'hba.conf'}:8: auth_hba_file: unsupported method 'kerberos'" in b.log_text()
-    # The old rules still apply.
+    if TARGET == "pgbouncer":
+        wait_until(lambda: "could not parse hba config line 8" in b.log_text(), timeout=10,
+                   message="line skipped")
+        assert "hba line 8: unsupported method" in b.log_text()
+    else:
+        wait_until(lambda: "config reload failed" in b.log_text(), timeout=10, message="reload refused")
+        assert f"{shared_tmp / 'hba.conf'}:8: auth_hba_file: unsupported method 'kerberos'" in b.log_text()
+    # The old rules (for PgBouncer: the good lines of the new file) still apply.
     assert psql(tls_dsn(tls_files, b, "app", password="app_pw")).stdout.strip() == "app"
+    if TARGET == "pgbouncer":
+        started = bouncer(pgbouncer=hba_settings(tls_files, shared_tmp))    # the same file, at start
+        assert psql(tls_dsn(tls_files, started, "app", password="app_pw")).stdout.strip() == "app"
+        return
     with pytest.raises(RuntimeError, match=r"hba\.conf:8: auth_hba_file: unsupported method"):
-        bouncer(pgbouncer=hba_settings(tls_files, tmp_path))    # the same file, at start
+        bouncer(pgbouncer=hba_settings(tls_files, shared_tmp))    # the same file, at start
 
 
+@pytest.mark.geobouncer_only("SCRAM channel binding for clients (SCRAM-SHA-256-PLUS; 1.18 offers "
+                             "SCRAM-SHA-256 only)")
 def test_scram_channel_binding_for_tls_clients(tls_files, bouncer):
     """SCRAM-SHA-256-PLUS (tls-server-end-point) is offered to TLS clients: libpq
     with channel_binding=require logs in over TLS and refuses a plaintext session."""

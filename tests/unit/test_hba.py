@@ -87,12 +87,18 @@ def test_ident_maps(tmp_path):
 
 def test_cert_login():
     assert cert_login("app", "app", "cert").method == "cert"
+    # The client is told what PgBouncer tells it; the log detail says why.
     with pytest.raises(AuthFailed) as err:
         cert_login("app", None, "cert")
-    assert (err.value.sqlstate, err.value.message) == ("28000", "TLS client certificate required")
+    assert (err.value.sqlstate, err.value.message) == ("28000", "certificate authentication failed")
+    assert err.value.log_detail == "TLS client certificate required"
+    with pytest.raises(AuthFailed) as err:
+        cert_login("app", None, "cert", tls=False)
+    assert err.value.log_detail == "TLS connection required"
     with pytest.raises(AuthFailed) as err:
         cert_login("app", "other", "cert")
-    assert (err.value.sqlstate, err.value.message) == ("28000", "TLS certificate name mismatch")
+    assert (err.value.sqlstate, err.value.message) == ("28000", "certificate authentication failed")
+    assert err.value.log_detail == 'TLS certificate name mismatch: certificate CN "other" is not user "app"'
     maps = IdentMaps([("m", "other", "app")])
     assert cert_login("app", "other", "cert", (maps, "m")).method == "cert"
     with pytest.raises(AuthFailed, match="Peer authentication failed"):
