@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from time import monotonic
 
-from ..pool.prepared import FAKE, INJECTED, MAY_DROP_ALL
+from ..pool.deallocate import MAY_DROP_ALL, deallocate_locally, watch_drop
+from ..pool.prepared import FAKE, INJECTED
 from ..proto.scan import OWES_SYNC
 from . import defer_begin, params, route, stream
 from .checkout import ClientError
@@ -229,10 +230,10 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
         effect = None
         if mtype == _Q:
             if (stmts or tracker.prepared.lru) and MAY_DROP_ALL.search(buf, start + 5, end):
-                tracker.watch_drop(stmts)
+                watch_drop(tracker, stmts)
             if needs_inspection(bytes(buf[start + 5:start + 8])):
                 body = bytes(buf[start + 5:end])
-                if tracker.deallocate_locally(body, stmts):
+                if deallocate_locally(tracker, body, stmts):
                     out = [] if out is None else out
                     out.append(buf[run:start])
                     run = end
@@ -256,7 +257,7 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
                 # Read in place: a Parse's text is copied once, by the tracker.
                 at = start + 5
                 if (stmts or tracker.prepared.lru) and MAY_DROP_ALL.search(buf, at, end):
-                    tracker.watch_drop(stmts)
+                    watch_drop(tracker, stmts)
                 name_end = buf.find(0, at, end)
                 query_at = name_end + 1
                 change = None
