@@ -30,7 +30,7 @@ class ClientError(Exception):
 def no_server_now(pool) -> bool:
     """Every server busy and no room for another: only then is a Parse-only
     batch answered without a server (a server, when there is one, checks the
-    text against the database as it is now; net/forward.py)."""
+    text against the database as it is now; net/unlinked.py)."""
     return not pool.idle and not pool.may_open(False)
 
 

@@ -1,45 +1,34 @@
 """The client's loop in transaction and statement pooling: whole messages
 through the prepared-statement tracker, with session SETs remembered, and fast
 paths for a lone Query and for unnamed extended batches. Functions over a
-ClientConnection (net/client.py)."""
+ClientConnection (net/client.py).
+
+A batch that finds no server linked gets one, or its answer from the pooler
+itself, in net/unlinked.py; which query texts are read for their session
+effects is net/params.py's."""
 
 from __future__ import annotations
 
 from time import monotonic
 
-from ..pool.prepared import FAKE, INJECTED, MAY_DROP_ALL
-from ..pool.statements import close_locally, parse_locally
-from ..proto import messages as m
+from ..pool.deallocate import MAY_DROP_ALL, deallocate_locally, watch_drop
+from ..pool.prepared import FAKE, INJECTED
 from ..proto.scan import OWES_SYNC
 from . import defer_begin, params, route, stream
-from .checkout import ClientError, no_server_now
+from .checkout import ClientError
 from .fastio import Handoff, receiver
 from .handoff import queue_if_full, write_request
 from .login import ClientGone
+from .params import INSPECT_FIRST, INSPECT_SPELLINGS, needs_inspection
+from .unlinked import NOTHING_TO_ANSWER, drop_unanswered, server_or_answer
 
 RECV_SIZE = 65536
 _Q, _S, _F, _X = (ord(c) for c in "QSFX")
-_P, _B, _D, _E, _C = (ord(c) for c in "PBDEC")
+_P, _B, _D, _E = (ord(c) for c in "PBDE")
 _RENAMED = frozenset(ord(c) for c in "PBDC")
-# Query texts worth parsing for session effects: SET, RESET, DEALLOCATE, DISCARD
-# (and anything starting with whitespace or a comment, to be safe).
-_INSPECT_HEADS = (b"set", b"res", b"dea", b"dis")
-_INSPECT_FIRST = frozenset(b" \t\n\r(-/")
-_UNNAMED_TYPES = frozenset(b"PBDES")
-_NOTHING_TO_ANSWER = frozenset(b"dcfH")     # CopyData, CopyDone, CopyFail, Flush
 _FAKE = FAKE
 _INJECTED_ENTRY = (INJECTED, True, None)
 _BIG = 1 << 16      # batches above this are sent in pieces, bodies sliced through views
-
-
-# Every case spelling of the heads, so the hot path needs no .lower().
-_INSPECT_SPELLINGS = frozenset(
-    bytes(c - 32 if bit & (1 << i) else c for i, c in enumerate(head))   # a-z -> A-Z
-    for head in _INSPECT_HEADS for bit in range(8))
-
-
-def _needs_inspection(head: bytes) -> bool:
-    return bool(head[:1]) and (head[0] in _INSPECT_FIRST or head[:3] in _INSPECT_SPELLINGS)
 
 
 def serve_transaction(client) -> None:
@@ -70,13 +59,13 @@ def serve_transaction(client) -> None:
                 _finish_queued(client)
             # Fast path: exactly one complete simple Query that needs no reading.
             # (lost_tx is checked after the read: a server can be lost meanwhile.)
-            if (lone_query(data) and data[5] not in _INSPECT_FIRST
-                    and data[5:8] not in _INSPECT_SPELLINGS and not client.lost_tx):
+            if (lone_query(data) and data[5] not in INSPECT_FIRST
+                    and data[5:8] not in INSPECT_SPELLINGS and not client.lost_tx):
                 _forward_query(client, data)
                 continue
             buf += data
         if plain:
-            batch = unnamed_batch(buf, _INSPECT_FIRST, _INSPECT_SPELLINGS)
+            batch = unnamed_batch(buf, INSPECT_FIRST, INSPECT_SPELLINGS)
             if batch is not None and _forward_unnamed(client, buf, batch):
                 continue
         msgs = messages(buf)
@@ -124,7 +113,7 @@ def _forward_unnamed(client, buf: bytearray, batch: tuple) -> bool:
                                                                syncs, parses):
             del buf[:last]
         else:
-            server = _server_or_refuse(client, buf, None)
+            server = server_or_answer(client, buf, None)
             if server is None:
                 return True
             if server.tracker is None:
@@ -144,36 +133,6 @@ def _forward_unnamed(client, buf: bytearray, batch: tuple) -> bool:
     return True
 
 
-def _drop_unanswered(buf: bytearray, msgs: list) -> list:
-    """COPY messages from a client with no server (a COPY keeps its server:
-    the rest of a failed COPY FROM STDIN, sent before the error came), and a
-    Flush with nothing pending: PostgreSQL answers none of them, so a server
-    linked for them would be held for ever. Dropped; the messages left."""
-    k = 0
-    while k < len(msgs) and msgs[k][0] in _NOTHING_TO_ANSWER:
-        k += 1
-    cut = msgs[k][1] if k < len(msgs) else msgs[-1][2]
-    del buf[:cut]
-    return [(mtype, start - cut, end - cut) for mtype, start, end in msgs[k:]]
-
-
-def _server_or_refuse(client, buf: bytearray | None, msgs: list | None):
-    """Link a server for the batch in ``buf`` (or a lone Query when None).
-    None when that failed with an error the client survives (a switchover
-    that timed out): the batch is answered here with it."""
-    try:
-        return client._link()
-    except ClientError as exc:
-        if exc.close:
-            raise
-        error = m.error_response(exc.sqlstate, exc.text)
-        if buf is None:
-            client.send(error + m.READY_IDLE)
-        else:
-            client._refuse_batch(buf, msgs or client.scanner.messages(buf), error)
-        return None
-
-
 def _forward_query(client, data: bytes) -> None:
     """One plain simple Query (the common case of transaction pooling).
     With the pool full it is queued, and whoever releases a server sends it
@@ -184,7 +143,7 @@ def _forward_query(client, data: bytes) -> None:
         pool = client.route_pool or client.pool
         if not pool.idle and queue_if_full(client.app, pool, client, data):
             return
-        server = _server_or_refuse(client, None, None)
+        server = server_or_answer(client, None, None)
         if server is None:
             return
     _write(server, data, now)
@@ -232,8 +191,8 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
     if client.lost_tx:
         client._answer_lost(buf, msgs)
         return
-    if client.server is None and msgs[0][0] in _NOTHING_TO_ANSWER:
-        msgs = _drop_unanswered(buf, msgs)
+    if client.server is None and msgs[0][0] in NOTHING_TO_ANSWER:
+        msgs = drop_unanswered(buf, msgs)
         if not msgs:
             return
     if client.app.hooks.enabled or client.rw_split:
@@ -241,22 +200,8 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
             return
         msgs = route.route_batch(client, buf, msgs)
     server = client.server
-    if server is None and msgs[0][0] == _P and no_server_now(client.route_pool or client.pool):
-        reply = parse_locally(client.app.registry, buf, msgs, client.statements, _needs_inspection,
-                              (client.route_pool or client.pool).parsed)
-        if reply is not None:
-            del buf[:msgs[-1][2]]
-            client.pool.stats.client_parse_count += sum(1 for t, _, _ in msgs if t == _P)
-            client.send(reply)
-            return
-    if server is None and msgs[0][0] == _C and (client.route_pool or client.pool).tracking:
-        reply = close_locally(buf, msgs, client.statements)
-        if reply is not None:
-            del buf[:msgs[-1][2]]
-            client.send(reply)
-            return
     if server is None:
-        server = _server_or_refuse(client, buf, msgs)
+        server = server_or_answer(client, buf, msgs)     # or answered here: a Parse, a Close, an error
         if server is None:
             return
     tracker = server.tracker
@@ -285,10 +230,10 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
         effect = None
         if mtype == _Q:
             if (stmts or tracker.prepared.lru) and MAY_DROP_ALL.search(buf, start + 5, end):
-                tracker.watch_drop(stmts)
-            if _needs_inspection(bytes(buf[start + 5:start + 8])):
+                watch_drop(tracker, stmts)
+            if needs_inspection(bytes(buf[start + 5:start + 8])):
                 body = bytes(buf[start + 5:end])
-                if tracker.deallocate_locally(body, stmts):
+                if deallocate_locally(tracker, body, stmts):
                     out = [] if out is None else out
                     out.append(buf[run:start])
                     run = end
@@ -312,11 +257,11 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
                 # Read in place: a Parse's text is copied once, by the tracker.
                 at = start + 5
                 if (stmts or tracker.prepared.lru) and MAY_DROP_ALL.search(buf, at, end):
-                    tracker.watch_drop(stmts)
+                    watch_drop(tracker, stmts)
                 name_end = buf.find(0, at, end)
                 query_at = name_end + 1
                 change = None
-                if _needs_inspection(bytes(buf[query_at:query_at + 3])):   # SET, RESET, DISCARD ...
+                if needs_inspection(bytes(buf[query_at:query_at + 3])):   # SET, RESET, DISCARD ...
                     query_end = buf.find(0, query_at, end)
                     change = params.session_change(bytes(buf[query_at:query_end if query_end >= 0 else end]))
                 if name_end == at:

@@ -1,6 +1,7 @@
 """Tracked session parameters: which startup parameters a client may send, the
 values each client expects, and the SET that brings a server in line; and
-what a client's own SET / RESET / DISCARD ALL changes in what is remembered.
+what a client's own SET / RESET / DISCARD ALL changes in what is remembered,
+with which query texts must be read to know it (net/forward.py asks).
 
 PgBouncer tracks client_encoding, DateStyle, TimeZone, standard_conforming_strings
 and application_name, plus track_extra_parameters (IntervalStyle by default).
@@ -117,6 +118,22 @@ def sync(server, wanted: dict[str, str], sets: dict[str, str] | None = None) -> 
 
 
 # --- SETs a client runs through the pooler (net/forward.py) -------------------
+
+# Query texts worth parsing for session effects: SET, RESET, DEALLOCATE, DISCARD
+# (and anything starting with whitespace or a comment, to be safe).
+_INSPECT_HEADS = (b"set", b"res", b"dea", b"dis")
+INSPECT_FIRST = frozenset(b" \t\n\r(-/")
+# Every case spelling of the heads, so the hot path needs no .lower().
+INSPECT_SPELLINGS = frozenset(
+    bytes(c - 32 if bit & (1 << i) else c for i, c in enumerate(head))   # a-z -> A-Z
+    for head in _INSPECT_HEADS for bit in range(8))
+
+
+def needs_inspection(head: bytes) -> bool:
+    """Whether a query text starting with ``head`` (its first three bytes)
+    may be a SET / RESET / DEALLOCATE / DISCARD, so must be read."""
+    return bool(head[:1]) and (head[0] in INSPECT_FIRST or head[:3] in INSPECT_SPELLINGS)
+
 
 def session_change(text: bytes):
     """What a SET / RESET / DISCARD text does to the remembered state (pool/session_state.py)."""

@@ -16,11 +16,17 @@ The linked client is the replies' consumer: the reader needs of it only
 ``send(bytes)``, ``on_client_write_failed()``, ``on_server_idle(server)`` and
 ``on_server_lost(server, reason)``, so a merger that reads several servers for
 one client (sharding) can stand in its place.
+
+This module holds the connection, its reader loop and close, and the one
+definition of "between requests". Login and the pooler's own queries are in
+net/server_login.py and net/internal.py; what the tracker found in a chunk,
+applied to the connection and its client, in net/tracker_news.py; what a
+server says that nobody asked for (an error after the last ReadyForQuery,
+bytes while unlinked) and the reports of host trouble in net/server_trouble.py.
 """
 
 from __future__ import annotations
 
-import logging
 from time import monotonic
 
 import gevent
@@ -28,18 +34,18 @@ import gevent
 from ..pool.prepared import FAKE, Tracker
 from ..pool.states import SV_LOGIN
 from ..proto import messages as m
-from ..proto.framing import ProtocolError, message_at
+from ..proto.framing import ProtocolError
 from ..proto.scan import REQUEST_REPLIES, SERVER_WATCH, ServerScanner
 from .fastio import receiver
 from . import internal, last_words, server_login
 from .internal import InternalQuery, ServerError  # noqa: F401 - re-exported
 from .server_login import send_cancel  # noqa: F401 - re-exported
-
-log = logging.getLogger("geobouncer")
+from .server_trouble import error_after_ready, report_trouble, unexpected
+from .tracker_news import settle, statements_dropped
 
 RECV_SIZE = 65536
 # Types the reader must decode in full; everything else streams through.
-_Z, _S, _E, _G, _H, _W, _D, _C = (ord(c) for c in "ZSEGHWDC")
+_Z, _S, _E, _G, _H, _W, _C = (ord(c) for c in "ZSEGHWC")
 _WATCHED = SERVER_WATCH
 # Replies that complete a request, or that the prepared-statement tracker must see.
 # And notices: those of a Query the pooler injected are swallowed (pool/prepared.py).
@@ -50,8 +56,6 @@ _TRACKED = _WATCHED | REQUEST_REPLIES | frozenset(b"N")
 # through a prepared statement, whose text the client's side does not see).
 _LEAN = _WATCHED | frozenset((_C,))
 _DROP_HEADS = (b"DEAL", b"DISC")
-# admin/crash shutdown, cannot connect now, read-only transaction (a demoted writer)
-_HOST_TROUBLE = frozenset({"57P01", "57P02", "57P03", "25006"})
 
 
 _next_id = 0
@@ -190,7 +194,7 @@ class ServerConnection:
                         if mtype == _E and self.outstanding <= 0 and tracker is not None \
                                 and self.tx_status == b"I" and not self.unsynced and self.client is not None:
                             cut = start
-                            self._error_after_ready(data[start + 5:stop])
+                            error_after_ready(self, data[start + 5:stop])
                             break
                         watched(mtype, data, start + 5, stop)
                     if pending:
@@ -212,9 +216,9 @@ class ServerConnection:
                     chunk = data if end == len(data) else data[:end]
                 if tracker is not None:
                     if tracker.dropped_all:
-                        self._statements_dropped()
+                        statements_dropped(self)
                     if tracker.settle:
-                        self._settle()
+                        settle(self)
                     if exact and pending and pending[0][0] == FAKE and self.client is not None:
                         chunk += tracker.first_fakes()
                 if chunk:
@@ -227,57 +231,6 @@ class ServerConnection:
             self._lost(f"server connection failed: {exc}")
         except gevent.GreenletExit:
             pass
-
-    def _statements_dropped(self) -> None:
-        """DEALLOCATE ALL / DISCARD ALL ran: the client's statement names are gone."""
-        tracker = self.tracker
-        tracker.dropped_all = False
-        names, tracker.dropped_names = tracker.dropped_names, None
-        client = self.client
-        if client is None:
-            return
-        if names is None:
-            client.statements.clear()
-            client.stmt_sets.clear()
-            client.stmt_routes.clear()
-            client.stmt_class.clear()
-            return
-        # Only what existed before the drop: names prepared after it in the same
-        # batch stay.
-        statements = client.statements
-        for name, entry in names.items():
-            if statements.get(name) is entry:
-                del statements[name]
-                client.stmt_sets.pop(name, None)
-                client.stmt_routes.pop(name, None)
-                client.stmt_class.pop(name, None)
-
-    def _error_after_ready(self, body) -> None:
-        """An ErrorResponse after the ReadyForQuery that answered the last
-        request, in the same read (the backend terminated or timed out while
-        idle): nobody asked for it, and the client, its transaction over, is
-        not shown it. The server is closed when released (transaction
-        pooling), as if it had come a moment later ("server error while idle")."""
-        fields = m.parse_error_fields(body)
-        self.dirty = True
-        self.close_reason = f"server error while idle: {fields.get('M', '')}"
-        self._trouble(fields.get("M", ""), fields.get("C"))
-
-    def _settle(self) -> None:
-        """Requests PostgreSQL will not answer were dropped (pool/unanswered.py):
-        they owe nothing; after an extended-protocol error with no Sync sent
-        yet, the server waits for one."""
-        tracker = self.tracker
-        tracker.settle = False
-        self.outstanding -= tracker.unanswered
-        tracker.unanswered = 0
-        if tracker.doubtful:
-            tracker.doubtful = False
-            self.dirty = True
-            self.close_reason = "replies owed after a failed COPY not certain"
-        if tracker.needs_sync:
-            tracker.needs_sync = False
-            self.unsynced = True
 
     def pool_limit(self) -> int:
         return 1 << 26
@@ -305,18 +258,12 @@ class ServerConnection:
             if fields.get("S") in ("FATAL", "PANIC"):
                 self.dirty = True
                 self.close_reason = f"server error: {fields.get('M', '')}"
-            self._trouble(fields.get("M", ""), fields.get("C"))
-
-    def _trouble(self, reason: str, sqlstate: str | None) -> None:
-        """Report what may mean the host is down or demoted (failover/)."""
-        report = self.pool.on_failure
-        if report is not None and (sqlstate is None or sqlstate in _HOST_TROUBLE):
-            report(self, reason, sqlstate)
+            report_trouble(self, fields.get("M", ""), fields.get("C"))
 
     def _forward(self, data) -> None:
         client = self.client
         if client is None:
-            self._unexpected(data)
+            unexpected(self, data)
             return
         try:
             client.send(data)
@@ -346,36 +293,12 @@ class ServerConnection:
         if client is not None and self.answered():
             client.on_server_idle(self)
 
-    def _unexpected(self, data: bytes) -> None:
-        """Bytes from a server nobody is using: parameter changes and notices are
-        fine; anything else means the connection is in an unknown state."""
-        pos = 0
-        while True:
-            found = message_at(data, pos, 1 << 26)
-            if found is None:
-                break
-            mtype, start, end = found
-            if mtype == _S:
-                name, value = m.parse_parameter_status(data[start:end])
-                self.params[name] = value
-                if name in self.tparams:
-                    self.tparams[name] = value
-            elif mtype == _E:
-                fields = m.parse_error_fields(data[start:end])
-                self.close(f"server error while idle: {fields.get('M', '')}")
-                self._trouble(fields.get("M", ""), fields.get("C"))
-                return
-            elif mtype not in (ord("N"), ord("A")):
-                self.close("unexpected data from idle server")
-                return
-            pos = end
-
     def _lost(self, reason: str) -> None:
         if self.closed:
             return
         client = self.client
         self.close(reason, from_reader=True)
-        self._trouble(reason, None)
+        report_trouble(self, reason, None)
         if client is not None:
             client.on_server_lost(self, reason)
         elif self.internal is not None:

@@ -73,8 +73,8 @@ def large_message(client, buf: bytearray) -> bool:
 def _drop_large(client, buf: bytearray, recv, total: int) -> None:
     """The rest of a failed COPY FROM STDIN (large CopyData sent before the
     error came) from a client with no server: PostgreSQL would ignore it, so
-    no server is linked (or waited for) to take it (net/forward.py,
-    _drop_unanswered, for the whole messages)."""
+    no server is linked (or waited for) to take it (net/unlinked.py,
+    drop_unanswered, for the whole messages)."""
     owed = total - len(buf)
     buf.clear()
     while owed > 0:

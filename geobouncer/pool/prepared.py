@@ -23,22 +23,25 @@ replies to injected messages are swallowed, faked replies are inserted at
 their place in the stream, and after an error the entries up to the next Sync
 are dropped, as the server skips those messages.
 
-This module holds the Tracker (net/ reads the entry kinds of its FIFO here;
-they, and the requests PostgreSQL never answers, are in pool/unanswered.py);
-the ids it renames to, the per-server set of prepared ids and parse_locally,
-which need no FIFO, are in pool/statements.py.
+This module holds the Tracker: the renaming and the matching. Beside it, as
+functions over a Tracker or needing no FIFO:
+  pool/unanswered.py   the FIFO's entry kinds (net/ reads them here) and the
+                       requests PostgreSQL never answers, COPY's among them;
+  pool/deallocate.py   statements the client's SQL drops (DEALLOCATE, DISCARD ALL);
+  pool/statements.py   the ids it renames to, each server's prepared ids,
+                       parse_locally and close_locally.
 """
 
 from __future__ import annotations
 
-import re
 import struct
 from collections import deque
 
 from ..proto import messages as m
+from .deallocate import DEALLOCATED, DROP_ALL_TAGS, drop_all_done, drop_watch_over
 from .statements import _BIG, PARSE_COMPLETE, Registry, ServerStatements, server_name
 from .unanswered import BIND, CLOSE, COPY_END, DESCRIBE, EXECUTE, EXTENDED, FAKE, INJECTED, PARSE, QUERY, SYNC
-from .unanswered import copy_failed, ready_irregular, skip_to_sync
+from .unanswered import copy_end_sent, copy_failed, drop_stale_copy_ends, ready_irregular, skip_to_sync
 
 _HDR = struct.Struct("!cI")
 
@@ -52,13 +55,6 @@ _R_ROWDESC, _R_NODATA = ord("T"), ord("n")
 _R_COMPLETE, _R_EMPTY, _R_SUSPENDED = ord("C"), ord("I"), ord("s")
 _R_READY, _R_ERROR = ord("Z"), ord("E")
 _INJECTED_SWALLOWED = frozenset(b"CN")   # CommandComplete, a notice (ReadyForQuery apart)
-
-_DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all|\"(?:[^\"]|\"\")+\"|[^\s;]+)\s*;?\s*$",
-                         re.IGNORECASE | re.DOTALL)
-_DEALLOCATED = m.command_complete("DEALLOCATE")
-_DROP_ALL_TAGS = (b"DEALLOCATE ALL", b"DISCARD ALL")
-# A text that may drop every statement when it runs (Tracker.watch_drop).
-MAY_DROP_ALL = re.compile(rb"(?:deallocate\s+(?:prepare\s+)?|discard\s+)all", re.IGNORECASE)
 
 
 def _parse_pieces(sid: int, tail: bytes, out: list) -> None:
@@ -98,7 +94,7 @@ class Tracker:
         # DEALLOCATE ALL / DISCARD ALL tags need to be shown to server_message.
         self.exact = False
         # What existed when a message that may drop every statement was sent
-        # (``watch_drop``): (server ids, the client's names), until the queue empties.
+        # (``watch_drop``, pool/deallocate.py): (server ids, the client's names), until the queue empties.
         self.drop_watch = None
         self.dropped_names = None   # with dropped_all: only these names go (None: all)
         # Requests PostgreSQL will not answer (pool/unanswered.py): skipping to a
@@ -116,21 +112,6 @@ class Tracker:
         """The server lost its statements (DISCARD ALL, reset query)."""
         self.prepared.clear()
         self.drop_watch = None
-
-    def watch_drop(self, client_stmts: dict) -> None:
-        """A message just queued may run DEALLOCATE ALL / DISCARD ALL. What the
-        server has now may be gone once it runs, so nothing later in the batch
-        may rely on it (later Parses are sent again, after a Close); when the
-        drop is seen, only what existed before it is forgotten, and if it never
-        comes the statements are known again."""
-        lru = self.prepared.lru
-        if self.drop_watch is None:
-            self.drop_watch = (list(lru), dict(client_stmts))
-        else:
-            self.drop_watch[0].extend(lru)
-            self.drop_watch[1].update(client_stmts)
-        lru.clear()
-        self.exact = True
 
     # --- client -> server --------------------------------------------------------
     def client_message(self, mtype: int, body, client_stmts: dict, out: list, effect=None) -> bool:
@@ -189,15 +170,8 @@ class Tracker:
                 return True
             pending.append((CLOSE, False, None))
             return False
-        if mtype in _COPY_ENDS and (pending or self.copy_in):
-            # Only a CopyDone / CopyFail that may end a COPY: one sent with
-            # nothing queued before it (no COPY under way or to start, say idle
-            # in a transaction) is ignored by PostgreSQL, and queued it would
-            # pass for the end of the next COPY (its Syncs then counted owed).
-            pending.append((COPY_END, False, None))
-            # Every reply matched: once those before it are all answered and no
-            # COPY is under way, it was read outside COPY (drop_stale_copy_ends).
-            self.irregular = self.exact = True
+        if mtype in _COPY_ENDS and (pending or self.copy_in):   # one that may end a COPY
+            copy_end_sent(self)
         return False
 
     def parse_at(self, buf, start: int, end: int, client_stmts: dict, out: list) -> bool:
@@ -272,53 +246,15 @@ class Tracker:
         self.pending.append((PARSE, swallow, sid, owner))
         self.parses += 1
 
-    def _drop_watch_over(self) -> None:
-        """The batch ended and no drop came: what the server had, it still has."""
-        sids = self.drop_watch[0]
-        self.drop_watch = None
-        prepared = self.prepared
-        for sid in reversed(sids):
-            if sid not in prepared:
-                prepared.restore(sid)
-
-    def deallocate_locally(self, body, client_stmts: dict) -> bool:
-        """``DEALLOCATE name`` (simple query) of a protocol-level statement this
-        client prepared: the server knows it under another name, so it is
-        answered here (CommandComplete + ReadyForQuery, queued in order)."""
-        if body[:1].lower() not in (b"d", b" "):
-            return False
-        match = _DEALLOCATE.match(bytes(body[:-1]))
-        if not match or match.group(1).lower() == b"all":
-            return False
-        target = match.group(1)
-        target = target[1:-1].replace(b'""', b'"') if target.startswith(b'"') else target.lower()
-        if target not in client_stmts:
-            return False
-        del client_stmts[target]
-        self.exact = True
-        self.pending.append((FAKE, False, None))
-        return True
-
-    def drop_stale_copy_ends(self) -> None:
-        """CopyDone / CopyFail entries at the head of the queue with no COPY
-        under way (every request before them answered, no CopyInResponse
-        since): PostgreSQL read them outside COPY and ignored them. Left
-        there, the replies after them would be matched against them (the
-        pooler's own Close / Parse replies forwarded) and the next COPY would
-        take one for its end."""
-        pending = self.pending
-        while pending and pending[0][0] == COPY_END and not self.copy_in:
-            pending.popleft()
-
     def first_fakes(self) -> bytes:
         """Faked replies now at the head of the queue (nothing real before them)."""
         pending = self.pending
         if pending and pending[0][0] == COPY_END:
-            self.drop_stale_copy_ends()
+            drop_stale_copy_ends(self)
         out = b""
         while pending and pending[0][0] == FAKE:
             reply = pending.popleft()[2]
-            out += reply if reply is not None else _DEALLOCATED + m.ready_for_query(self.status)
+            out += reply if reply is not None else DEALLOCATED + m.ready_for_query(self.status)
         return out
 
     # --- server -> client ---------------------------------------------------------
@@ -343,7 +279,7 @@ class Tracker:
         that must follow it)."""
         pending = self.pending
         if pending and pending[0][0] == COPY_END:
-            self.drop_stale_copy_ends()
+            drop_stale_copy_ends(self)
         if not pending:
             return True, b""
         kind = pending[0][0]
@@ -368,11 +304,10 @@ class Tracker:
             if not pending:
                 self.exact = False
                 if self.drop_watch is not None:
-                    self._drop_watch_over()
+                    drop_watch_over(self)
             return True, fakes
         if mtype == _R_ERROR:
             if self.copy_in:          # a COPY that fails: what it swallowed is not known
-                self.copy_in = False
                 copy_failed(self)
                 if not pending:
                     return True, b""
@@ -393,17 +328,8 @@ class Tracker:
             skip_to_sync(self, self.exact and kind in EXTENDED)
             return not replacement, replacement
         done = False
-        if mtype == _R_COMPLETE and body[:4] in (b"DEAL", b"DISC") and bytes(body[:-1]) in _DROP_ALL_TAGS:
-            # Whichever protocol carried it, the server has no statements left
-            # but those prepared after it in this batch (watch_drop).
-            watch = self.drop_watch
-            if watch is None:
-                self.prepared.clear()
-                self.dropped_names = None
-            else:
-                self.drop_watch = None
-                self.dropped_names = watch[1]
-            self.dropped_all = True
+        if mtype == _R_COMPLETE and body[:4] in (b"DEAL", b"DISC") and bytes(body[:-1]) in DROP_ALL_TAGS:
+            drop_all_done(self)
         if mtype == _R_PARSE:
             done = kind == PARSE
         elif mtype == _R_BIND:

@@ -9,7 +9,7 @@ match no reply to any request, so need none of the Tracker's FIFO:
   ParsedSet         the ids some server of one pool parsed successfully, which
                     the Registry holds weakly so forgotten ids leave it.
   parse_locally     answers a batch of only named Parse from those sets,
-                    with no server at all (net/forward.py calls it).
+                    with no server at all (net/unlinked.py calls it).
   ServerStatements  the LRU of ids one server connection has prepared.
   server_name       an id's name on the server, ``GB_<id>``.
 

@@ -9,14 +9,19 @@ when nothing is owed. PostgreSQL answers none of these:
   the next Sync, a Query or FunctionCall included (postgres.c, ignore_till_sync);
 - while it reads COPY FROM STDIN data it swallows Syncs and Flushes, for the
   sake of libpq, which sends a Sync with the COPY in the extended protocol and
-  another after CopyDone (copyfromparse.c).
+  another after CopyDone (copyfromparse.c);
+- a CopyDone or CopyFail it reads outside COPY it ignores.
 
 Left counted, each keeps the server linked to its client, idle, for ever. So
 the tracker drops them from its FIFO and says how many (``Tracker.unanswered``)
 for the reader to take off ``outstanding`` (``settle``; ``needs_sync``: the
 server waits for a Sync). Only what is certain is dropped: a
 count too high holds a server (its own client's); one too low would give the
-next client a ReadyForQuery that is not its own.
+next client a ReadyForQuery that is not its own. A failed COPY FROM STDIN
+leaves the count in doubt (``doubtful``): that server is closed, not pooled.
+
+Functions over a Tracker, called by it (pool/prepared.py) when one of these
+cases comes up: the common request and reply pay no call here.
 """
 
 from __future__ import annotations
@@ -67,6 +72,29 @@ def skip_to_sync(tracker, through_queries: bool) -> None:
     _count(tracker, skipped, through_queries)
 
 
+def copy_end_sent(tracker) -> None:
+    """A CopyDone / CopyFail queued behind something (or during a COPY):
+    one sent with nothing queued before it (no COPY under way or to start,
+    say idle in a transaction) is ignored by PostgreSQL, and queued it would
+    pass for the end of the next COPY (its Syncs then counted owed)."""
+    tracker.pending.append((COPY_END, False, None))
+    # Every reply matched: once those before it are all answered and no
+    # COPY is under way, it was read outside COPY (drop_stale_copy_ends).
+    tracker.irregular = tracker.exact = True
+
+
+def drop_stale_copy_ends(tracker) -> None:
+    """CopyDone / CopyFail entries at the head of the queue with no COPY
+    under way (every request before them answered, no CopyInResponse
+    since): PostgreSQL read them outside COPY and ignored them. Left
+    there, the replies after them would be matched against them (the
+    pooler's own Close / Parse replies forwarded) and the next COPY would
+    take one for its end."""
+    pending = tracker.pending
+    while pending and pending[0][0] == COPY_END and not tracker.copy_in:
+        pending.popleft()
+
+
 def copy_failed(tracker) -> None:
     """A COPY FROM STDIN failed (an ErrorResponse while ``copy_in``). The
     Syncs PostgreSQL read in COPY mode were swallowed; those it reads after
@@ -79,6 +107,7 @@ def copy_failed(tracker) -> None:
     as PostgreSQL sends it, and is closed, not pooled, once that client is
     done with it (a ReadyForQuery still to come would reach the next client).
     Left counted, they held the server linked to its idle client for ever."""
+    tracker.copy_in = False
     pending = tracker.pending
     kept, swallowed, ended = [], 0, False
     for entry in pending:

@@ -2,6 +2,7 @@
 
 import struct
 
+from geobouncer.pool.deallocate import deallocate_locally, watch_drop
 from geobouncer.pool.prepared import FAKE, Tracker
 from geobouncer.pool.statements import Registry
 from geobouncer.proto import messages as m
@@ -140,7 +141,7 @@ def test_deallocate_name_answered_locally_in_order():
     stmts = {}
     send(server, stmts, parse(b"s1", b"select 1"), m.SYNC)
     reply(server, PC, Z)
-    assert server.deallocate_locally(b"DEALLOCATE s1\x00", stmts)
+    assert deallocate_locally(server, b"DEALLOCATE s1\x00", stmts)
     assert b"s1" not in stmts
     fakes = server.first_fakes()
     assert types_of(fakes) == "CZ" and b"DEALLOCATE" in fakes
@@ -314,7 +315,7 @@ def test_drop_all_forgets_only_what_existed_before_it():
     send(server, stmts, parse(b"old", b"select 1"), m.SYNC)
     reply(server, CC, PC, Z)
     old_sid = stmts[b"old"][0]
-    server.watch_drop(stmts)            # the pooler saw 'DEALLOCATE ALL' in the next Query
+    watch_drop(server, stmts)            # the pooler saw 'DEALLOCATE ALL' in the next Query
     assert old_sid not in server.prepared
     wire = send(server, stmts, m.query("DEALLOCATE ALL"), parse(b"new", b"select 2"), bind(b"new"), EXECUTE, m.SYNC)
     assert types_of(wire) == "QCPBES"
@@ -331,7 +332,7 @@ def test_no_drop_after_all_restores_what_the_server_has():
     send(server, stmts, parse(b"s", b"select 1"), m.SYNC)
     reply(server, CC, PC, Z)
     sid = stmts[b"s"][0]
-    server.watch_drop(stmts)            # "SELECT 'discard all'": looked like one
+    watch_drop(server, stmts)            # "SELECT 'discard all'": looked like one
     send(server, stmts, m.query("SELECT 'discard all'"))
     reply(server, m.command_complete("SELECT 1"), Z)
     assert sid in server.prepared and not server.dropped_all and server.drop_watch is None

@@ -8,7 +8,7 @@ and leaves the error to it)."""
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from geobouncer.net.forward import _INSPECT_FIRST, _INSPECT_SPELLINGS, _needs_inspection
+from geobouncer.net.params import INSPECT_FIRST, INSPECT_SPELLINGS, needs_inspection
 from geobouncer.proto import messages as m
 from geobouncer.proto.framing import ProtocolError
 from geobouncer.proto.scan import ClientScanner
@@ -18,7 +18,7 @@ SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
 
 
 def batch(buf, limit=LIMIT):
-    return ClientScanner(limit).unnamed_batch(buf, _INSPECT_FIRST, _INSPECT_SPELLINGS)
+    return ClientScanner(limit).unnamed_batch(buf, INSPECT_FIRST, INSPECT_SPELLINGS)
 
 
 def model(buf, limit=LIMIT):
@@ -34,7 +34,7 @@ def model(buf, limit=LIMIT):
         if mtype not in b"PBDES":
             return None
         if mtype == ord("P"):
-            if buf[start + 5] != 0 or _needs_inspection(bytes(buf[start + 6:start + 9])):
+            if buf[start + 5] != 0 or needs_inspection(bytes(buf[start + 6:start + 9])):
                 return None
             parses += 1
         elif mtype == ord("B"):
