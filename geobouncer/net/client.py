@@ -42,6 +42,7 @@ __all__ = ["ClientConnection", "ClientGone"]
 
 class ClientConnection:
     # Per-connection state in slots: thousands of idle clients are the common case.
+    direct = True      # a server's reader may write replies to its socket from the hub (net/server_reader.py)
     __slots__ = ("addr", "admin", "app", "auth_result", "baseline", "bytes_out", "cancel_key", "closing",
                  "connect_time", "dbname", "deferred_begin", "greenlet", "held", "id", "lost_tx", "parkable", "pending",
                  "pending_error", "pool", "portal_change", "queued", "refused_routes", "request_time", "route_pool",

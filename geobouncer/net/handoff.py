@@ -10,12 +10,14 @@ carry the hand-off out.
 from __future__ import annotations
 
 from gevent import get_hub
+from gevent.exceptions import BlockingSwitchOutError
 from gevent.hub import Waiter as HubWaiter
 
 from ..pool.prepared import QUERY, SYNC
 from .fastio import Handoff
 
 _TIMED_OUT = object()
+_WRITE_HERE = 16384     # bytes of a queued request the releaser writes itself
 
 
 class Waiter:
@@ -148,15 +150,18 @@ class QueuedQuery:
         client = self.client
         if client.closing:
             return False
+        # Linked and written here only when that cannot block: this may run in
+        # the hub (a server's read callback releasing it, net/server_reader.py),
+        # and a small write to a server that has answered everything completes at once.
         here = server is not None and server.tparams == client.tparams \
-            and server.session_sets == client.session_sets
+            and server.session_sets == client.session_sets and len(self.data) <= _WRITE_HERE
         if here:
             client.queued = None
             client.set_waiting(False)
             client.attach(server, True)
             try:
                 write_request(server, self.data, client.request_time, self.syncs, self.parses)
-            except OSError:
+            except (OSError, BlockingSwitchOutError):     # gone; or (in the hub) full after all
                 server.dirty = True
                 client.shutdown("08P01", "server conn crashed?")
         else:

@@ -1,28 +1,32 @@
-"""Server connections: connect and log in to PostgreSQL, then one reader
-greenlet per connection that forwards the server's bytes to the linked client.
+"""Server connections: connect and log in to PostgreSQL, then a reader per
+connection (net/server_reader.py) that forwards the server's bytes to the
+linked client.
 
 Theory of operation. A server connection is written to by exactly one party at
 a time: the linked client's greenlet (forwarding queries), or whoever holds it
 unlinked (the pooler's own SET / reset / check queries). It is read only by its
-own reader greenlet, for its whole life, so a server that dies while idle is
-noticed at once. The reader walks message headers over each received chunk and
+own reader, for its whole life, so a server that dies while idle is noticed at
+once: a libev read callback in the hub in the common case, a greenlet whenever
+that might block. The reader walks message headers over each received chunk and
 decodes only what the pooler must see: ReadyForQuery (transaction state and the
 count of answered requests), ParameterStatus (tracked parameters), COPY starts,
-and FATAL errors. Everything is forwarded with one ``sendall`` per chunk. After
+and FATAL errors. Everything is forwarded with one write per chunk. After
 forwarding, if the last ReadyForQuery said idle and nothing is outstanding, the
 server goes back to its pool (transaction and statement modes).
 
 The linked client is the replies' consumer: the reader needs of it only
 ``send(bytes)``, ``on_client_write_failed()``, ``on_server_idle(server)`` and
 ``on_server_lost(server, reason)``, so a merger that reads several servers for
-one client (sharding) can stand in its place.
+one client (sharding) can stand in its place (``direct`` False: its replies
+are never written from the hub).
 
-This module holds the connection, its reader loop and close, and the one
-definition of "between requests". Login and the pooler's own queries are in
-net/server_login.py and net/internal.py; what the tracker found in a chunk,
-applied to the connection and its client, in net/tracker_news.py; what a
-server says that nobody asked for (an error after the last ReadyForQuery,
-bytes while unlinked) and the reports of host trouble in net/server_trouble.py.
+This module holds the connection, its close, and the one definition of
+"between requests". The reader is net/server_reader.py; login and the
+pooler's own queries are in net/server_login.py and net/internal.py; what the
+tracker found in a chunk, applied to the connection and its client, in
+net/tracker_news.py; what a server says that nobody asked for (an error after
+the last ReadyForQuery, bytes while unlinked) and the reports of host trouble
+in net/server_trouble.py.
 """
 
 from __future__ import annotations
@@ -31,31 +35,16 @@ from time import monotonic
 
 import gevent
 
-from ..pool.prepared import FAKE, Tracker
+from ..pool.prepared import Tracker
 from ..pool.states import SV_LOGIN
 from ..proto import messages as m
-from ..proto.framing import ProtocolError
-from ..proto.scan import REQUEST_REPLIES, SERVER_WATCH, ServerScanner
-from .fastio import receiver
-from . import internal, last_words, server_login
+from ..proto.scan import ServerScanner
+from . import internal, server_login
 from .internal import InternalQuery, ServerError  # noqa: F401 - re-exported
 from .server_login import send_cancel  # noqa: F401 - re-exported
-from .server_trouble import error_after_ready, report_trouble, unexpected
-from .tracker_news import settle, statements_dropped
+from .server_trouble import report_trouble, unexpected
 
-RECV_SIZE = 65536
-# Types the reader must decode in full; everything else streams through.
-_Z, _S, _E, _G, _H, _W, _C = (ord(c) for c in "ZSEGHWC")
-_WATCHED = SERVER_WATCH
-# Replies that complete a request, or that the prepared-statement tracker must see.
-# And notices: those of a Query the pooler injected are swallowed (pool/prepared.py).
-_TRACKED = _WATCHED | REQUEST_REPLIES | frozenset(b"N")
-# While the tracker needs no exact matching but there are statements a drop
-# would take (this server's, the client's): CommandComplete too, for the tags
-# that drop every prepared statement (DEALLOCATE ALL, DISCARD ALL; also run
-# through a prepared statement, whose text the client's side does not see).
-_LEAN = _WATCHED | frozenset((_C,))
-_DROP_HEADS = (b"DEAL", b"DISC")
+_S, _E, _G, _H, _W = (ord(c) for c in "SEGHW")
 
 
 _next_id = 0
@@ -66,7 +55,7 @@ class ServerConnection:
                  "idle_since", "in_copy", "internal", "key", "last_activity", "linked_at", "local_addr",
                  "outstanding", "params", "pid", "pool", "port", "reader", "request_started", "scanner",
                  "send", "session_sets", "sock", "stale", "state", "tparams", "to_boundary", "tracker",
-                 "tx_status", "unsynced", "xact_started", "__weakref__")
+                 "tx_status", "unsynced", "watch", "xact_started", "__weakref__")
 
     def __init__(self, pool, host: str, port: int):
         global _next_id
@@ -97,7 +86,8 @@ class ServerConnection:
         self.close_reason = ""
         self.dirty = False            # must not go back to the pool
         self.local_addr = ("", 0)
-        self.reader = None
+        self.reader = None            # a greenlet, while the hub may not read (net/server_reader.py)
+        self.watch = None             # the libev read watcher of a plain socket
         self.cancelling = False
         self.stale = False            # config changed: close instead of reusing
         self.to_boundary = False      # the client is being closed: end the message under way, stop
@@ -125,115 +115,6 @@ class ServerConnection:
 
     def lifetime_limit(self, lifetime: float) -> float:
         return self.pool.db.server_lifetime or lifetime
-
-    # --- the reader greenlet ---------------------------------------------------
-    def _read_loop(self) -> None:
-        """Forward what the server sends. The boundaries come from the scanner
-        (proto/scan.py). With a prepared-statement tracker (transaction and
-        statement pooling) the replies that close requests are matched to
-        them, so replies to injected messages are dropped and locally
-        answered ones inserted. While nothing queued needs that (the common
-        case: plain queries, unnamed statements; ``tracker.exact`` False)
-        only ReadyForQuery, parameter changes, errors and COPY starts are
-        looked at, and the tags that drop every statement while there are
-        statements to drop."""
-        recv = receiver(self.sock, RECV_SIZE)
-        tracker = self.tracker
-        server_message = tracker.server_message if tracker is not None else None
-        pending = tracker.pending if tracker is not None else None
-        ready = tracker.ready if tracker is not None else None
-        scanner = self.scanner = ServerScanner(_WATCHED)
-        feed = scanner.feed
-        watched = self._watched
-        forward = self._forward
-        stats = self.pool.stats
-        exact = False
-        try:
-            while True:
-                data = recv()
-                if not data:
-                    self._lost("server closed the connection unexpectedly")
-                    return
-                if self.internal is not None:
-                    internal.internal_data(self, data)
-                    continue
-                if self.to_boundary:
-                    if last_words.forward_rest(self, data):
-                        continue
-                    return
-                if tracker is not None:
-                    exact = tracker.exact
-                    client = self.client
-                    scanner.watch = _TRACKED if exact else _LEAN if tracker.prepared.lru or (
-                        client is not None and client.statements) else _WATCHED
-                data, end, found = feed(data)
-                out = None          # pieces, once a reply is dropped or one inserted
-                cut = None          # an error nobody asked for: what comes before it is forwarded
-                for mtype, start, stop in found:
-                    if mtype == _Z:
-                        self.outstanding -= 1
-                        status = self.tx_status = data[start + 5:start + 6]
-                        self.in_copy = False
-                        now = monotonic()
-                        stats.query_count += 1
-                        stats.query_time += int((now - self.request_started) * 1e6)
-                        self.request_started = now      # the next pipelined request starts here
-                        self.last_activity = now
-                        if status == b"I":
-                            stats.xact_count += 1
-                            stats.xact_time += int((now - self.xact_started) * 1e6)
-                            self.xact_started = now
-                        if not exact:
-                            if pending:
-                                ready(status)
-                            continue
-                    elif mtype == _C:
-                        if not exact and data[start + 5:start + 9] not in _DROP_HEADS:
-                            continue
-                    elif mtype in _WATCHED:
-                        if mtype == _E and self.outstanding <= 0 and tracker is not None \
-                                and self.tx_status == b"I" and not self.unsynced and self.client is not None:
-                            cut = start
-                            error_after_ready(self, data[start + 5:stop])
-                            break
-                        watched(mtype, data, start + 5, stop)
-                    if pending:
-                        keep, fakes = server_message(mtype, data[start + 5:stop])
-                        if fakes or not keep:
-                            if out is None:
-                                out = []
-                                run = 0
-                            out.append(data[run:stop if keep else start])
-                            if fakes:
-                                out.append(fakes)
-                            run = stop
-                if cut is not None:
-                    end = cut
-                if out is not None:
-                    out.append(data[run:end])
-                    chunk = b"".join(out)
-                else:
-                    chunk = data if end == len(data) else data[:end]
-                if tracker is not None:
-                    if tracker.dropped_all:
-                        statements_dropped(self)
-                    if tracker.settle:
-                        settle(self)
-                    if exact and pending and pending[0][0] == FAKE and self.client is not None:
-                        chunk += tracker.first_fakes()
-                if chunk:
-                    forward(chunk)
-                if scanner.ready and self.outstanding <= 0:
-                    client = self.client
-                    if client is not None and self.answered():
-                        client.on_server_idle(self)
-        except (OSError, ProtocolError) as exc:
-            self._lost(f"server connection failed: {exc}")
-        except gevent.GreenletExit:
-            pass
-
-    def pool_limit(self) -> int:
-        return 1 << 26
 
     def _watched(self, mtype: int, data: bytes, start: int, end: int) -> None:
         """Decode a ParameterStatus, CopyIn/Out/Both or ErrorResponse (the
@@ -311,6 +192,8 @@ class ServerConnection:
         self.closed = True
         self.close_reason = reason
         self.pool.server_closed(self, reason)
+        if self.watch is not None:
+            self.watch.stop()         # before the close: libev must not watch a closed descriptor
         if self.sock is not None:
             try:
                 if not self.dirty and self.client is None:

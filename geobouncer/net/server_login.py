@@ -16,7 +16,7 @@ from gevent import socket
 from ..auth import AuthFailed, ServerAuthenticator
 from ..proto import messages as m
 from ..proto.framing import message_at
-from . import tls as tls_
+from . import server_reader, tls as tls_
 from .fastio import sender
 from .internal import ServerError
 from .sockopts import tune_socket
@@ -44,7 +44,7 @@ def connect(server, startup: dict[str, str], password, scram_keys, timeout: floa
         server.sock.sendall(m.startup_message(startup))
         _login(server, ServerAuthenticator(startup["user"], password, scram_keys), tracked)
     server.send = sender(server.sock)
-    server.reader = gevent.spawn(server._read_loop)
+    server_reader.start(server)
 
 
 def _login(server, auth, tracked) -> None:

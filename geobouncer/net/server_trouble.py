@@ -13,6 +13,9 @@ path of a request's replies).
 
 from __future__ import annotations
 
+import gevent
+from gevent import get_hub
+
 from ..proto import messages as m
 from ..proto.framing import message_at
 
@@ -64,4 +67,7 @@ def report_trouble(server, reason: str, sqlstate: str | None) -> None:
     connection (``sqlstate`` None) or one of the SQLSTATEs above."""
     report = server.pool.on_failure
     if report is not None and (sqlstate is None or sqlstate in _HOST_TROUBLE):
-        report(server, reason, sqlstate)
+        if gevent.getcurrent() is get_hub():
+            gevent.spawn(report, server, reason, sqlstate)   # from the read callback: may block
+        else:
+            report(server, reason, sqlstate)

@@ -32,6 +32,7 @@ class ShardLost(Exception):
 class ShardLink:
     """Stands in for the client as one shard server's consumer."""
 
+    direct = False     # replies go through the merge, in the client's greenlet: never from the hub
     __slots__ = ("client", "server", "shard", "queue", "buf", "pos", "tparams", "statements",
                  "stmt_sets", "stmt_routes", "stmt_class", "session_sets", "lost", "errored")
 
