@@ -1,8 +1,8 @@
 """One greenlet per client: startup, authentication, then the forwarding loop.
 
 The client greenlet reads the client's socket and writes to the linked server;
-the server's reader greenlet writes the replies to the client's socket (see
-net/server.py). While linked, only that reader writes to the client; while not
+the server's reader writes the replies to the client's socket (see
+net/server_reader.py: from the hub, or from a greenlet holding ``wlock``). While linked, only that reader writes to the client; while not
 linked, only this greenlet does. Requests are counted on the way out (Query,
 Sync, FunctionCall each owe one ReadyForQuery) so the reader knows when the
 server has answered everything and may go back to the pool.
@@ -322,7 +322,7 @@ class ClientConnection:
             server.dirty = True
             raise ClientError("08P01", "server conn crashed?") from None
 
-    # --- callbacks from the server's reader greenlet ------------------------------
+    # --- callbacks from the server's reader (net/server_reader.py) ----------------
     def on_server_idle(self, server) -> None:
         """The server answered everything; return it unless the mode keeps it."""
         if self.scanner.owed:

@@ -1,10 +1,11 @@
 """One client linked to servers of several shards at once (sharding, net/sharded.py).
 
-A server's reader greenlet (net/server.py) hands every reply chunk to the
-server's consumer; here the consumer is a ShardLink, which queues the chunks
-for the client's greenlet instead of writing them to the client's socket. The
-queue is bounded: a shard that answers faster than the merge consumes blocks
-in its own reader greenlet (the same back-pressure a slow client socket
+A server's reader (net/server_reader.py; always its greenlet here: a
+ShardLink is not ``direct``) hands every reply chunk to the server's
+consumer; here the consumer is a ShardLink, which queues the chunks for the
+client's greenlet instead of writing them to the client's socket. The queue
+is bounded: a shard that answers faster than the merge consumes blocks in its
+own reader greenlet (the same back-pressure a slow client socket
 gives), so a large result is never held whole.
 
 The client's greenlet reads messages back with ``messages()`` until the
