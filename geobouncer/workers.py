@@ -50,6 +50,7 @@ from types import MappingProxyType
 import gevent
 
 from . import pidfile
+from .net.sockopts import defer_accept
 from .config import Config, PeerEntry, Settings
 from .config import load_config as _load_config
 
@@ -170,6 +171,8 @@ class Supervisor:
                 sock.setsockopt(pysocket.IPPROTO_IPV6, pysocket.IPV6_V6ONLY, 1)
             sock.bind((addr, s.listen_port))
             sock.listen(backlog)
+            if s.tcp_defer_accept:
+                defer_accept(sock)
             self.sockets.append(sock)
             log.info("listening on %s:%d (shared by %d workers)", addr, s.listen_port, self.count)
         if s.unix_socket_dir:

@@ -10,7 +10,7 @@ import socket as pysocket
 
 from gevent.server import StreamServer
 
-from .sockopts import tune_socket
+from .sockopts import defer_accept, tune_socket
 
 log = logging.getLogger("geobouncer")
 
@@ -46,6 +46,8 @@ class Listeners:
                 sock.setsockopt(pysocket.IPPROTO_IPV6, pysocket.IPV6_V6ONLY, 1)
             _bind(sock, (addr, s.listen_port), f"{addr}:{s.listen_port}")
             sock.listen(backlog)
+            if s.tcp_defer_accept:
+                defer_accept(sock)
             self._serve(sock, unix=False)
             log.info("listening on %s:%d", addr, s.listen_port)
         if s.unix_socket_dir:
