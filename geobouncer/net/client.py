@@ -21,7 +21,7 @@ from ..pool.states import CL_ACTIVE, CL_LOGIN, CL_WAITING
 from ..proto import messages as m
 from ..proto.framing import ProtocolError
 from ..proto.scan import ClientScanner
-from . import forward, last_words, login, stream, tls
+from . import forward, inline, last_words, login, stream, tls
 from . import params as tracked_params
 from .checkout import ClientError, acquire_server
 from .fastio import Parked, sender
@@ -44,7 +44,7 @@ class ClientConnection:
     # Per-connection state in slots: thousands of idle clients are the common case.
     direct = True      # a server's reader may write replies to its socket from the hub (net/server_reader.py)
     __slots__ = ("addr", "admin", "app", "auth_result", "baseline", "bytes_out", "cancel_key", "closing",
-                 "connect_time", "dbname", "deferred_begin", "greenlet", "held", "id", "lost_tx", "parkable", "pending",
+                 "connect_time", "dbname", "deferred_begin", "greenlet", "held", "id", "inline", "lost_tx", "parkable", "pending",
                  "pending_error", "pool", "portal_change", "queued", "refused_routes", "request_time", "route_pool",
                  "rw_split", "scanner", "send", "server", "session_sets", "shard_session", "sock", "startup", "state",
                  "statements", "stats_only", "stmt_class", "stmt_routes", "stmt_sets", "tparams", "unix",
@@ -92,6 +92,7 @@ class ClientConnection:
         self.auth_result = None
         self.scanner: ClientScanner | None = None   # frontend boundaries (proto/scan.py), after login
         self.parkable = False      # blocked in the idle read: the janitor may park this client
+        self.inline = False        # parked after a lone Query, served from the hub (net/inline.py)
         self.queued = None         # a Query waiting for a server (net/handoff.py, QueuedQuery)
         self.stats_only = False
         self.shard_session = None  # a sharded database's state (net/sharded.py)
@@ -177,11 +178,19 @@ class ClientConnection:
         event.start(lambda: self._unpark())
 
     def _unpark(self) -> None:
-        # Called by the hub: never block here.
+        # Called by the hub: never block here. A lone Query is served here
+        # when it can be (net/inline.py); anything else needs the greenlet.
+        if self.inline and inline.readable(self):
+            return
+        self.resume()
+
+    def resume(self) -> None:
+        """A parked client's greenlet is needed (bytes came, or a hand-off,
+        net/handoff.py): start one. At once in ``greenlet``, so nobody starts two."""
         event = self.sock._read_event
         if event is not None:
             event.stop()
-        gevent.spawn(self._resume)
+        self.greenlet = gevent.spawn(self._resume)
 
     def _resume(self) -> None:
         self.greenlet = gevent.getcurrent()

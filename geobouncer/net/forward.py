@@ -14,9 +14,9 @@ from time import monotonic
 from ..pool.deallocate import MAY_DROP_ALL, deallocate_locally, watch_drop
 from ..pool.prepared import FAKE, INJECTED
 from ..proto.scan import OWES_SYNC
-from . import defer_begin, params, route, stream
+from . import defer_begin, inline, params, route, stream
 from .checkout import ClientError
-from .fastio import Handoff, receiver
+from .fastio import Handoff, Parked, receiver
 from .handoff import queue_if_full, write_request
 from .login import ClientGone
 from .params import INSPECT_FIRST, INSPECT_SPELLINGS, needs_inspection
@@ -37,6 +37,10 @@ def serve_transaction(client) -> None:
     recv = receiver(client.sock, RECV_SIZE, client)
     buf = bytearray(client.pending)
     client.pending = b""
+    # After a lone Query the client is parked and served from the hub while it can be (net/inline.py).
+    client.inline = park = inline.eligible(client)
+    if client.queued is not None and not client.closing and (buf or client.queued.done):
+        _finish_queued(client)      # resumed while queued: the hand-off first, requests keep their order
     scratch: list = []
     plain = not (client.app.hooks.enabled or client.rw_split)
     messages = client.scanner.messages
@@ -62,11 +66,15 @@ def serve_transaction(client) -> None:
             if (lone_query(data) and data[5] not in INSPECT_FIRST
                     and data[5:8] not in INSPECT_SPELLINGS and not client.lost_tx):
                 _forward_query(client, data)
+                if park:
+                    raise Parked()
                 continue
             buf += data
         if plain:
             batch = unnamed_batch(buf, INSPECT_FIRST, INSPECT_SPELLINGS)
             if batch is not None and _forward_unnamed(client, buf, batch):
+                if park and not buf:
+                    raise Parked()
                 continue
         msgs = messages(buf)
         if msgs is None:

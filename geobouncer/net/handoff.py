@@ -169,9 +169,12 @@ class QueuedQuery:
         if self._wake is not None:
             get_hub().loop.run_callback(self._wake.switch, None)
         elif not here:
-            event = client.sock._read_event
-            if event is not None:
-                get_hub().cancel_wait(event, _HANDOFF)
+            if client.greenlet is None:
+                client.resume()     # parked (net/inline.py): a greenlet finishes the hand-off
+            else:
+                event = client.sock._read_event
+                if event is not None:
+                    get_hub().cancel_wait(event, _HANDOFF)
         return True
 
     def cancel(self, exc: BaseException) -> None:

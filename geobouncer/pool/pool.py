@@ -126,6 +126,19 @@ class Pool:
             return TAKE, server
         return (OPEN if self.may_open(use_reserve) else WAIT), None
 
+    def untake(self, server) -> None:
+        """Undo a checkout whose server is not used now after all (net/inline.py
+        leaves a check, a retirement or a parameter sync to the client's
+        greenlet, which checks out again): idle where it was, its idle time kept."""
+        if server is None:
+            return
+        self.active.discard(server)
+        server.state = SV_IDLE
+        if self.limits.round_robin:
+            self.idle.appendleft(server)
+        else:
+            self.idle.append(server)
+
     def checkin(self, server, now: float, lifetime: float, reset: bool = False):
         """A server the client is done with: ``(decision, waiter)``. A waiter
         takes it atomically (``waiter.take``): one that has just timed out
