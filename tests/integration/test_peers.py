@@ -26,7 +26,7 @@ import urllib.request
 import psycopg2
 import psycopg2.errors
 import pytest
-from _util_pool import RawClient, errors_in, query_message
+from _util_pool import RawClient, errors_in, query_message, startup_packet
 from fixtures.pooler import TARGET
 from fixtures.ports import free_port, wait_until
 
@@ -340,6 +340,9 @@ def test_connections_queued_at_shutdown_are_served(pg, bouncer, tmp_path):
         with admin.cursor() as cur:
             cur.execute("SUSPEND")
             waiting = [RawClient("127.0.0.1", a.port, timeout=20) for _ in range(24)]
+            for rc in waiting:       # as a real client does at once: with tcp_defer_accept (the
+                # default) a connection that has sent nothing is not on the accept queue yet
+                rc.send(startup_packet({"user": "app", "database": "app"}))
             time.sleep(0.2)
             assert "login attempt: db=app" not in a.log_text(mark)
             a.exit_expected = True
@@ -349,7 +352,7 @@ def test_connections_queued_at_shutdown_are_served(pg, bouncer, tmp_path):
     served = 0
     for rc in waiting:
         try:
-            msgs = rc.login("app", "app_pw", "app")
+            msgs = rc.authenticate("app", "app_pw")
             assert msgs and msgs[-1][0] == b"Z", msgs
             rc.send(query_message("SELECT 1"))
             replies = rc.read_until(b"Z")
