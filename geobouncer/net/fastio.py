@@ -22,6 +22,7 @@ the same event as a closed plain socket, so it becomes OSError here.
 
 from __future__ import annotations
 
+import socket as _pysocket
 from errno import EBADF
 
 from gevent.socket import socket as _gevent_socket
@@ -113,13 +114,13 @@ def sender(gsock, lock=None):
 
         def locked(data) -> None:
             with lock:
-                public_sendall(data)
+                write_held(gsock, data, public_sendall)
         return locked
 
     def sendall(data) -> None:
         if lock is not None and lock.locked():
             with lock:
-                slow(data)
+                write_held(gsock, data, slow)
             return
         try:
             sent = gsock._sock.send(data)
@@ -130,6 +131,23 @@ def sender(gsock, lock=None):
                 slow(memoryview(data)[sent:])
             else:
                 with lock:
-                    slow(memoryview(data)[sent:])
+                    write_held(gsock, memoryview(data)[sent:], slow)
 
     return sendall
+
+
+def write_held(gsock, data, write) -> None:
+    """``write(data)`` to a socket several parties write to, the caller
+    holding their lock. Interrupted part-way (the writer killed: its server
+    closed from outside; a timeout) the stream may end inside a message, and
+    whoever takes the lock next (net/last_words.py's FATAL) would write into
+    it: the socket is shut down instead, so nothing more reaches the peer,
+    which sees the stream end (its own greenlet then sees EOF and closes it)."""
+    try:
+        write(data)
+    except BaseException:
+        try:
+            gsock.shutdown(_pysocket.SHUT_RDWR)
+        except (OSError, ValueError, AttributeError):
+            pass
+        raise

@@ -40,7 +40,7 @@ from ..pool.prepared import FAKE
 from ..proto.framing import ProtocolError
 from ..proto.scan import REQUEST_REPLIES, SERVER_WATCH, ServerScanner
 from . import internal, last_words
-from .fastio import receiver
+from .fastio import receiver, write_held
 from .server_trouble import error_after_ready
 from .tracker_news import settle, statements_dropped
 
@@ -158,8 +158,9 @@ def _write_rest(server, client, data, held: bool) -> None:
         server._forward(data)
     else:
         failed = False
+        sock = client.sock
         try:
-            client.sock.sendall(data)
+            write_held(sock, data, sock.sendall)   # killed part-way: the client's socket is shut
         except (OSError, ValueError, AttributeError):
             failed = True
         finally:
