@@ -95,13 +95,16 @@ def receiver(gsock, size: int, owner=None):
     return recv
 
 
-def sender(gsock, lock=None):
+def sender(gsock, lock=None, shut_if_cut: bool = True):
     """A ``sendall(data)`` callable for ``gsock``. With ``lock`` (a gevent
     Semaphore shared by every writer of the socket), a write that cannot
     complete at once holds it until done, so the bytes of two writers never
     interleave; a write that completes at once cannot be interrupted (no
-    greenlet switch happens) and takes no lock."""
+    greenlet switch happens) and takes no lock. ``shut_if_cut``: such a write
+    interrupted part-way shuts the socket down (write_held; a client's, not
+    a server's: its reader would take that for the server's trouble)."""
     slow = gsock.sendall
+    held = write_held if shut_if_cut else _write_only
     if not _plain(gsock):
         def public_sendall(data) -> None:
             try:
@@ -114,13 +117,13 @@ def sender(gsock, lock=None):
 
         def locked(data) -> None:
             with lock:
-                write_held(gsock, data, public_sendall)
+                held(gsock, data, public_sendall)
         return locked
 
     def sendall(data) -> None:
         if lock is not None and lock.locked():
             with lock:
-                write_held(gsock, data, slow)
+                held(gsock, data, slow)
             return
         try:
             sent = gsock._sock.send(data)
@@ -131,9 +134,13 @@ def sender(gsock, lock=None):
                 slow(memoryview(data)[sent:])
             else:
                 with lock:
-                    write_held(gsock, memoryview(data)[sent:], slow)
+                    held(gsock, memoryview(data)[sent:], slow)
 
     return sendall
+
+
+def _write_only(gsock, data, write) -> None:
+    write(data)
 
 
 def write_held(gsock, data, write) -> None:

@@ -43,7 +43,7 @@ def connect(server, startup: dict[str, str], password, scram_keys, timeout: floa
             server.local_addr = ("unix", 0)
         server.sock.sendall(m.startup_message(startup))
         _login(server, ServerAuthenticator(startup["user"], password, scram_keys), tracked)
-    server.send = sender(server.sock)
+    server.send = sender(server.sock, server.wlock, shut_if_cut=False)   # see net/handoff.py
     server_reader.start(server)
 
 
