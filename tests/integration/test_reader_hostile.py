@@ -14,6 +14,7 @@ that ends at a message boundary.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -111,7 +112,7 @@ def test_suspend_timeout_closes_a_server_mid_write_without_garbage(pg, bouncer):
     raw = tiny_client(b)
     try:
         raw.send(query_message(f"DO $$ BEGIN RAISE NOTICE '%', repeat('n', {ROW}); "
-                               "PERFORM pg_sleep(20); END $$"))
+                               "PERFORM pg_sleep(4); END $$"))
         time.sleep(0.5)                   # the NOTICE is read, the client took part of it
         b.admin("SUSPEND")                # returns after suspend_timeout; RESUME as the console leaves
         data = read_all(raw)
@@ -126,3 +127,124 @@ def test_suspend_timeout_closes_a_server_mid_write_without_garbage(pg, bouncer):
         assert tail[:1] == b"N" and b"suspend_timeout" not in tail, tail[-80:]
         assert set(tail[5:].split(b"\x00Mn", 1)[-1]) <= {ord("n")}, tail[-80:]
     finish(b)
+    wait_until(lambda: not pg.psql("SELECT 1 FROM pg_stat_activity WHERE query LIKE 'DO $$%'"),
+               timeout=10, message="the DO block's backend ended its sleep")
+
+
+@pytest.mark.timeout(60)
+def test_safe_shutdown_ends_from_the_read_callback(pg, bouncer):
+    """SIGINT waits for the servers; the last one comes back from the read
+    callback, in the hub (its COMMIT's reply), which then closes every client
+    and server and stops: nothing there may block, and the process exits 0."""
+    import signal
+    b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5"})
+    raw = tiny_client(b, rcvbuf=65536)
+    other = tiny_client(b, rcvbuf=65536)
+    try:
+        raw.send(query_message("BEGIN; SELECT 1"))
+        assert raw.read_until(b"Z")[-1] == (b"Z", b"T")
+        other.send(query_message("SELECT 2"))
+        assert other.read_until(b"Z")[-1] == (b"Z", b"I")
+        b.signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert b.is_running()
+        raw.send(query_message("COMMIT"))
+        replies = raw.read_until_close()
+        assert [t for t, _ in replies][:2] == [b"C", b"Z"], replies
+        assert b.wait_exit(15) == 0
+    finally:
+        raw.close()
+        other.close()
+    if TARGET == "geobouncer":
+        text = b.log_text() + b.output_text()
+        assert "Traceback" not in text and "internal error" not in text, text[-3000:]
+
+
+class SlowLink:
+    """A TCP hop between the pooler and PostgreSQL that takes the pooler's
+    bytes slowly (a small receive window, read a KB at a time with a pause),
+    as a far network does: a write of a few KB to the server does not
+    complete at once. Threads, like fixtures/proxy.py."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)   # inherited by accept()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return
+            far = socket.create_connection(self.target)
+            self.socks += [near, far]
+            threading.Thread(target=self._pump, args=(near, far, 0.01), daemon=True).start()
+            threading.Thread(target=self._pump, args=(far, near, 0), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, pause: float) -> None:
+        try:
+            while True:
+                data = src.recv(1024 if pause else 65536)
+                if not data:
+                    break
+                dst.sendall(data)
+                if pause:
+                    time.sleep(pause)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        for sock in [self.listener, *self.socks]:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)     # wakes a pump blocked in recv (close would not)
+            except OSError:
+                pass
+            sock.close()
+
+
+def pool_waiting(b) -> int:
+    return int(next(r for r in b.admin("SHOW POOLS") if r.database == "app").cl_waiting)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("size", [6000, 15000])
+def test_queued_query_handed_from_the_read_callback_to_a_small_socket(pg, bouncer, size):
+    """A queued query of up to 16 KB is written by the releaser itself, from
+    the hub when a read callback releases the server; with tcp_socket_buffer
+    small the server's socket does not take it at once: the query must still
+    run, not end its client with "server conn crashed?"."""
+    link = SlowLink(pg.port)
+    b = bouncer(databases={"app": {"host": "127.0.0.1", "port": link.port, "dbname": "app"}},
+                pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "default_pool_size": 1,
+                           "tcp_socket_buffer": 1024})
+    holder, queued = tiny_client(b, 65536), tiny_client(b, 65536)
+    try:
+        holder.send(query_message("BEGIN; SELECT 1"))
+        assert holder.read_until(b"Z")[-1] == (b"Z", b"T")
+        text = "q" * size
+        queued.send(query_message(f"SELECT '{text}'"))
+        wait_until(lambda: pool_waiting(b) == 1, timeout=10, message="the query waits for the server")
+        holder.send(query_message("COMMIT"))
+        assert holder.read_until(b"Z")[-1] == (b"Z", b"I")
+        replies = queued.read_until(b"Z")
+        assert errors_in(replies) == [], errors_in(replies)
+        assert [value_of(body) for t, body in replies if t == b"D"] == [text.encode()]
+    finally:
+        holder.close()
+        queued.close()
+    try:
+        finish(b)
+    finally:
+        link.close()
