@@ -13,7 +13,10 @@ that ends at a message boundary.
 
 from __future__ import annotations
 
+import random
 import socket
+import ssl
+import struct
 import threading
 import time
 
@@ -21,7 +24,7 @@ import pytest
 from _util_pool import RawClient, errors_in, parse_error_fields, query_message
 from fixtures.pooler import TARGET
 from fixtures.ports import wait_until
-from test_red_team import finish
+from test_red_team import data_values, finish
 
 APP = ("app", "app_pw", "app")
 ROW = 7000          # one value: the whole result fits one write of PostgreSQL's 8 KB buffer
@@ -248,3 +251,94 @@ def test_queued_query_handed_from_the_read_callback_to_a_small_socket(pg, bounce
         finish(b)
     finally:
         link.close()
+
+
+def tls_client(b) -> RawClient:
+    """A logged-in raw client over TLS (the test CA is not checked)."""
+    raw = RawClient(b.host, b.port, timeout=20)
+    raw.sock.sendall(struct.pack("!II", 8, 80877103))
+    assert raw.sock.recv(1) == b"S"
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    raw.sock = ctx.wrap_socket(raw.sock)
+    assert raw.login(*APP)[-1][0] == b"Z"
+    return raw
+
+
+def read_slowly(raw: RawClient, stop: bytes, count: int, slow_bytes: int, rng: random.Random) -> list:
+    """Messages up to the ``count``-th of type ``stop``, the first ``slow_bytes`` read in small pieces."""
+    out, seen = [], 0
+    while True:
+        while len(raw.buf) >= 5:
+            length = int.from_bytes(raw.buf[1:5], "big")
+            if len(raw.buf) < 1 + length:
+                break
+            out.append((bytes(raw.buf[:1]), bytes(raw.buf[5:1 + length])))
+            del raw.buf[:1 + length]
+            if out[-1][0] == stop:
+                count -= 1
+                if not count:
+                    assert not raw.buf, "bytes after the last reply"
+                    return out
+        size = rng.choice((1, 9, 700, 4096)) if seen < slow_bytes else 65536
+        data = raw.sock.recv(size)
+        assert data, f"EOF after {len(out)} messages"
+        seen += len(data)
+        raw.buf += data
+        if seen < slow_bytes and rng.random() < 0.02:
+            time.sleep(0.002)
+
+
+BIG_ROWS = 3000     # 1.8 MB a result
+
+
+def big_value(i: int) -> bytes:
+    return (b"%06d" % i) * 100
+
+
+@pytest.mark.timeout(90)
+def test_pool_of_one_slow_pipelining_holder_and_queued_plain_and_tls_clients(pg, bouncer, tls_files):
+    """One server; its holder pipelines a large SELECT, a COPY TO STDOUT and
+    a small SELECT and reads them slowly, while plain and TLS clients queue
+    behind it. The holder gets every byte in order, each queued client its
+    own answer, on that one server, once the holder is done."""
+    b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "default_pool_size": 1,
+                           "tcp_socket_buffer": 4096, "client_tls_sslmode": "allow", "client_tls_key_file": tls_files.key("bouncer"),
+                           "client_tls_cert_file": tls_files.cert("bouncer")})
+    holder = tiny_client(b, 65536)
+    queued = [tiny_client(b, 65536), tls_client(b), tiny_client(b, 65536), tls_client(b)]
+    try:
+        holder.send(query_message("SELECT pg_backend_pid()"))
+        pid = value_of(holder.read_until(b"Z")[-3][1])
+        gen = f"SELECT repeat(lpad(i::text, 6, '0'), 100) FROM generate_series(1, {BIG_ROWS}) AS i"
+        holder.send(query_message(gen) + query_message(f"COPY ({gen}) TO STDOUT")
+                    + query_message("SELECT 'end'"))
+        time.sleep(0.3)
+        for n, raw in enumerate(queued):
+            raw.send(query_message(f"SELECT 'queued {n}', pg_backend_pid()"))
+        wait_until(lambda: pool_waiting(b) == len(queued), timeout=10, message="all queued")
+        started = time.monotonic()
+        replies = read_slowly(holder, b"Z", 3, 1 << 20, random.Random(7))
+        # tcp_socket_buffer set after connect() kept the server's window under
+        # one loopback MSS: some 40 KB/s, this read took 90 s (PgBouncer: 0.1 s).
+        assert time.monotonic() - started < 20
+        kinds = [t for t, _ in replies]
+        assert errors_in(replies) == []
+        first = kinds.index(b"Z")
+        rows = [value_of(body) for t, body in replies[:first] if t == b"D"]
+        assert rows == [big_value(i) for i in range(1, BIG_ROWS + 1)]
+        copied = [body for t, body in replies[first:] if t == b"d"]
+        assert copied == [big_value(i) + b"\n" for i in range(1, BIG_ROWS + 1)]
+        assert [value_of(body) for t, body in replies if t == b"D"][-1] == b"end"
+        for n, raw in enumerate(queued):
+            got = raw.read_until(b"Z")
+            assert errors_in(got) == [], (n, errors_in(got))
+            values = [data_values(body) for t, body in got if t == b"D"]
+            assert values == [[f"queued {n}", pid.decode()]], (n, values)
+            raw.send(query_message(f"SELECT 'again {n}'"))
+            assert [value_of(body) for t, body in raw.read_until(b"Z") if t == b"D"] == [f"again {n}".encode()]
+    finally:
+        for raw in [holder, *queued]:
+            raw.close()
+    finish(b)
