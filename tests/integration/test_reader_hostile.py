@@ -342,3 +342,107 @@ def test_pool_of_one_slow_pipelining_holder_and_queued_plain_and_tls_clients(pg,
         for raw in [holder, *queued]:
             raw.close()
     finish(b)
+
+
+def assert_quiet(b) -> None:
+    if TARGET == "geobouncer":
+        text = b.log_text() + b.output_text()
+        for bad in ("Traceback", "internal error", "Impossible to call blocking", "invalid fd"):
+            assert bad not in text, text[-3000:]
+
+
+@pytest.mark.timeout(60)
+def test_notice_flood_to_a_client_that_reads_late(pg, bouncer):
+    """Twenty thousand NOTICEs, each flushed by PostgreSQL on its own, to a
+    client that reads nothing for a while and then slowly: its socket fills,
+    the reader moves between the callback and a greenlet many times, and
+    every notice arrives once, in order, then the command's end. A quick
+    client is served meanwhile."""
+    b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "default_pool_size": 2,
+                           "tcp_socket_buffer": 4096})
+    raw = tiny_client(b, 4096)
+    try:
+        count = 20000
+        raw.send(query_message(f"DO $$ BEGIN FOR i IN 1..{count} LOOP RAISE NOTICE 'n%', i; END LOOP; END $$"))
+        time.sleep(0.5)
+        quick = tiny_client(b, 65536)
+        quick.send(query_message("SELECT 'quick'"))
+        assert [value_of(body) for t, body in quick.read_until(b"Z") if t == b"D"] == [b"quick"]
+        quick.close()
+        replies = read_slowly(raw, b"Z", 1, 200000, random.Random(3))
+        notices = [parse_error_fields(body)["M"] for t, body in replies if t == b"N"]
+        assert notices == [f"n{i}" for i in range(1, count + 1)]
+        assert [t for t, _ in replies][-2:] == [b"C", b"Z"]
+        raw.send(query_message("SELECT 'next'"))
+        assert [value_of(body) for t, body in raw.read_until(b"Z") if t == b"D"] == [b"next"]
+    finally:
+        raw.close()
+    assert_quiet(b)
+    finish(b)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.geobouncer_only("PgBouncer 1.18 writes 'server conn crashed?' inside the DataRow cut short")
+def test_server_terminated_mid_result_to_a_slow_client(pg, bouncer):
+    """pg_terminate_backend while a large result is being written to a slow
+    client: PostgreSQL, blocked inside a DataRow, exits without its FATAL,
+    so the client's stream ends inside that row: whole rows, that row's own
+    bytes, EOF; never an error written inside it. The pool recovers."""
+    b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "tcp_socket_buffer": 4096})
+    raw = tiny_client(b, 4096)
+    try:
+        raw.send(query_message("SELECT pg_backend_pid()"))
+        pid = int(value_of(raw.read_until(b"Z")[-3][1]))
+        raw.send(query_message("SELECT repeat(lpad(i::text, 6, '0'), 100) FROM generate_series(1, 200000) AS i"))
+        time.sleep(0.5)
+        pg.psql(f"SELECT pg_terminate_backend({pid})")
+        time.sleep(0.3)
+        messages, tail = split_messages(read_all(raw, 30))
+    finally:
+        raw.close()
+    kinds = [t for t, _ in messages]
+    rows = kinds.index(b"E") if b"E" in kinds else len(kinds)
+    assert kinds[0] == b"T" and set(kinds[1:rows]) == {b"D"} and set(kinds[rows:]) <= {b"E"}, kinds[-4:]
+    for i, (_, body) in enumerate(messages[1:rows], 1):
+        assert value_of(body) == big_value(i), i
+    if tail:        # the row cut short: its own bytes only
+        assert rows == len(kinds), kinds[-3:]
+        expected = b"D" + (610).to_bytes(4, "big") + b"\x00\x01" + (600).to_bytes(4, "big") + big_value(rows)
+        assert tail == expected[:len(tail)], tail[-80:]
+    else:           # PostgreSQL's FATAL made it: then the pooler's may follow
+        assert "terminating connection" in errors_in(messages)[0]["M"]
+    assert_quiet(b)
+    finish(b)
+
+
+@pytest.mark.timeout(60)
+def test_reconnect_and_janitor_closes_while_a_slow_reader_streams(pg, bouncer):
+    """RECONNECT, server_idle_timeout and server_lifetime close servers while
+    one streams a large result to a slow reader (its reader moving between the
+    callback and a greenlet) and quick clients come and go: the result is
+    whole, its server is retired after it, and the process lives (a watcher on
+    a closed descriptor aborts it)."""
+    b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "default_pool_size": 4,
+                           "tcp_socket_buffer": 4096, "server_idle_timeout": 1, "server_lifetime": 2})
+    raw = tiny_client(b, 4096)
+    try:
+        gen = f"SELECT repeat(lpad(i::text, 6, '0'), 100) FROM generate_series(1, {BIG_ROWS}) AS i"
+        raw.send(query_message(gen))
+        for i in range(6):
+            quick = tiny_client(b, 65536)
+            quick.send(query_message(f"SELECT {i}"))
+            assert [value_of(body) for t, body in quick.read_until(b"Z") if t == b"D"] == [str(i).encode()]
+            quick.close()
+            if i % 2:
+                b.admin("RECONNECT")
+            time.sleep(0.4)
+        replies = read_slowly(raw, b"Z", 1, 300000, random.Random(5))
+        assert errors_in(replies) == []
+        assert [value_of(body) for t, body in replies if t == b"D"] == [big_value(i) for i in range(1, BIG_ROWS + 1)]
+        raw.send(query_message("SELECT 'after'"))
+        assert [value_of(body) for t, body in raw.read_until(b"Z") if t == b"D"] == [b"after"]
+    finally:
+        raw.close()
+    assert b.is_running()
+    assert_quiet(b)
+    finish(b)
