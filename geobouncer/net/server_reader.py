@@ -155,6 +155,8 @@ def read_loop(server, rest=None, client=None) -> None:
 def _write_rest(server, client, data, held: bool) -> None:
     """The reply the callback could not write at once; then, as after any forward, the release."""
     if not held:
+        if server.client is not client:
+            return          # it left before its turn came: the rest of its reply is nobody's
         server._forward(data)
     else:
         failed = False
