@@ -446,3 +446,36 @@ def test_reconnect_and_janitor_closes_while_a_slow_reader_streams(pg, bouncer):
     assert b.is_running()
     assert_quiet(b)
     finish(b)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rst", [False, True], ids=["close", "reset"])
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_client_leaves_with_its_last_reply_unwritten(pg, bouncer, mode, rst):
+    """server_reset_query (always, in transaction pooling) and a pool of one: a client
+    leaves while the pooler still writes its last reply (read whole from the
+    server, ReadyForQuery included, the client's socket full). The server's
+    reset runs while that write is being abandoned; the next client gets a
+    clean session on a working server and nothing of the first one's reply."""
+    b = bouncer(databases=unix_databases(pg),
+                pgbouncer={**TINY, "pool_mode": mode, "default_pool_size": 1,
+                           "server_reset_query": "DISCARD ALL", "server_reset_query_always": 1})
+    raw = tiny_client(b)
+    raw.send(query_message("CREATE TEMP TABLE mine(x int); SET SESSION work_mem = '1234kB'"))
+    assert errors_in(raw.read_until(b"Z")) == []
+    raw.send(query_message(f"SELECT repeat('x', {ROW})"))
+    time.sleep(0.3)                       # read whole by the pooler, written in part
+    if rst:
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.close()
+    for n in range(3):
+        nxt = tiny_client(b, 65536)
+        try:
+            nxt.send(query_message("SELECT current_setting('work_mem'), to_regclass('pg_temp.mine')"))
+            replies = nxt.read_until(b"Z")
+            assert errors_in(replies) == [], errors_in(replies)
+            assert [data_values(body) for t, body in replies if t == b"D"] == [["4MB", None]], (n, replies)
+        finally:
+            nxt.close()
+    assert_quiet(b)
+    finish(b)
