@@ -30,6 +30,7 @@ libev must never watch a closed, possibly reused, descriptor.
 from __future__ import annotations
 
 import logging
+from socket import SHUT_RDWR
 from time import monotonic
 
 import gevent
@@ -114,7 +115,26 @@ def _escalate(server, rest) -> None:
     client's socket did not take, for the greenlet to write first; ``held``:
     with the client's write lock, taken for it."""
     server.watch.stop()
-    server.reader = gevent.spawn(read_loop, server, rest, server.client)
+    client = server.client
+    if rest is not None and rest[1]:
+        rest = [*rest]          # the greenlet claims the lock: rest[1] = False
+        reader = server.reader = gevent.spawn(read_loop, server, rest, client)
+        # Killed before it ran (its server closed from outside in this very
+        # loop iteration) it would never release the lock: the client could
+        # not be written to again, and its FATAL would never come.
+        reader.rawlink(lambda _: _unclaimed(rest, client))
+    else:
+        server.reader = gevent.spawn(read_loop, server, rest, client)
+
+
+def _unclaimed(rest: list, client) -> None:
+    if rest[1]:
+        rest[1] = False
+        try:
+            client.sock.shutdown(SHUT_RDWR)    # its stream ends inside the reply
+        except (OSError, ValueError, AttributeError):
+            pass
+        client.wlock.release()
 
 
 def _lose(server, reason: str) -> None:
@@ -128,7 +148,10 @@ def read_loop(server, rest=None, client=None) -> None:
     recv = receiver(server.sock, RECV_SIZE)
     try:
         if rest is not None:
-            _write_rest(server, client, *rest)
+            data, held = rest
+            if held:
+                rest[1] = False         # this greenlet releases the lock now (_unclaimed)
+            _write_rest(server, client, data, held)
         while True:
             if server.watch is not None and _inline(server):
                 server.reader = None
