@@ -20,8 +20,9 @@ it and last_words sees the stream mid-message. Losing the connection is
 told to the client from a greenlet too (telling it may write to it). The
 greenlet gives reading back to the callback as soon as the common case
 holds again. Reports of host trouble from the hub go to a greenlet
-(net/server_trouble.py); a queued request is written by the releaser only
-when small (net/handoff.py).
+(net/server_trouble.py); a queued request the releaser writes from the hub
+is finished by a greenlet, holding the server's write lock, when the
+server's socket does not take it at once (net/handoff.py).
 
 The watcher is stopped before the socket is closed (ServerConnection.close):
 libev must never watch a closed, possibly reused, descriptor.
