@@ -200,10 +200,9 @@ class Janitor:
             if s.query_timeout > 0 and now - server.request_started > s.query_timeout:
                 client.shutdown("08P01", "query timeout", server_reason="query timeout")
         elif server.tx_status != b"I":
+            # Through the close at a message boundary too: the last reply may still
+            # be on its way to a slow client (it was read whole from the server).
             if s.idle_transaction_timeout > 0 and now - server.last_activity > s.idle_transaction_timeout:
-                client.server = None
-                server.client = None
-                server.close("idle transaction timeout")
-                client.shutdown("25P03", "idle transaction timeout")
+                client.shutdown("25P03", "idle transaction timeout", server_reason="idle transaction timeout")
         elif s.client_idle_timeout > 0 and now - client.request_time > s.client_idle_timeout:
             client.shutdown("08P01", "client_idle_timeout")

@@ -243,8 +243,9 @@ def open_server(app, pool) -> ServerConnection:
     if pool.welcome is None:
         pool.welcome = dict(server.params)
     if settings.log_connections:
-        log.info("%r: %s new connection to server (from %s:%s)", server, server.describe(),
-                 *server.local_addr[:2])
+        # A unix socket's getsockname() is a str (usually empty), not (host, port).
+        local = server.local_addr if isinstance(server.local_addr, tuple) else ("unix", 0)
+        log.info("%r: %s new connection to server (from %s:%s)", server, server.describe(), *local[:2])
     connect_query = pool.db.connect_query
     if connect_query:
         try:

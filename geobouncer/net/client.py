@@ -351,10 +351,17 @@ class ClientConnection:
         self.app.releaser.release_active(server, self.request_time)
 
     def on_server_lost(self, server, reason: str) -> None:
+        # A server that died inside a message (PostgreSQL terminated while
+        # blocked sending a DataRow) cut the client's stream there: nothing
+        # may follow, not even an error; only EOF (net/last_words.py).
+        cut = server.scanner is not None and server.scanner.skip > 0
         if self.server is server:
             self.server = None
         else:
             self.held = {p: s for p, s in self.held.items() if s is not server}
+        if cut:
+            self.shutdown()
+            return
         if server.pool.cluster is not None or server.pool.db.name in self.app.extra_entries:
             self._transaction_lost(server)
             return

@@ -22,6 +22,7 @@ the same event as a closed plain socket, so it becomes OSError here.
 
 from __future__ import annotations
 
+import socket as _pysocket
 from errno import EBADF
 
 from gevent.socket import socket as _gevent_socket
@@ -94,13 +95,16 @@ def receiver(gsock, size: int, owner=None):
     return recv
 
 
-def sender(gsock, lock=None):
+def sender(gsock, lock=None, shut_if_cut: bool = True):
     """A ``sendall(data)`` callable for ``gsock``. With ``lock`` (a gevent
     Semaphore shared by every writer of the socket), a write that cannot
     complete at once holds it until done, so the bytes of two writers never
     interleave; a write that completes at once cannot be interrupted (no
-    greenlet switch happens) and takes no lock."""
+    greenlet switch happens) and takes no lock. ``shut_if_cut``: such a write
+    interrupted part-way shuts the socket down (write_held; a client's, not
+    a server's: its reader would take that for the server's trouble)."""
     slow = gsock.sendall
+    held = write_held if shut_if_cut else _write_only
     if not _plain(gsock):
         def public_sendall(data) -> None:
             try:
@@ -113,13 +117,13 @@ def sender(gsock, lock=None):
 
         def locked(data) -> None:
             with lock:
-                public_sendall(data)
+                held(gsock, data, public_sendall)
         return locked
 
     def sendall(data) -> None:
         if lock is not None and lock.locked():
             with lock:
-                slow(data)
+                held(gsock, data, slow)
             return
         try:
             sent = gsock._sock.send(data)
@@ -130,6 +134,27 @@ def sender(gsock, lock=None):
                 slow(memoryview(data)[sent:])
             else:
                 with lock:
-                    slow(memoryview(data)[sent:])
+                    held(gsock, memoryview(data)[sent:], slow)
 
     return sendall
+
+
+def _write_only(gsock, data, write) -> None:
+    write(data)
+
+
+def write_held(gsock, data, write) -> None:
+    """``write(data)`` to a socket several parties write to, the caller
+    holding their lock. Interrupted part-way (the writer killed: its server
+    closed from outside; a timeout) the stream may end inside a message, and
+    whoever takes the lock next (net/last_words.py's FATAL) would write into
+    it: the socket is shut down instead, so nothing more reaches the peer,
+    which sees the stream end (its own greenlet then sees EOF and closes it)."""
+    try:
+        write(data)
+    except BaseException:
+        try:
+            gsock.shutdown(_pysocket.SHUT_RDWR)
+        except (OSError, ValueError, AttributeError):
+            pass
+        raise

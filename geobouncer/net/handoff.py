@@ -9,12 +9,12 @@ carry the hand-off out.
 
 from __future__ import annotations
 
+import gevent
 from gevent import get_hub
-from gevent.exceptions import BlockingSwitchOutError
 from gevent.hub import Waiter as HubWaiter
 
 from ..pool.prepared import QUERY, SYNC
-from .fastio import Handoff
+from .fastio import Handoff, plain
 
 _TIMED_OUT = object()
 _WRITE_HERE = 16384     # bytes of a queued request the releaser writes itself
@@ -76,7 +76,7 @@ _QUERY_ENTRY = (QUERY, False, None)
 _SYNC_ENTRY = (SYNC, False, None)
 
 
-def write_request(server, data, now: float, syncs: int = 0, parses: int = 0) -> None:
+def write_request(server, data, now: float, syncs: int = 0, parses: int = 0, send=None) -> None:
     """Send a lone simple Query (``syncs`` 0), or an extended-protocol batch
     that names nothing and ends with its ``syncs``-th Sync, to the linked
     ``server``, counting the ReadyForQuery messages it owes; OSError when
@@ -111,7 +111,41 @@ def write_request(server, data, now: float, syncs: int = 0, parses: int = 0) -> 
     else:
         server.outstanding += requests
     server.pool.stats.bytes_received += len(data)
-    server.send(data)
+    if send is None:
+        server.send(data)
+    else:
+        send(server, data)
+
+
+def send_from_hub(server, data) -> None:
+    """A queued request written in the hub (a read callback released the
+    server, net/server_reader.py): what the server's socket does not take at
+    once (a small tcp_socket_buffer, a far server) is written by a greenlet
+    holding the server's write lock, so the client's next bytes
+    (fastio.sender) wait for it. OSError when the server is gone."""
+    lock = server.wlock
+    sock = server.sock
+    sent = 0
+    if not lock.locked() and plain(sock):
+        try:
+            sent = sock._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            pass
+    if sent < len(data):
+        held = lock.acquire(blocking=False)     # free unless another write is under way
+        gevent.spawn(_send_rest, server, memoryview(data)[sent:], held)
+
+
+def _send_rest(server, data, held: bool) -> None:
+    lock = server.wlock
+    if not held:
+        lock.acquire()
+    try:
+        server.sock.sendall(data)
+    except (OSError, ValueError, AttributeError):
+        server.dirty = True         # gone: its reader tells the client
+    finally:
+        lock.release()
 
 
 class QueuedQuery:
@@ -150,18 +184,19 @@ class QueuedQuery:
         client = self.client
         if client.closing:
             return False
-        # Linked and written here only when that cannot block: this may run in
-        # the hub (a server's read callback releasing it, net/server_reader.py),
-        # and a small write to a server that has answered everything completes at once.
+        # Linked and written here when no round trip is needed. This may run in
+        # the hub (a server's read callback releasing it, net/server_reader.py):
+        # then what the socket does not take at once is left to a greenlet.
         here = server is not None and server.tparams == client.tparams \
             and server.session_sets == client.session_sets and len(self.data) <= _WRITE_HERE
         if here:
             client.queued = None
             client.set_waiting(False)
             client.attach(server, True)
+            send = send_from_hub if gevent.getcurrent() is get_hub() else None
             try:
-                write_request(server, self.data, client.request_time, self.syncs, self.parses)
-            except (OSError, BlockingSwitchOutError):     # gone; or (in the hub) full after all
+                write_request(server, self.data, client.request_time, self.syncs, self.parses, send)
+            except OSError:
                 server.dirty = True
                 client.shutdown("08P01", "server conn crashed?")
         else:

@@ -67,6 +67,8 @@ class ServerReleaser:
 
     def release_after_client(self, server, pool) -> None:
         """A client left with a clean server (session mode): reset, then pool it."""
+        if server.closed:
+            return          # lost, or closed from outside, before this greenlet ran: never pooled
         if server.stale or self._too_old(server):
             server.close("server lifetime over" if not server.stale else "database configuration changed")
             return

@@ -34,6 +34,7 @@ from __future__ import annotations
 from time import monotonic
 
 import gevent
+from gevent.lock import Semaphore
 
 from ..pool.prepared import Tracker
 from ..pool.states import SV_LOGIN
@@ -55,7 +56,7 @@ class ServerConnection:
                  "idle_since", "in_copy", "internal", "key", "last_activity", "linked_at", "local_addr",
                  "outstanding", "params", "pid", "pool", "port", "reader", "request_started", "scanner",
                  "send", "session_sets", "sock", "stale", "state", "tparams", "to_boundary", "tracker",
-                 "tx_status", "unsynced", "watch", "xact_started", "__weakref__")
+                 "tx_status", "unsynced", "watch", "wlock", "xact_started", "__weakref__")
 
     def __init__(self, pool, host: str, port: int):
         global _next_id
@@ -88,6 +89,7 @@ class ServerConnection:
         self.local_addr = ("", 0)
         self.reader = None            # a greenlet, while the hub may not read (net/server_reader.py)
         self.watch = None             # the libev read watcher of a plain socket
+        self.wlock = Semaphore()      # held by a write to the server that did not complete at once
         self.cancelling = False
         self.stale = False            # config changed: close instead of reusing
         self.to_boundary = False      # the client is being closed: end the message under way, stop

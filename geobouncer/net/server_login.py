@@ -43,7 +43,7 @@ def connect(server, startup: dict[str, str], password, scram_keys, timeout: floa
             server.local_addr = ("unix", 0)
         server.sock.sendall(m.startup_message(startup))
         _login(server, ServerAuthenticator(startup["user"], password, scram_keys), tracked)
-    server.send = sender(server.sock)
+    server.send = sender(server.sock, server.wlock, shut_if_cut=False)   # see net/handoff.py
     server_reader.start(server)
 
 
@@ -90,13 +90,20 @@ def _open_socket(host: str, port: int, tcp=None):
         sock = socket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
         sock.connect(os.path.join(host, f".s.PGSQL.{port}"))
         return sock
-    sock = socket.create_connection((host, port))
-    try:
-        tune_socket(sock, tcp)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    error: OSError | None = None
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, pysocket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            # Before connect, as PgBouncer does: a tcp_socket_buffer receive buffer
+            # set after it keeps the window under one MSS on loopback, and the
+            # server's replies crawl at tens of KB/s (a 200 ms timer per window).
+            tune_socket(sock, tcp)
+            sock.connect(addr)
+            return sock
+        except OSError as exc:
+            error = exc
+            sock.close()
+    raise error or OSError(f"could not resolve {host}")
 
 
 def send_cancel(host: str, port: int, pid: int, key: int, timeout: float = 5.0, tls=None) -> None:

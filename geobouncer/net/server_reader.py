@@ -20,8 +20,9 @@ it and last_words sees the stream mid-message. Losing the connection is
 told to the client from a greenlet too (telling it may write to it). The
 greenlet gives reading back to the callback as soon as the common case
 holds again. Reports of host trouble from the hub go to a greenlet
-(net/server_trouble.py); a queued request is written by the releaser only
-when small (net/handoff.py).
+(net/server_trouble.py); a queued request the releaser writes from the hub
+is finished by a greenlet, holding the server's write lock, when the
+server's socket does not take it at once (net/handoff.py).
 
 The watcher is stopped before the socket is closed (ServerConnection.close):
 libev must never watch a closed, possibly reused, descriptor.
@@ -30,6 +31,7 @@ libev must never watch a closed, possibly reused, descriptor.
 from __future__ import annotations
 
 import logging
+from socket import SHUT_RDWR
 from time import monotonic
 
 import gevent
@@ -40,7 +42,7 @@ from ..pool.prepared import FAKE
 from ..proto.framing import ProtocolError
 from ..proto.scan import REQUEST_REPLIES, SERVER_WATCH, ServerScanner
 from . import internal, last_words
-from .fastio import receiver
+from .fastio import receiver, write_held
 from .server_trouble import error_after_ready
 from .tracker_news import settle, statements_dropped
 
@@ -114,7 +116,26 @@ def _escalate(server, rest) -> None:
     client's socket did not take, for the greenlet to write first; ``held``:
     with the client's write lock, taken for it."""
     server.watch.stop()
-    server.reader = gevent.spawn(read_loop, server, rest, server.client)
+    client = server.client
+    if rest is not None and rest[1]:
+        rest = [*rest]          # the greenlet claims the lock: rest[1] = False
+        reader = server.reader = gevent.spawn(read_loop, server, rest, client)
+        # Killed before it ran (its server closed from outside in this very
+        # loop iteration) it would never release the lock: the client could
+        # not be written to again, and its FATAL would never come.
+        reader.rawlink(lambda _: _unclaimed(rest, client))
+    else:
+        server.reader = gevent.spawn(read_loop, server, rest, client)
+
+
+def _unclaimed(rest: list, client) -> None:
+    if rest[1]:
+        rest[1] = False
+        try:
+            client.sock.shutdown(SHUT_RDWR)    # its stream ends inside the reply
+        except (OSError, ValueError, AttributeError):
+            pass
+        client.wlock.release()
 
 
 def _lose(server, reason: str) -> None:
@@ -128,7 +149,10 @@ def read_loop(server, rest=None, client=None) -> None:
     recv = receiver(server.sock, RECV_SIZE)
     try:
         if rest is not None:
-            _write_rest(server, client, *rest)
+            data, held = rest
+            if held:
+                rest[1] = False         # this greenlet releases the lock now (_unclaimed)
+            _write_rest(server, client, data, held)
         while True:
             if server.watch is not None and _inline(server):
                 server.reader = None
@@ -155,11 +179,14 @@ def read_loop(server, rest=None, client=None) -> None:
 def _write_rest(server, client, data, held: bool) -> None:
     """The reply the callback could not write at once; then, as after any forward, the release."""
     if not held:
+        if server.client is not client:
+            return          # it left before its turn came: the rest of its reply is nobody's
         server._forward(data)
     else:
         failed = False
+        sock = client.sock
         try:
-            client.sock.sendall(data)
+            write_held(sock, data, sock.sendall)   # killed part-way: the client's socket is shut
         except (OSError, ValueError, AttributeError):
             failed = True
         finally:
