@@ -9,13 +9,15 @@ its greenlet ends and the read watcher of its socket calls ``readable`` in
 the hub when bytes come, as parking by the janitor already does
 (net/client.py). The server's replies are written to it from the hub too
 (net/server_reader.py), so in the steady state such a client costs no
-greenlet switch at all. ``readable`` serves the next request itself only when
-nothing can block: the linked server, or an idle one the pool hands over at
-once with the client's parameters, or the queue of a full pool
-(net/handoff.py), and a write that fits. Anything else — other messages, a
-server to open, to check or to bring to the client's parameters, a client
-with a Query still queued, an error, EOF — goes to a new greenlet with the
-bytes read (``client.pending``), which runs the client's loop as always.
+greenlet switch at all. ``readable`` serves the next request itself only
+when nothing can block: to the linked server, an idle one the pool hands
+over at once with the client's parameters, or the queue of a full pool
+(net/handoff.py); what the server's socket does not take at once is
+written by a greenlet holding the server's write lock
+(handoff.send_from_hub). Anything else (other messages, a server to open,
+check or bring to the client's parameters, a client with a request still
+queued, a client being closed, an error, EOF) goes to a new greenlet with
+the bytes read (``client.pending``), which runs the client's loop as always.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from gevent.exceptions import BlockingSwitchOutError
 from gevent.socket import socket as _PLAIN
 
 from ..pool.pool import TAKE
-from .handoff import queue_if_full, write_request
+from .handoff import queue_if_full, send_from_hub, write_request
 from .params import INSPECT_FIRST, INSPECT_SPELLINGS
 
 RECV_SIZE = 65536
-_MAX = 16384        # a Query written from the hub: small enough to go out at once
+_MAX = 16384        # larger requests go through the greenlet
 
 
 def eligible(client) -> bool:
@@ -97,7 +99,7 @@ def _request(client, data: bytes, syncs: int, parses: int) -> bool:
     else:
         client.request_time = now
     try:
-        write_request(server, data, now, syncs, parses)
+        write_request(server, data, now, syncs, parses, send_from_hub)
     except (OSError, BlockingSwitchOutError):
         server.dirty = True
         client.shutdown("08P01", "server conn crashed?")
