@@ -73,19 +73,24 @@ def start(server) -> None:
         server.reader = gevent.spawn(read_loop, server)
 
 
-def _inline(server) -> bool:
-    """May the hub handle the next chunk itself (the common case)?"""
+def _hub_may_read(server) -> bool:
+    """May reading go back to the callback? When nothing the greenlet is for
+    is under way, and the connection is open (a watcher must never be started
+    on a closed, possibly reused, descriptor: libev aborts the process). An idle server too (no client): it is read in the hub until
+    a reply comes for a client, and bytes while idle are rare (the callback
+    hands them to a greenlet); otherwise a server released right after each
+    reply would stay with a greenlet for good."""
     client = server.client
-    return (server.internal is None and not server.to_boundary and client is not None and client.direct
-            and type(client.sock) is _PLAIN)
+    return (not server.closed and server.internal is None and not server.to_boundary
+            and (client is None or (client.direct and type(client.sock) is _PLAIN)))
 
 
 def readable(server) -> None:
     """The read callback (in the hub: must never block)."""
     client = server.client
-    if (server.internal is not None or server.to_boundary or client is None or not client.direct
-            or type(client.sock) is not _PLAIN):
-        _escalate(server, None)         # _inline, spelled out: this runs once per reply
+    if (server.internal is not None or server.to_boundary
+            or client is not None and (not client.direct or type(client.sock) is not _PLAIN)):
+        _escalate(server, None)         # _hub_may_read, spelled out: this runs once per reply
         return
     try:
         data = server.sock._sock.recv(RECV_SIZE)
@@ -98,7 +103,9 @@ def readable(server) -> None:
         _lose(server, "server closed the connection unexpectedly")
         return
     try:
-        rest = chunk(server, data, True)
+        # Idle (no client): what it says is looked at (net/server_trouble.py,
+        # unexpected), never written anywhere, so the plain path cannot block.
+        rest = chunk(server, data, client is not None)
     except ProtocolError as exc:
         _lose(server, f"server connection failed: {exc}")
         return
@@ -154,7 +161,7 @@ def read_loop(server, rest=None, client=None) -> None:
                 rest[1] = False         # this greenlet releases the lock now (_unclaimed)
             _write_rest(server, client, data, held)
         while True:
-            if server.watch is not None and _inline(server):
+            if server.watch is not None and _hub_may_read(server):
                 server.reader = None
                 server.watch.start(readable, server)
                 return
