@@ -15,6 +15,7 @@ import time
 
 import pytest
 from _util_pool import close_quietly, errors_in, message, query_message
+from fixtures.pooler import TARGET, pooler_sqlstate
 from fixtures.ports import wait_until
 from test_queued_hostile import assert_settled
 from test_queued_queries import hold_transaction, logged_in, reply, rows, start, waiting
@@ -59,3 +60,390 @@ def test_pipelined_queries_into_a_busy_server_are_held_back_not_fatal(pg, bounce
         assert_settled(b, pg, 2)
     finally:
         raw.close()
+
+
+# --- hand-offs that need the parked client's greenlet ---------------------------------
+
+def settings_of(raw, sql: str) -> list[bytes]:
+    raw.send(query_message(sql))
+    replies = reply(raw)
+    assert errors_in(replies) == [], replies
+    return rows(replies)
+
+
+@pytest.mark.timeout(40)
+def test_queued_parked_clients_with_their_own_parameters_are_woken(pg, bouncer):
+    """Parked clients, each with its own application_name, TimeZone or a
+    remembered SET, queue behind a held pool of one: the server released
+    needs a parameter sync for each, which only its greenlet can do. Every
+    one must be woken and see its own settings."""
+    b = start(bouncer, pg)
+    clients = []
+    try:
+        for i in range(6):
+            extra = {"application_name": f"app{i}"} if i % 3 == 0 else \
+                {"TimeZone": f"Etc/GMT+{i}"} if i % 3 == 1 else None
+            raw = logged_in(b, extra)
+            if i % 3 == 2 and TARGET == "geobouncer":      # PgBouncer 1.18 does not replay SETs
+                raw.send(query_message(f"SET statement_timeout = '{i + 10}s'"))
+                assert errors_in(reply(raw)) == []
+            parked(b, raw)
+            clients.append(raw)
+        a, _ = hold_transaction(b)
+        sql = "SELECT current_setting('application_name') || '|' || current_setting('TimeZone')" \
+              " || '|' || current_setting('statement_timeout')"
+        for raw in clients:
+            raw.send(query_message(sql))
+        wait_until(lambda: waiting(b) == len(clients), timeout=10, message="all wait")
+        a.commit()
+        for i, raw in enumerate(clients):
+            raw.sock.settimeout(10)
+            (got,) = settings_of_reply(raw)
+            name, zone, timeout = got.decode().split("|")
+            if i % 3 == 0:
+                assert name == f"app{i}", got
+            elif i % 3 == 1:
+                assert zone == f"Etc/GMT+{i}", got
+            elif TARGET == "geobouncer":
+                assert timeout == f"{i + 10}s", got
+        assert_settled(b, pg, 1)
+    finally:
+        for raw in clients:
+            raw.close()
+
+
+def settings_of_reply(raw) -> list[bytes]:
+    replies = reply(raw)
+    assert errors_in(replies) == [], replies
+    return rows(replies)
+
+
+@pytest.mark.timeout(40)
+def test_parked_queued_client_gets_a_new_server_when_the_holder_dies(pg, bouncer):
+    """The only server is held and then terminated: the freed slot needs a
+    new login, done by the parked, queued client's greenlet."""
+    b = start(bouncer, pg)
+    raw = logged_in(b)
+    try:
+        parked(b, raw)
+        a, pid = hold_transaction(b)
+        raw.send(query_message("SELECT pg_backend_pid()"))
+        wait_until(lambda: waiting(b) == 1, timeout=10, message="the query waits")
+        pg.psql(f"SELECT pg_terminate_backend({pid})")
+        raw.sock.settimeout(10)
+        replies = reply(raw)
+        assert errors_in(replies) == [] and rows(replies) and rows(replies) != [str(pid).encode()], replies
+        close_quietly(a)
+        assert_settled(b, pg, 1)
+    finally:
+        raw.close()
+
+
+# --- order of requests across park boundaries ------------------------------------------
+
+@pytest.mark.timeout(40)
+def test_requests_keep_their_order_while_queued_and_split(pg, bouncer):
+    """Parked and queued: a second Query in its own packet, a third split at
+    every byte, then an unnamed extended batch; all answered in order."""
+    b = start(bouncer, pg)
+    raw = logged_in(b)
+    try:
+        parked(b, raw)
+        a, _ = hold_transaction(b)
+        raw.send(query_message("SELECT 'one'"))
+        wait_until(lambda: waiting(b) == 1, timeout=10, message="the first query waits")
+        raw.send(query_message("SELECT 'two'"))
+        for byte in query_message("SELECT 'three'"):
+            raw.send(bytes([byte]))
+            time.sleep(0.002)
+        raw.send(unnamed_batch("SELECT 'four'"))
+        time.sleep(0.2)
+        a.commit()
+        raw.sock.settimeout(10)
+        got = [rows(reply(raw)) for _ in range(4)]
+        assert got == [[b"one"], [b"two"], [b"three"], [b"four"]], got
+        assert_settled(b, pg, 1)
+    finally:
+        raw.close()
+
+
+def unnamed_batch(sql: str) -> bytes:
+    return (message(b"P", b"\x00" + sql.encode() + b"\x00\x00\x00")
+            + message(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00")
+            + message(b"E", b"\x00\x00\x00\x00\x00")
+            + message(b"S"))
+
+
+@pytest.mark.timeout(40)
+def test_header_split_at_every_byte_while_parked(pg, bouncer):
+    """Every request after parking arrives a byte at a time, with the pool
+    free and then held: each answered once, in order."""
+    b = start(bouncer, pg)
+    raw = logged_in(b)
+    try:
+        parked(b, raw)
+        for i in range(3):
+            for byte in query_message(f"SELECT {i}"):
+                raw.send(bytes([byte]))
+                time.sleep(0.001)
+            assert rows(reply(raw)) == [str(i).encode()]
+        for byte in unnamed_batch("SELECT 'x'"):
+            raw.send(bytes([byte]))
+        replies = reply(raw)
+        assert rows(replies) == [b"x"] and errors_in(replies) == [], replies
+        assert_settled(b, pg, 1)
+    finally:
+        raw.close()
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("linked", [False, True])
+def test_query_and_terminate_in_one_packet_while_parked(pg, bouncer, linked):
+    """Query + Terminate together after parking (inside a transaction, or
+    not): the client goes, its server is not leaked."""
+    b = start(bouncer, pg)
+    raw = logged_in(b)
+    try:
+        parked(b, raw)
+        if linked:
+            parked(b, raw, "BEGIN")
+        raw.send(query_message("SELECT 'last'") + message(b"X"))
+        raw.sock.settimeout(10)
+        raw.read_until_close()
+        assert_settled(b, pg, 1)
+    finally:
+        raw.close()
+
+
+# --- garbage after parking: FATAL 08P01, as before ----------------------------------------
+
+GARBAGE = {
+    "startup": b"\x00\x00\x00\x08\x04\xd2\x16\x2f",
+    "unknown-type": message(b"!", b"x"),
+    "short-length": b"Q\x00\x00\x00\x02",
+    "huge-length": b"Q\x7f\xff\xff\xff" + b"SELECT 1\x00",
+    "password": message(b"p", b"secret\x00"),
+}
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+def test_garbage_after_parking_is_fatal_08p01(pg, bouncer, kind):
+    b = start(bouncer, pg)
+    raw = logged_in(b)
+    try:
+        parked(b, raw)
+        raw.send(GARBAGE[kind])
+        raw.sock.settimeout(10)
+        replies = raw.read_until_close()
+        errors = errors_in(replies)
+        assert [(e["S"], e["C"]) for e in errors] == [("FATAL", "08P01")], replies
+        assert_settled(b, pg, 1)
+    finally:
+        raw.close()
+
+
+@pytest.mark.timeout(40)
+def test_disable_pqexec_after_parking_with_an_extended_batch(pg, bouncer):
+    """disable_pqexec: parked after an unnamed extended batch, a
+    multi-statement Query is still a protocol violation."""
+    b = start(bouncer, pg, disable_pqexec=1)
+    raw = logged_in(b)
+    try:
+        raw.send(unnamed_batch("SELECT 1"))
+        assert errors_in(reply(raw)) == []
+        raw.send(query_message("SELECT 1; SELECT 2"))
+        raw.sock.settimeout(10)
+        replies = raw.read_until_close()
+        assert [(e["S"], e["C"]) for e in errors_in(replies)] == [("FATAL", "08P01")], replies
+        # (the console takes no simple Query either: assert_settled cannot ask it)
+        fresh = logged_in(b)
+        fresh.send(unnamed_batch("SELECT 'fresh'"))
+        assert rows(reply(fresh)) == [b"fresh"]
+        fresh.close()
+        assert_quiet(b)
+    finally:
+        raw.close()
+
+
+def assert_quiet(b) -> None:
+    if TARGET == "geobouncer":
+        text = b.log_text()
+        assert "Traceback" not in text and "internal error" not in text, text[-3000:]
+
+
+@pytest.mark.timeout(40)
+def test_max_packet_size_after_parking(pg, bouncer):
+    b = start(bouncer, pg, max_packet_size=4096)
+    raw = logged_in(b)
+    try:
+        parked(b, raw)
+        raw.send(query_message("SELECT 1 /*" + "x" * 6000 + "*/"))
+        raw.sock.settimeout(10)
+        replies = raw.read_until_close()
+        assert [(e["S"], e["C"]) for e in errors_in(replies)] == [("FATAL", "08P01")], replies
+        assert_settled(b, pg, 1)
+    finally:
+        raw.close()
+
+
+# --- timeouts and admin commands while parked -------------------------------------------
+
+@pytest.mark.timeout(40)
+def test_query_wait_timeout_of_a_parked_queued_client(pg, bouncer):
+    b = start(bouncer, pg, query_wait_timeout=1)
+    raw = logged_in(b)
+    try:
+        parked(b, raw)
+        a, _ = hold_transaction(b)
+        raw.send(query_message("SELECT 'never'"))
+        raw.sock.settimeout(10)
+        started = time.monotonic()
+        replies = raw.read_until_close()
+        assert [(e["S"], e["C"], e["M"]) for e in errors_in(replies)] == \
+            [("FATAL", "08P01", "query_wait_timeout")], replies
+        assert time.monotonic() - started < 5
+        a.commit()
+        assert_settled(b, pg, 1)
+        close_quietly(a)
+    finally:
+        raw.close()
+
+
+@pytest.mark.timeout(40)
+def test_idle_transaction_timeout_of_a_parked_client(pg, bouncer):
+    """BEGIN and one query from the hub, then idle: the timeout ends the
+    client and its server."""
+    b = start(bouncer, pg, idle_transaction_timeout=1)
+    raw = logged_in(b)
+    try:
+        parked(b, raw)
+        parked(b, raw, "BEGIN")
+        parked(b, raw, "SELECT 'in tx'")
+        raw.sock.settimeout(10)
+        replies = raw.read_until_close()
+        assert [(e["S"], e["C"]) for e in errors_in(replies)] == [("FATAL", pooler_sqlstate("25P03"))], replies
+        assert_settled(b, pg, 1)
+    finally:
+        raw.close()
+
+
+@pytest.mark.timeout(40)
+def test_client_idle_timeout_of_a_parked_client(pg, bouncer):
+    b = start(bouncer, pg, client_idle_timeout=1)
+    raw = logged_in(b)
+    try:
+        parked(b, raw)
+        raw.sock.settimeout(10)
+        replies = raw.read_until_close()
+        assert [(e["S"], e["C"], e["M"]) for e in errors_in(replies)] == \
+            [("FATAL", "08P01", "client_idle_timeout")], replies
+        assert_settled(b, pg, 1)
+    finally:
+        raw.close()
+
+
+@pytest.mark.timeout(40)
+def test_statement_pooling_begin_from_the_hub_is_fatal_and_nothing_follows(pg, bouncer):
+    """Statement pooling: a BEGIN served from the hub ends the client; a
+    query it sends after the FATAL reaches no server (nextval is not
+    transactional, so a forwarded one would show)."""
+    b = start(bouncer, pg, pool_mode="statement")
+    pg.psql("DROP SEQUENCE IF EXISTS inline_hostile_seq")
+    pg.psql("CREATE SEQUENCE inline_hostile_seq")
+    pg.psql("GRANT USAGE, SELECT, UPDATE ON SEQUENCE inline_hostile_seq TO app")
+    raw = logged_in(b)
+    try:
+        parked(b, raw)
+        raw.send(query_message("BEGIN"))
+        raw.sock.settimeout(10)
+        first = raw.read_until(b"E")
+        raw.send(query_message("SELECT nextval('inline_hostile_seq')"))
+        replies = first + raw.read_until_close()
+        assert [(e["S"], e["C"]) for e in errors_in(replies)] == [("FATAL", "08P01")], replies
+        assert not rows(replies), replies
+        assert pg.psql("SELECT last_value, is_called FROM inline_hostile_seq") == [(1, False)]
+        assert_settled(b, pg, 1)
+    finally:
+        raw.close()
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("command", ["KILL app", "RECONNECT app", pytest.param("PAUSE app", marks=pytest.mark.geobouncer_only(
+    "PgBouncer 1.18 leaves the clients queued during PAUSE app waiting after RESUME app"))])
+def test_admin_commands_with_parked_and_queued_clients(pg, bouncer, command):
+    """Parked clients, some queued behind a held server, some in a
+    transaction of their own (pool of 3): KILL ends them all; RECONNECT and
+    PAUSE/RESUME let every one finish."""
+    b = start(bouncer, pg, default_pool_size=3)
+    idle = [logged_in(b) for _ in range(4)]
+    in_tx = logged_in(b)
+    admin = b.connect("pgbouncer", "postgres", autocommit=True)
+    try:
+        for raw in idle:
+            parked(b, raw)
+        parked(b, in_tx, "BEGIN")
+        a, _ = hold_transaction(b)
+        c, _ = hold_transaction(b)
+        for i, raw in enumerate(idle):
+            raw.send(query_message(f"SELECT {i}"))
+        wait_until(lambda: waiting(b) == 4, timeout=10, message="four wait")
+        if command == "KILL app":
+            admin.cursor().execute(command)
+            for raw in idle + [in_tx]:
+                raw.sock.settimeout(10)
+                replies = raw.read_until_close()
+                assert [(e["S"], e["M"]) for e in errors_in(replies)] == [("FATAL", "database removed")], replies
+            admin.cursor().execute("RESUME app")
+        else:
+            admin.cursor().execute(command if command != "PAUSE app" else "RECONNECT app")
+            parked(b, in_tx, "SELECT 'in tx'")
+            parked(b, in_tx, "COMMIT")
+            a.commit()
+            c.commit()
+            for i, raw in enumerate(idle):
+                raw.sock.settimeout(10)
+                assert rows(reply(raw)) == [str(i).encode()]
+            if command == "PAUSE app":
+                admin.cursor().execute("PAUSE app")
+                for i, raw in enumerate(idle):
+                    raw.send(query_message(f"SELECT {i} + 10"))
+                time.sleep(0.3)
+                assert waiting(b) == 4
+                admin.cursor().execute("RESUME app")
+                for i, raw in enumerate(idle):
+                    assert rows(reply(raw)) == [str(i + 10).encode()]
+        assert_settled(b, pg, 3)
+    finally:
+        for raw in idle + [in_tx]:
+            raw.close()
+        close_quietly(a, c, admin)
+
+
+# --- checks and retirements the hub leaves to the greenlet ----------------------------------
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("settings", [{"server_check_query": "SELECT 1", "server_check_delay": 0},
+                                      {"server_lifetime": 1}])
+def test_checks_and_retirements_with_parked_clients(pg, bouncer, settings):
+    """Every checkout from the hub finds a server to check (delay 0) or to
+    retire (lifetime 1 s): put back for the greenlet (Pool.untake), which
+    checks or replaces it; every query answered, the pool counted right."""
+    b = start(bouncer, pg, default_pool_size=2, **settings)
+    clients = [logged_in(b) for _ in range(4)]
+    try:
+        for raw in clients:
+            parked(b, raw)
+        deadline = time.monotonic() + 2.5
+        n = 0
+        while time.monotonic() < deadline:
+            for raw in clients:
+                raw.send(query_message(f"SELECT {n}"))
+            for raw in clients:
+                assert rows(reply(raw)) == [str(n).encode()]
+            n += 1
+            time.sleep(0.05)
+        assert_settled(b, pg, 2)
+    finally:
+        for raw in clients:
+            raw.close()
