@@ -11,6 +11,10 @@ behaviour is PgBouncer 1.18's (GEOBOUNCER_TEST_TARGET=pgbouncer).
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import threading
 import time
 
 import pytest
@@ -447,3 +451,159 @@ def test_checks_and_retirements_with_parked_clients(pg, bouncer, settings):
     finally:
         for raw in clients:
             raw.close()
+
+
+# --- drivers and pgbench with a tiny pool ------------------------------------------------------
+
+def start_pgbench(b, tmp_path, name: str, mode: str, clients: int, seconds: int, body: str, *extra: str):
+    """pgbench with a custom script that fails (division by zero) whenever
+    the session does not see its own application_name (PGAPPNAME)."""
+    script = tmp_path / f"{name}.sql"
+    script.write_text(body.format(check=f"SELECT 1/(current_setting('application_name') = '{name}')::int;"))
+    cmd = ["pgbench", "-n", "-c", str(clients), "-j", "2", "-T", str(seconds), "-M", mode, "-f", str(script),
+           "-h", b.host, "-p", str(b.port), "-U", "app", *extra, "app"]
+    env = {**os.environ, "PGPASSWORD": "app_pw", "PGAPPNAME": name}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.timeout(60)
+def test_pgbench_modes_with_their_own_parameters_through_a_pool_of_two(pg, bouncer, tmp_path):
+    """pgbench -M simple, extended and prepared (one reconnecting for every
+    transaction, one in explicit transactions) at once, 23 clients on 2
+    servers, each kind with its own application_name: every hand-off
+    between them needs a parameter sync. No failed transaction, and the
+    pooler is settled afterwards."""
+    b = start(bouncer, pg, default_pool_size=2, max_client_conn=100)
+    plain = "{check}\nSELECT :client_id;\n"
+    in_tx = "BEGIN;\n{check}\nSELECT :client_id;\nEND;\n"
+    benches = [start_pgbench(b, tmp_path, "bsimple", "simple", 8, 4, plain),
+               start_pgbench(b, tmp_path, "bext", "extended", 8, 4, plain),
+               start_pgbench(b, tmp_path, "bprep", "prepared", 4, 4, in_tx),
+               start_pgbench(b, tmp_path, "bconn", "simple", 3, 4, plain, "-C")]
+    outs = [proc.communicate(timeout=40)[0] for proc in benches]
+    for proc, out in zip(benches, outs):
+        assert proc.returncode == 0, out
+        done = re.search(r"^number of transactions actually processed: (\d+)$", out, re.MULTILINE)
+        assert done and int(done.group(1)) > 0, out
+        failed = re.search(r"^number of failed transactions: (\d+)", out, re.MULTILINE)
+        assert failed is None or failed.group(1) == "0", out
+    assert_settled(b, pg, 2)
+
+
+@pytest.mark.timeout(60)
+def test_pgbench_through_reconnect_pause_resume_and_reload(pg, bouncer, tmp_path):
+    """Parked and queued pgbench clients (simple and extended) while the
+    console reconnects, pauses and resumes, and RELOAD resizes the pool:
+    none of these may fail a transaction or leave a client never woken."""
+    b = start(bouncer, pg, default_pool_size=2, max_client_conn=100)
+    plain = "{check}\nSELECT :client_id;\n"
+    benches = [start_pgbench(b, tmp_path, "rsimple", "simple", 8, 4, plain),
+               start_pgbench(b, tmp_path, "rext", "extended", 8, 4, plain)]
+    admin = b.connect("pgbouncer", "postgres", autocommit=True)
+    try:
+        time.sleep(0.5)
+        for size in (3, 1, 2):
+            with admin.cursor() as cur:
+                cur.execute("RECONNECT app")
+                time.sleep(0.2)
+                cur.execute("PAUSE app")
+                time.sleep(0.2)
+                cur.execute("RESUME app")
+            b.rewrite(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "default_pool_size": size,
+                                 "max_client_conn": 100})
+            time.sleep(0.3)
+        outs = [proc.communicate(timeout=40)[0] for proc in benches]
+    finally:
+        close_quietly(admin)
+        for proc in benches:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, out in zip(benches, outs):
+        assert proc.returncode == 0, out
+        failed = re.search(r"^number of failed transactions: (\d+)", out, re.MULTILINE)
+        assert failed is None or failed.group(1) == "0", out
+    assert_settled(b, pg, 2)
+
+
+@pytest.mark.timeout(60)
+def test_drivers_mixing_transactions_and_autocommit_on_a_pool_of_two(pg, bouncer):
+    """psycopg2, psycopg 3 (unnamed extended statements, served from the
+    hub) and asyncpg (no statement cache: unnamed too), 12 clients on two
+    servers, alternating autocommit statements and transactions that must
+    stay on one server (a transaction-local setting read back), each
+    checking its own application_name."""
+    import asyncio
+
+    import asyncpg
+    import psycopg
+    import psycopg2
+
+    b = start(bouncer, pg, default_pool_size=2, max_client_conn=100)
+    rounds = 25
+    check = "SELECT current_setting('application_name'), current_setting('my.v', true)"
+
+    def psycopg2_client(i: int) -> None:
+        conn = psycopg2.connect(b.dsn(application_name=f"p2-{i}"))
+        try:
+            for n in range(rounds):
+                conn.autocommit = n % 2 == 0
+                with conn.cursor() as cur:
+                    if conn.autocommit:
+                        cur.execute(check)
+                        name, value = cur.fetchone()
+                        assert name == f"p2-{i}" and value in (None, ""), (name, value)
+                        continue
+                    cur.execute("SELECT set_config('my.v', %s, true)", (f"{i}-{n}",))
+                    cur.execute(check)
+                    assert cur.fetchone() == (f"p2-{i}", f"{i}-{n}")
+                conn.commit()
+        finally:
+            conn.close()
+
+    def psycopg3_client(i: int) -> None:
+        with psycopg.connect(b.dsn(), prepare_threshold=None, autocommit=True,
+                             application_name=f"p3-{i}") as conn:
+            for n in range(rounds):
+                if n % 2:
+                    with conn.transaction():
+                        conn.execute("SELECT set_config('my.v', %s, true)", (f"{i}-{n}",))
+                        assert conn.execute(check).fetchone() == (f"p3-{i}", f"{i}-{n}")
+                else:
+                    name, value = conn.execute(check).fetchone()
+                    assert name == f"p3-{i}" and value in (None, ""), (name, value)
+
+    async def asyncpg_clients() -> None:
+        async def one(i: int) -> None:
+            conn = await asyncpg.connect(host=b.host, port=b.port, user="app", password="app_pw",
+                                         database="app", statement_cache_size=0,
+                                         server_settings={"application_name": f"ap-{i}"})
+            try:
+                for n in range(rounds):
+                    if n % 2:
+                        async with conn.transaction():
+                            await conn.execute(f"SELECT set_config('my.v', '{i}-{n}', true)")
+                            assert tuple(await conn.fetchrow(check)) == (f"ap-{i}", f"{i}-{n}")
+                    else:
+                        name, value = await conn.fetchrow(check)
+                        assert name == f"ap-{i}" and value in (None, ""), (name, value)
+            finally:
+                await conn.close()
+        await asyncio.gather(*(one(i) for i in range(4)))
+
+    errors = []
+
+    def guarded(fn, *args):
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(f"{fn.__name__}{args}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=guarded, args=(psycopg2_client, i)) for i in range(4)]
+    threads += [threading.Thread(target=guarded, args=(psycopg3_client, i)) for i in range(4)]
+    threads.append(threading.Thread(target=guarded, args=(lambda: asyncio.run(asyncpg_clients()),)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    assert not errors, errors
+    assert_settled(b, pg, 2)
