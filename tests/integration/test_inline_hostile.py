@@ -225,6 +225,8 @@ GARBAGE = {
     "startup": b"\x00\x00\x00\x08\x04\xd2\x16\x2f",
     "unknown-type": message(b"!", b"x"),
     "short-length": b"Q\x00\x00\x00\x02",
+    # within max_packet_size: streamed to PostgreSQL, which refuses it ("server conn crashed?")
+    # within max_packet_size: streamed to PostgreSQL, which refuses it ("server conn crashed?")
     "huge-length": b"Q\x7f\xff\xff\xff" + b"SELECT 1\x00",
     "password": message(b"p", b"secret\x00"),
 }
@@ -638,3 +640,90 @@ def test_safe_shutdown_lets_a_parked_transaction_finish_from_the_hub(pg, bouncer
     finally:
         in_tx.close()
         idle.close()
+
+
+# --- a seeded storm of all of the above ------------------------------------------------------
+
+def storm_client(b, seed: int, until: float, errors: list) -> None:
+    """Random sessions of lone Queries, pipelined and split ones, unnamed
+    batches, transactions, garbage and abrupt leaves; every answer checked."""
+    import random
+    rng = random.Random(seed)
+    raw = None
+    n = 0
+    try:
+        while time.monotonic() < until:
+            if raw is None:
+                raw = logged_in(b)
+                parked(b, raw)
+            n += 1
+            tag = f"{seed}-{n}"
+            action = rng.randrange(9)
+            if action == 0:
+                assert settings_of(raw, f"SELECT '{tag}'") == [tag.encode()]
+            elif action == 1:
+                raw.send(query_message(f"SELECT '{tag}a'"))
+                time.sleep(rng.random() * 0.003)
+                raw.send(query_message(f"SELECT '{tag}b'"))
+                assert settings_of_reply(raw) == [f"{tag}a".encode()]
+                assert settings_of_reply(raw) == [f"{tag}b".encode()]
+            elif action == 2:
+                data = query_message(f"SELECT '{tag}'")
+                cut = rng.randrange(1, len(data))
+                raw.send(data[:cut])
+                time.sleep(0.002)
+                raw.send(data[cut:])
+                assert settings_of_reply(raw) == [tag.encode()]
+            elif action == 3:
+                raw.send(unnamed_batch(f"SELECT '{tag}'"))
+                assert settings_of_reply(raw) == [tag.encode()]
+            elif action == 4:
+                parked(b, raw, "BEGIN")
+                assert settings_of(raw, f"SELECT '{tag}'") == [tag.encode()]
+                parked(b, raw, "COMMIT" if rng.random() < 0.8 else "ROLLBACK")
+            elif action == 5:
+                raw.send(query_message(f"SELECT pg_sleep(0.01), '{tag}'"))
+                raw.close()
+                raw = None
+            elif action == 6:
+                raw.send(query_message(f"SELECT '{tag}'") + message(b"X"))
+                raw.sock.settimeout(10)
+                raw.read_until_close()
+                raw.close()
+                raw = None
+            elif action == 7:
+                # (not huge-length: that one goes to PostgreSQL, which closes the server)
+                raw.send(GARBAGE[rng.choice(sorted(set(GARBAGE) - {"huge-length"}))])
+                raw.sock.settimeout(10)
+                got = raw.read_until_close()
+                assert [e["S"] for e in errors_in(got)] == ["FATAL"], got
+                raw.close()
+                raw = None
+            else:
+                if rng.random() < 0.5:
+                    parked(b, raw, "BEGIN")
+                raw.close()
+                raw = None
+    except Exception as exc:  # noqa: BLE001 - reported by the test
+        errors.append(f"client {seed} step {n}: {type(exc).__name__}: {exc}")
+    finally:
+        if raw is not None:
+            raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_seeded_storm_of_hostile_clients(pg, bouncer):
+    b = start(bouncer, pg, default_pool_size=2, max_client_conn=100)
+    errors: list = []
+    until = time.monotonic() + 4
+    threads = [threading.Thread(target=storm_client, args=(b, seed, until, errors)) for seed in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    assert not errors, errors
+    assert_settled(b, pg, 2)
+    if TARGET == "geobouncer":
+        text = b.log_text()
+        bad = [line for line in text.splitlines() if "server conn crashed" in line or "BlockingSwitchOut" in line]
+        assert not bad, bad
