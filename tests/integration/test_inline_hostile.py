@@ -226,7 +226,6 @@ GARBAGE = {
     "unknown-type": message(b"!", b"x"),
     "short-length": b"Q\x00\x00\x00\x02",
     # within max_packet_size: streamed to PostgreSQL, which refuses it ("server conn crashed?")
-    # within max_packet_size: streamed to PostgreSQL, which refuses it ("server conn crashed?")
     "huge-length": b"Q\x7f\xff\xff\xff" + b"SELECT 1\x00",
     "password": message(b"p", b"secret\x00"),
 }
