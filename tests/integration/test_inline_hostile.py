@@ -439,7 +439,7 @@ def test_checks_and_retirements_with_parked_clients(pg, bouncer, settings):
     try:
         for raw in clients:
             parked(b, raw)
-        deadline = time.monotonic() + 2.5
+        deadline = time.monotonic() + 1.5
         n = 0
         while time.monotonic() < deadline:
             for raw in clients:
@@ -477,11 +477,11 @@ def test_pgbench_modes_with_their_own_parameters_through_a_pool_of_two(pg, bounc
     b = start(bouncer, pg, default_pool_size=2, max_client_conn=100)
     plain = "{check}\nSELECT :client_id;\n"
     in_tx = "BEGIN;\n{check}\nSELECT :client_id;\nEND;\n"
-    benches = [start_pgbench(b, tmp_path, "bsimple", "simple", 8, 4, plain),
-               start_pgbench(b, tmp_path, "bext", "extended", 8, 4, plain),
-               start_pgbench(b, tmp_path, "bconn", "simple", 3, 4, plain, "-C")]
+    benches = [start_pgbench(b, tmp_path, "bsimple", "simple", 8, 3, plain),
+               start_pgbench(b, tmp_path, "bext", "extended", 8, 3, plain),
+               start_pgbench(b, tmp_path, "bconn", "simple", 3, 3, plain, "-C")]
     if TARGET == "geobouncer":      # PgBouncer 1.18 keeps no prepared statements
-        benches.append(start_pgbench(b, tmp_path, "bprep", "prepared", 4, 4, in_tx))
+        benches.append(start_pgbench(b, tmp_path, "bprep", "prepared", 4, 3, in_tx))
     outs = [proc.communicate(timeout=40)[0] for proc in benches]
     for proc, out in zip(benches, outs):
         assert proc.returncode == 0, out
@@ -499,8 +499,8 @@ def test_pgbench_through_reconnect_pause_resume_and_reload(pg, bouncer, tmp_path
     none of these may fail a transaction or leave a client never woken."""
     b = start(bouncer, pg, default_pool_size=2, max_client_conn=100)
     plain = "{check}\nSELECT :client_id;\n"
-    benches = [start_pgbench(b, tmp_path, "rsimple", "simple", 8, 4, plain),
-               start_pgbench(b, tmp_path, "rext", "extended", 8, 4, plain)]
+    benches = [start_pgbench(b, tmp_path, "rsimple", "simple", 8, 3, plain),
+               start_pgbench(b, tmp_path, "rext", "extended", 8, 3, plain)]
     admin = b.connect("pgbouncer", "postgres", autocommit=True)
     try:
         time.sleep(0.5)
@@ -714,7 +714,7 @@ def storm_client(b, seed: int, until: float, errors: list) -> None:
 def test_seeded_storm_of_hostile_clients(pg, bouncer):
     b = start(bouncer, pg, default_pool_size=2, max_client_conn=100)
     errors: list = []
-    until = time.monotonic() + 4
+    until = time.monotonic() + 3
     threads = [threading.Thread(target=storm_client, args=(b, seed, until, errors)) for seed in range(12)]
     for t in threads:
         t.start()
