@@ -96,6 +96,12 @@ def _request(client, data: bytes, syncs: int, parses: int) -> bool:
             return False
         client.request_time = now
         client.attach(server, True)
+    elif not server.answered():
+        # Still busy with what it was sent (a client pipelining into a long
+        # query): it may not be reading. The greenlet writes, and stops reading
+        # the client while the server's socket is full; from here nothing would
+        # (a greenlet per request waiting for the server's write lock: no bound).
+        return False
     else:
         client.request_time = now
     try:
