@@ -36,30 +36,37 @@ def parked(b, raw, sql: str = "SELECT 'parked'") -> None:
 
 @pytest.mark.timeout(40)
 def test_pipelined_queries_into_a_busy_server_are_held_back_not_fatal(pg, bouncer):
-    """A parked client whose server is busy (pg_sleep) pipelines many 16 KB
-    Queries, one per packet: the server reads none of them meanwhile, so
-    its socket fills. The pooler must stop reading the client (as PgBouncer
-    does), not end it with "server conn crashed?" when a write from the hub
-    does not fit."""
+    """A parked client whose server is busy (pg_sleep) pipelines 16 KB
+    Queries, one per packet, each read alone by the hub's callback: the
+    server reads none of them meanwhile, and the socket to it fills. The
+    pooler must stop reading the client (as PgBouncer does), not end it
+    with "server conn crashed?" because a write from the hub did not fit."""
     b = start(bouncer, pg, default_pool_size=2)
     raw = logged_in(b)
     count = 400
     padded = query_message("SELECT 1 /*" + "x" * 16000 + "*/")
-    assert len(padded) <= 16384
+    failed = []
+
+    def pipeline() -> None:
+        for _ in range(count):
+            if not raw.send(padded):
+                failed.append("the pooler closed the connection")
+                return
+            time.sleep(0.004)     # one Query per packet: each read by the hub's callback alone
+
     try:
         parked(b, raw)
-        raw.send(query_message("SELECT pg_sleep(1.5)"))
-        time.sleep(0.05)
-        for _ in range(count):
-            assert raw.send(padded), "the pooler closed the connection"
-            time.sleep(0.002)      # one Query per packet: each read by the hub's callback alone
+        raw.send(query_message("SELECT pg_sleep(3)"))
+        sender = threading.Thread(target=pipeline)
+        sender.start()
         raw.sock.settimeout(20)
         replies = []
         for _ in range(count + 1):
             got = reply(raw)
             replies += got
             assert errors_in(got) == [], got
-        assert sum(1 for mtype, _ in replies if mtype == b"Z") == count + 1
+        sender.join(20)
+        assert not failed
         assert rows(replies)[1:] == [b"1"] * count
         assert_settled(b, pg, 2)
     finally:
