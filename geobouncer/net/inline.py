@@ -98,9 +98,10 @@ def _request(client, data: bytes, syncs: int, parses: int) -> bool:
         client.attach(server, True)
     elif not server.answered():
         # Still busy with what it was sent (a client pipelining into a long
-        # query): it may not be reading. The greenlet writes, and stops reading
-        # the client while the server's socket is full; from here nothing would
-        # (a greenlet per request waiting for the server's write lock: no bound).
+        # query): it may not be reading. The greenlet writes, and so stops
+        # reading the client while the server's socket is full; from here each
+        # request would get a greenlet waiting for the server's write lock, with
+        # no bound while the client's requests arrive one per read.
         return False
     else:
         client.request_time = now

@@ -334,7 +334,8 @@ def test_idle_transaction_timeout_of_a_parked_client(pg, bouncer):
         parked(b, raw, "SELECT 'in tx'")
         raw.sock.settimeout(10)
         replies = raw.read_until_close()
-        assert [(e["S"], e["C"]) for e in errors_in(replies)] == [("FATAL", pooler_sqlstate("25P03"))], replies
+        expected = [("FATAL", pooler_sqlstate("25P03"))]
+        assert [(e["S"], e["C"]) for e in errors_in(replies)] == expected, replies
         assert_settled(b, pg, 1)
     finally:
         raw.close()
@@ -380,9 +381,12 @@ def test_statement_pooling_begin_from_the_hub_is_fatal_and_nothing_follows(pg, b
         raw.close()
 
 
+_PAUSE_APP = pytest.param("PAUSE app", marks=pytest.mark.geobouncer_only(
+    "PgBouncer 1.18 leaves the clients queued during PAUSE app waiting after RESUME app"))
+
+
 @pytest.mark.timeout(40)
-@pytest.mark.parametrize("command", ["KILL app", "RECONNECT app", pytest.param("PAUSE app", marks=pytest.mark.geobouncer_only(
-    "PgBouncer 1.18 leaves the clients queued during PAUSE app waiting after RESUME app"))])
+@pytest.mark.parametrize("command", ["KILL app", "RECONNECT app", _PAUSE_APP])
 def test_admin_commands_with_parked_and_queued_clients(pg, bouncer, command):
     """Parked clients, some queued behind a held server, some in a
     transaction of their own (pool of 3): KILL ends them all; RECONNECT and
@@ -405,7 +409,8 @@ def test_admin_commands_with_parked_and_queued_clients(pg, bouncer, command):
             for raw in idle + [in_tx]:
                 raw.sock.settimeout(10)
                 replies = raw.read_until_close()
-                assert [(e["S"], e["M"]) for e in errors_in(replies)] == [("FATAL", "database removed")], replies
+                got = [(e["S"], e["M"]) for e in errors_in(replies)]
+                assert got == [("FATAL", "database removed")], replies
             admin.cursor().execute("RESUME app")
         else:
             admin.cursor().execute(command if command != "PAUSE app" else "RECONNECT app")
@@ -731,5 +736,6 @@ def test_seeded_storm_of_hostile_clients(pg, bouncer):
     assert_settled(b, pg, 2)
     if TARGET == "geobouncer":
         text = b.log_text()
-        bad = [line for line in text.splitlines() if "server conn crashed" in line or "BlockingSwitchOut" in line]
+        bad = [line for line in text.splitlines()
+               if "server conn crashed" in line or "BlockingSwitchOut" in line]
         assert not bad, bad
