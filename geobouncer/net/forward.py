@@ -35,7 +35,7 @@ def serve_transaction(client) -> None:
     """Transaction/statement pooling: whole messages, translated by the
     server's prepared-statement tracker (pool/prepared.py)."""
     recv = receiver(client.sock, RECV_SIZE, client)
-    buf = bytearray(client.pending)
+    buf = bytearray(client.pending if not client.closing else b"")
     client.pending = b""
     # After a lone Query the client is parked and served from the hub while it can be (net/inline.py).
     client.inline = park = inline.eligible(client)
@@ -59,6 +59,8 @@ def serve_transaction(client) -> None:
             client.parkable = False
             if not data:
                 raise ClientGone()
+            if client.closing:
+                continue            # told FATAL (net/last_words.py): nothing more goes to a server
             if client.queued is not None:
                 _finish_queued(client)
             # Fast path: exactly one complete simple Query that needs no reading.
@@ -91,6 +93,9 @@ def serve_transaction(client) -> None:
             client.parkable = False
             if not data:
                 raise ClientGone()
+            if client.closing:
+                buf.clear()
+                continue
             if client.queued is not None:
                 _finish_queued(client)
             buf += data
