@@ -24,6 +24,7 @@ from ..proto.scan import ClientScanner
 from . import forward, inline, last_words, login, stream, tls
 from . import params as tracked_params
 from .checkout import ClientError, acquire_server
+from .unlinked import LOST as _LOST
 from .fastio import Parked, sender
 from .fastio import plain as _plain_socket
 from .handoff import drop_queued
@@ -32,10 +33,7 @@ from .server import ServerError
 
 log = logging.getLogger("geobouncer")
 
-_Q, _S = ord("Q"), ord("S")
 _SYNC, _QUERY = SYNC, QUERY
-_LOST = m.error_response("08006", "server connection lost (switchover in progress): the transaction "
-                         "was rolled back; retry it")
 
 __all__ = ["ClientConnection", "ClientGone"]
 
@@ -381,21 +379,6 @@ class ClientConnection:
                 self.shutdown()
         elif server.tx_status != b"I" or server.unsynced:
             self.lost_tx = True
-
-    def _answer_lost(self, buf: bytearray, msgs: list) -> None:
-        """The first batch after a lost transaction gets the error, not a server."""
-        if self._refuse_batch(buf, msgs, _LOST):
-            self.lost_tx = False
-
-    def _refuse_batch(self, buf: bytearray, msgs: list, error: bytes) -> bool:
-        """Answer a batch here with ``error`` and a ReadyForQuery per request it
-        holds, without a server; the client stays connected. True if it was
-        answered (it held a Query or a Sync)."""
-        owed = sum(1 for mtype, _, _ in msgs if mtype == _Q or mtype == _S)
-        del buf[:msgs[-1][2]]
-        if owed:
-            self.send(error + m.READY_IDLE * owed)
-        return bool(owed)
 
     def on_client_write_failed(self) -> None:
         self.shutdown()

@@ -20,7 +20,7 @@ from .fastio import Handoff, Parked, receiver
 from .handoff import queue_if_full, write_request
 from .login import ClientGone
 from .params import INSPECT_FIRST, INSPECT_SPELLINGS, needs_inspection
-from .unlinked import NOTHING_TO_ANSWER, drop_unanswered, server_or_answer
+from .unlinked import NOTHING_TO_ANSWER, answer_lost, drop_unanswered, server_or_answer
 
 RECV_SIZE = 65536
 _Q, _S, _F, _X = (ord(c) for c in "QSFX")
@@ -202,7 +202,7 @@ def _write(server, data, now: float, syncs: int = 0, parses: int = 0) -> None:
 
 def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
     if client.lost_tx:
-        client._answer_lost(buf, msgs)
+        answer_lost(client, buf, msgs)
         return
     if client.server is None and msgs[0][0] in NOTHING_TO_ANSWER:
         msgs = drop_unanswered(buf, msgs)

@@ -15,6 +15,9 @@ back (its own other connections hold them all). So, before a server is linked:
                      (close_locally), answered here; otherwise the server
                      linked for it, or the error that kept one from being
                      linked (a switchover that timed out), answered here too.
+  refuse_batch       a batch answered with an error and a ReadyForQuery per
+                     request, no server (answer_lost: the first batch after a
+                     switchover took the client's transaction).
 
 The fast paths of net/forward.py call server_or_answer for their lone Query
 or unnamed batch as well: it is the one place a request gets its server from
@@ -28,7 +31,9 @@ from ..proto import messages as m
 from .checkout import ClientError, no_server_now
 from .params import needs_inspection
 
-_P, _C = ord("P"), ord("C")
+_P, _C, _Q, _S = ord("P"), ord("C"), ord("Q"), ord("S")
+LOST = m.error_response("08006", "server connection lost (switchover in progress): the transaction "
+                         "was rolled back; retry it")
 # CopyData, CopyDone, CopyFail, Flush: a batch starting with one is dropped up to the first other
 NOTHING_TO_ANSWER = frozenset(b"dcfH")
 
@@ -77,5 +82,23 @@ def server_or_answer(client, buf: bytearray | None, msgs: list | None):
         if buf is None:
             client.send(error + m.READY_IDLE)
         else:
-            client._refuse_batch(buf, msgs or client.scanner.messages(buf), error)
+            refuse_batch(client, buf, msgs or client.scanner.messages(buf), error)
         return None
+
+
+def answer_lost(client, buf: bytearray, msgs: list) -> None:
+    """The first batch after a lost transaction (a switchover, net/client.py)
+    gets the error, not a server."""
+    if refuse_batch(client, buf, msgs, LOST):
+        client.lost_tx = False
+
+
+def refuse_batch(client, buf: bytearray, msgs: list, error: bytes) -> bool:
+    """Answer a batch here with ``error`` and a ReadyForQuery per request it
+    holds, without a server; the client stays connected. True if it was
+    answered (it held a Query or a Sync)."""
+    owed = sum(1 for mtype, _, _ in msgs if mtype == _Q or mtype == _S)
+    del buf[:msgs[-1][2]]
+    if owed:
+        client.send(error + m.READY_IDLE * owed)
+    return bool(owed)
