@@ -2,8 +2,9 @@
 
 The client greenlet reads the client's socket and writes to the linked server;
 the server's reader writes the replies to the client's socket (see
-net/server_reader.py: from the hub, or from a greenlet holding ``wlock``). While linked, only that reader writes to the client; while not
-linked, only this greenlet does. Requests are counted on the way out (Query,
+net/server_reader.py: from the hub, or from a greenlet holding ``wlock``).
+While linked, only that reader writes to the client; while not linked, only
+this greenlet does (or, parked, its socket's read callback: net/inline.py). Requests are counted on the way out (Query,
 Sync, FunctionCall each owe one ReadyForQuery) so the reader knows when the
 server has answered everything and may go back to the pool.
 """

@@ -17,7 +17,6 @@ from ..pool.prepared import QUERY, SYNC
 from .fastio import Handoff, plain
 
 _TIMED_OUT = object()
-_WRITE_HERE = 16384     # bytes of a queued request the releaser writes itself
 
 
 class Waiter:
@@ -188,7 +187,7 @@ class QueuedQuery:
         # the hub (a server's read callback releasing it, net/server_reader.py):
         # then what the socket does not take at once is left to a greenlet.
         here = server is not None and server.tparams == client.tparams \
-            and server.session_sets == client.session_sets and len(self.data) <= _WRITE_HERE
+            and server.session_sets == client.session_sets
         if here:
             client.queued = None
             client.set_waiting(False)

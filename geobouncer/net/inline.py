@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from time import monotonic
 
-from gevent.exceptions import BlockingSwitchOutError
 from gevent.socket import socket as _PLAIN
 
 from ..pool.pool import TAKE
@@ -107,7 +106,7 @@ def _request(client, data: bytes, syncs: int, parses: int) -> bool:
         client.request_time = now
     try:
         write_request(server, data, now, syncs, parses, send_from_hub)
-    except (OSError, BlockingSwitchOutError):
+    except OSError:
         server.dirty = True
         client.shutdown("08P01", "server conn crashed?")
     return True

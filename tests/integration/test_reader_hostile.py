@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import random
 import socket
-import ssl
 import struct
 import threading
 import time
@@ -24,6 +23,7 @@ import pytest
 from _util_pool import RawClient, errors_in, parse_error_fields, query_message
 from fixtures.pooler import TARGET
 from fixtures.ports import wait_until
+from test_fatal_boundary import tls_upgrade
 from test_red_team import data_values, finish
 
 APP = ("app", "app_pw", "app")
@@ -256,12 +256,7 @@ def test_queued_query_handed_from_the_read_callback_to_a_small_socket(pg, bounce
 def tls_client(b) -> RawClient:
     """A logged-in raw client over TLS (the test CA is not checked)."""
     raw = RawClient(b.host, b.port, timeout=20)
-    raw.sock.sendall(struct.pack("!II", 8, 80877103))
-    assert raw.sock.recv(1) == b"S"
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    raw.sock = ctx.wrap_socket(raw.sock)
+    tls_upgrade(raw)
     assert raw.login(*APP)[-1][0] == b"Z"
     return raw
 
