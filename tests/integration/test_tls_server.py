@@ -37,6 +37,10 @@ def server_tls(files, mode="verify-full", **extra):
             **extra}
 
 
+def idle_servers(b) -> int:
+    return sum(int(r.sv_idle) for r in b.admin("SHOW POOLS") if r.database == "app")
+
+
 def one(b, sql, **kw):
     conn = b.connect(autocommit=True, **kw)
     try:
@@ -227,11 +231,15 @@ def test_reload_reconnects_servers_only_when_their_tls_changed(pg_tls, tls_files
     settings = server_tls(tls_files, mode="verify-ca")
     b = bouncer(databases={"app": pg_tls.conninfo("app")}, pgbouncer=settings)
     first = one(b, "SELECT pg_backend_pid()")
+    # Session pooling: the server comes back after its reset query; a client
+    # arriving before that would get a new server, TLS settings or not.
+    wait_until(lambda: idle_servers(b) == 1, timeout=10, message="the server back in the pool")
     b.rewrite(pgbouncer={**settings, "server_check_delay": 31}, reload=False)       # not a TLS setting
     b.admin("RELOAD")                                                               # answers once reloaded
     kept = one(b, "SELECT pg_backend_pid()")
     # PgBouncer 1.18 reconnects every server at each RELOAD while server TLS is on (1.24 no longer, #1157).
     assert (kept == first) is (TARGET != "pgbouncer")
+    wait_until(lambda: idle_servers(b) == 1, timeout=10, message="the server back in the pool")
     b.rewrite(pgbouncer={**settings, "server_tls_sslmode": "verify-full"}, reload=False)
     b.admin("RELOAD")
     assert one(b, "SELECT pg_backend_pid()") != kept
