@@ -44,7 +44,8 @@ _P, _B, _D = ord("P"), ord("B"), ord("D")
 _NAMED = frozenset(ord(c) for c in "PBDC")    # messages whose names the pooler reads
 _TARGETS = frozenset(b"SP")
 _UNNAMED_BATCH = frozenset(b"PBDES")     # an extended batch the pooler forwards unread
-_SHAPE_MAX = 2048       # the most bytes around its Bind an unnamed batch's shape keeps (per client)
+_LEARN_SKIP = 7         # ServerScanner: whole replies scanned in full between two that shapes are learned from
+_SHAPE_MAX = 2048       # the most bytes a batch's or a reply's shape keeps (per client, per server)
 CLIENT_TYPES = frozenset(ord(c) for c in "QSFXPBDECHdcf")
 _NO_QUERY_TYPES = CLIENT_TYPES - {_Q}     # disable_pqexec
 # Backend types every scanner watches: ReadyForQuery, ParameterStatus,
@@ -285,10 +286,32 @@ def check_names(mtype: int, buf, body: int, end: int) -> None:
     raise ProtocolError(f"malformed {chr(mtype)} message")
 
 
+def _shape_of(data, n: int, found: list, watch: frozenset, status: bytes):
+    """A whole reply ``data[:n]`` (valid: just scanned) as ServerScanner.shape:
+    the bytes before its first DataRow and after its last, every watched
+    message after them (None when one comes before)."""
+    first = rows_end = -1
+    pos = 0
+    while pos < n:
+        end = pos + 1 + _unpack_len(data, pos + 1)[0]
+        if data[pos] == _D:
+            if first < 0:
+                first = pos
+            rows_end = end           # what lies between is read by the shape's test: DataRows only
+        pos = end
+    if first < 0:
+        first = rows_end = 0         # no rows: all of it comes after
+    if found and found[0][1] < rows_end:
+        return None                  # a watched message before the rows
+    # The watched messages after the rows but the last (the ReadyForQuery), from the end.
+    return (bytes(data[:first]), bytes(data[rows_end:n]), watch,
+            tuple((t, start - n, end - n) for t, start, end in found[:-1]), status)
+
+
 class ServerScanner:
     """Backend stream of one server connection; see the module docstring."""
 
-    __slots__ = ("copy", "held", "ready", "skip", "status", "watch")
+    __slots__ = ("copy", "held", "learn", "ready", "shape", "skip", "status", "watch")
 
     def __init__(self, watch: frozenset = SERVER_WATCH):
         self.watch = watch
@@ -297,6 +320,11 @@ class ServerScanner:
         self.status = b"I"     # last ReadyForQuery status
         self.ready = 0         # ReadyForQuery messages in the last feed
         self.copy = False      # a CopyIn/Out/Both response came and no ReadyForQuery since
+        # The last reply that came whole in one chunk, as the bytes around its
+        # DataRows (``_shape_of``): (before, after, watch, found in after but
+        # the final ReadyForQuery, status).
+        self.shape = None
+        self.learn = 0         # whole replies still to scan in full before the next is learned from
 
     def feed(self, data: bytes) -> tuple[bytes, int, list]:
         """Returns ``(buf, end, found)``: forward ``buf[:end]``; ``found`` lists
@@ -308,6 +336,27 @@ class ServerScanner:
             self.ready = 0
             self.skip = skip - n
             return data, n, []
+        shape = self.shape
+        if shape is not None and not skip and not self.held:
+            # The same query again (a driver's loop, pgbench): the bytes around
+            # the DataRows are the ones scanned last time; only the rows are read.
+            before, after, watch, others, status = shape
+            pos = len(before)
+            stop = n - len(after)
+            if watch is self.watch and data.endswith(after) and data.startswith(before):
+                while pos < stop and data[pos] == _D:
+                    length = _unpack_len(data, pos + 1)[0]    # ``after`` ends with a ReadyForQuery: 5 bytes are there
+                    if length < 4:
+                        break
+                    pos += 1 + length
+                if pos == stop:
+                    self.ready = 1
+                    self.status = status
+                    self.copy = False
+                    if not others:
+                        return data, n, [(_Z, n - 6, n)]
+                    return data, n, [*((t, n + start, n + end) for t, start, end in others), (_Z, n - 6, n)]
+        clean = not skip and not self.held      # from a message boundary, nothing held
         if self.held:
             data = self.held + data
             n = len(data)
@@ -354,6 +403,13 @@ class ServerScanner:
         self.ready = ready
         if ready:
             self.status = data[last_ready + 5:last_ready + 6]
+            if ready == 1 and last_ready == n - 6 and clean and n <= _SHAPE_MAX \
+                    and not self.held and not self.skip and not self.copy and _D not in watch:
+                if self.learn:
+                    self.learn -= 1
+                else:
+                    self.learn = _LEARN_SKIP
+                    self.shape = _shape_of(data, n, found, watch, self.status)
         return data, n, found
 
     @property

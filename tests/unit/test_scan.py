@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from geobouncer.proto import messages as m
+from geobouncer.proto import scan
 from geobouncer.proto.framing import CANCEL_REQUEST_CODE, SSL_REQUEST_CODE, ProtocolError
 from geobouncer.proto.scan import (CLIENT_TYPES, REQUEST_REPLIES, SERVER_HOLD_LIMIT, SERVER_WATCH,
                                    ClientScanner, ServerScanner, check_names)
@@ -859,3 +860,91 @@ def test_disable_pqexec_makes_a_simple_query_a_protocol_violation():
                 feed(data)
     allowed = ClientScanner(1 << 16)
     assert allowed.lone_query(query) and allowed.messages(extended + query)
+
+
+# --- a repeated reply, read by its shape (ServerScanner.shape) -----------------------------------
+
+@pytest.fixture
+def learn_every_reply(monkeypatch):
+    """Every reply scanned in full is learned from (not one in eight): a few
+    replies then exercise the shape as much as a long run would."""
+    monkeypatch.setattr(scan, "_LEARN_SKIP", 0)
+
+
+_HEAD = m.row_description([("abalance", 23)])
+# A ParameterStatus (watched) exactly as long as _HEAD: only its bytes tell them apart.
+_SAME_LENGTH_STATUS = m.parameter_status("a", "x" * (len(_HEAD) - len(m.parameter_status("a", ""))))
+REPLY_KINDS = [
+    # (before the rows, after the rows): each a list of messages
+    ([_HEAD], [m.command_complete("SELECT 1"), m.READY_IDLE]),
+    ([_HEAD], [m.command_complete("SELECT 1"), m.READY_IN_TX]),          # only the status differs
+    ([_SAME_LENGTH_STATUS], [m.command_complete("SELECT 1"), m.READY_IDLE]),
+    ([m.message(b"1"), m.message(b"2"), m.row_description([("a", 23)])],
+     [m.command_complete("SELECT 1"), m.READY_IDLE]),
+    ([], [m.command_complete("INSERT 0 1"), m.parameter_status("TimeZone", "UTC"), m.READY_IDLE]),
+    ([m.row_description([("a", 25)])], [m.error_response("22012", "division by zero"), m.READY_FAILED]),
+]
+
+
+@pytest.mark.usefixtures("learn_every_reply")
+@SETTINGS
+@given(st.data())
+def test_server_feed_repeated_replies_whole_and_cut(data):
+    """Replies of a few kinds, each with its own rows, mostly one per chunk
+    (so the shape of the last one is tried on the next), sometimes cut
+    anywhere, a row sometimes with a lying length: the scanner still says
+    exactly what the model does, and raises where it must."""
+    watch = data.draw(st.sampled_from([SERVER_WATCH, TRACKED]))
+    msgs, reply_ends = [], []
+    for _ in range(data.draw(st.integers(1, 12))):
+        before, after = data.draw(st.sampled_from(REPLY_KINDS))
+        rows = data.draw(st.lists(st.builds(lambda v: m.data_row(v), st.lists(st.one_of(st.none(), texts),
+                                                                              max_size=3)), max_size=3))
+        msgs += before + rows + after
+        reply_ends.append(len(b"".join(msgs)))
+    model = ServerModel(msgs, watch)
+    cuts = [e for e in reply_ends[:-1] if data.draw(st.integers(0, 4))]
+    if data.draw(st.booleans()):
+        cuts = sorted(set(cuts) | set(data.draw(cut_points(model.starts, len(model.data)))))
+    run_server(model, cuts)
+
+
+def test_server_feed_reads_a_repeated_reply_by_its_shape_and_only_then():
+    sc = ServerScanner()
+    head, tail = m.row_description([("abalance", 23)]), m.command_complete("SELECT 1") + m.READY_IDLE
+    first = head + m.data_row(["0"]) + tail
+    assert sc.feed(first)[1:] == (len(first), [(_Z, len(first) - 6, len(first))])
+    assert sc.shape is not None and sc.learn == 7        # the next 7 scanned in full are not learned from
+    for rows in ([m.data_row(["12345"])], [m.data_row([None]), m.data_row(["x" * 300])], []):
+        reply = head + b"".join(rows) + tail
+        assert sc.feed(reply)[1:] == (len(reply), [(_Z, len(reply) - 6, len(reply))])
+        assert sc.ready == 1 and sc.status == b"I" and not sc.mid_message
+    assert sc.learn == 7            # all three read by the shape
+    # The same bytes around rows that are not rows, or whose length lies: the
+    # general scan reads them (and refuses a length under 4, as always).
+    notice = head + m.notice_response("n") + tail
+    assert sc.feed(notice)[2] == [(_Z, len(notice) - 6, len(notice))] and sc.learn == 6
+    with pytest.raises(ProtocolError, match="invalid message length 2"):
+        sc.feed(head + b"D\x00\x00\x00\x02" + tail)
+    # The same length before the rows, other bytes (a ParameterStatus): read in full.
+    status_first = _SAME_LENGTH_STATUS + m.data_row(["1"]) + tail
+    assert sc.feed(status_first)[2] == [(ord("S"), 0, len(_SAME_LENGTH_STATUS)),
+                                        (_Z, len(status_first) - 6, len(status_first))]
+    # The same bytes after the rows but another status: read in full.
+    in_tx = head + m.data_row(["1"]) + m.command_complete("SELECT 1") + m.READY_IN_TX
+    assert sc.feed(in_tx)[2] == [(_Z, len(in_tx) - 6, len(in_tx))] and sc.status == b"T"
+    # A reply with a watched message before its rows gives no shape: each is read in full.
+    fresh = ServerScanner()
+    for row in (m.data_row(["1"]), m.data_row(["a longer row"])):
+        assert fresh.feed(_SAME_LENGTH_STATUS + row + tail)[2][0] == (ord("S"), 0, len(_SAME_LENGTH_STATUS))
+    # Another watch (the prepared-statement tracker needs every reply): read in full.
+    sc.feed(first)
+    sc.watch = TRACKED
+    found = sc.feed(first)[2]
+    assert [t for t, _, _ in found] == [ord("T"), ord("C"), _Z]
+    # A row whose length runs into what follows: not the shape; the rest is held.
+    sc = ServerScanner()
+    sc.feed(first)
+    long_row = head + b"D" + struct.pack("!I", 1000) + b"\x00\x01" + tail
+    buf, end, found = sc.feed(long_row)
+    assert found == [] and sc.mid_message and sc.learn == 7
