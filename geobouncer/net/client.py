@@ -172,16 +172,10 @@ class ClientConnection:
         if event is None:
             self._cleanup()
             return
-        # A plain function, not a bound method: gevent's close() would take a
-        # bound method's __self__ for a greenlet to throw into.
-        event.start(lambda: self._unpark())
-
-    def _unpark(self) -> None:
-        # Called by the hub: never block here. A lone Query is served here
-        # when it can be (net/inline.py); anything else needs the greenlet.
-        if self.inline and inline.readable(self):
-            return
-        self.resume()
+        # A plain function with the client as its argument, not a bound method:
+        # gevent's close() would take a bound method's __self__ for a greenlet
+        # to throw into.
+        event.start(_unpark, self)
 
     def resume(self) -> None:
         """A parked client's greenlet is needed (bytes came, or a hand-off,
@@ -392,3 +386,12 @@ class ClientConnection:
             self.state = CL_ACTIVE
             if self.pool is not None:
                 self.pool.stats.wait_time += int((monotonic() - self.wait_started) * 1e6)
+
+
+def _unpark(client) -> None:
+    """A parked client's read callback, in the hub: never blocks. A lone
+    Query is served here when it can be (net/inline.py); anything else
+    needs the client's greenlet."""
+    if client.inline and inline.readable(client):
+        return
+    client.resume()

@@ -27,7 +27,7 @@ class ServerReleaser:
             return
         s = self.app.settings
         decision, _ = server.pool.checkin(server, monotonic(), s.server_lifetime,
-                                          reset=bool(s.server_reset_query_always and s.server_reset_query))
+                                          s.server_reset_query_always and s.server_reset_query)
         if decision is CLOSE:
             server.close(server.close_reason or ("dirty" if server.dirty else "database configuration changed"
                                                  if server.stale else "server lifetime over"))

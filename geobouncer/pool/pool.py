@@ -139,16 +139,16 @@ class Pool:
         else:
             self.idle.append(server)
 
-    def checkin(self, server, now: float, lifetime: float, reset: bool = False):
+    def checkin(self, server, now: float, lifetime: float, reset=False):
         """A server the client is done with: ``(decision, waiter)``. A waiter
         takes it atomically (``waiter.take``): one that has just timed out
         refuses, and the next one, or the idle list, gets it — never lost."""
         life = self.db.server_lifetime or lifetime
         if server.dirty or server.stale or (life > 0 and now - server.created_at > life):
             return CLOSE, None
-        if reset:
+        if reset:       # truthy: a reset query to run
             return RESET, None
-        waiter = self.release(server)
+        waiter = self.release(server, now)
         return (PARK, None) if waiter is None else (HAND_OVER, waiter)
 
     # --- checkout / release ----------------------------------------------------
@@ -185,7 +185,7 @@ class Pool:
         self.connecting -= 1
         self.counters.closed(self.db.name, self.user)
 
-    def release(self, server):
+    def release(self, server, now: float | None = None):
         """Return an active server: hand it to the first waiter if any (returned),
         else park it idle (returns None). The server stays counted active while
         a waiter takes it: a waiter may write its request to it at once, and
@@ -197,7 +197,7 @@ class Pool:
                 return waiter
         self.active.discard(server)
         server.state = SV_IDLE
-        server.idle_since = monotonic()
+        server.idle_since = monotonic() if now is None else now
         self.idle.append(server)
         return None
 
