@@ -163,7 +163,6 @@ class Bouncer:
             log.warning("%s changed in the config but needs a restart to apply", key)
         self._apply_config(new, auth_file, server_tls_changed)
         logsetup.reopen(new.resolve_path(self.settings.logfile))   # log rotation, as PgBouncer
-        log.info("RELOAD command issued")
         return True
 
     def set_setting(self, name: str, value) -> str | None:

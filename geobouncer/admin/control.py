@@ -139,6 +139,9 @@ class Control:
     def cmd_reload(self, client, arg, sql):
         self._no_arg(arg, sql)
         self._need_admin(client)
+        # PgBouncer's line for the console command only, before the reload as it logs it
+        # (SIGHUP logs its own line: signals.on_sighup).
+        log.info("RELOAD command issued")
         if self.app.reload() is False:
             log.error("RELOAD Failed, see logs for more details")
             raise AdminError("RELOAD failed, see logs for additional details", "F0000")

@@ -74,7 +74,7 @@ def test_unit_commands_start_reload_and_stop_the_daemon(tmp_path):
         # ExecReload, with systemd's $MAINPID: the config is read again.
         reload_cmd = shlex.split(service["ExecReload"].replace("$MAINPID", str(pid)))
         subprocess.run(reload_cmd, check=True, timeout=10)
-        wait_until(lambda: "RELOAD command issued" in logfile.read_text(), timeout=20)
+        wait_until(lambda: "got SIGHUP, re-reading config" in logfile.read_text(), timeout=20)
 
         # systemctl stop: KillSignal; the daemon exits and removes its pidfile.
         os.kill(pid, getattr(signal, service["KillSignal"]))

@@ -9,6 +9,7 @@ exits at once on SIGTERM and has no shutdown_timeout).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -87,6 +88,25 @@ def test_sighup_logs_and_reloads(b):
     logged(b, "got SIGHUP, re-reading config", mark)
     wait_until(lambda: {r.key: r.value for r in b.admin("SHOW CONFIG")}["default_pool_size"] == "13",
                timeout=10, message="the new default_pool_size")
+
+
+def test_sighup_and_console_reload_each_log_their_own_line(b):
+    """PgBouncer logs "RELOAD command issued" for the console command only; SIGHUP has
+    its own line. Log alerts and scripts tell the two apart by them."""
+    mark = b.log_offset()
+    b.signal(signal.SIGHUP)
+    logged(b, "got SIGHUP, re-reading config", mark)
+    b.admin("SHOW VERSION")              # the reload has run to its end: its lines are in the log
+    after_sighup = b.log_text(mark)
+    assert re.search(r"\[\d+\] LOG got SIGHUP, re-reading config$", after_sighup, re.M), after_sighup
+    assert "RELOAD command issued" not in after_sighup, after_sighup
+
+    mark = b.log_offset()
+    b.admin("RELOAD")                    # answered after the reload
+    after_reload = b.log_text(mark)
+    assert re.search(r"\[\d+\] LOG RELOAD command issued$", after_reload, re.M), after_reload
+    assert after_reload.count("RELOAD command issued") == 1, after_reload
+    assert "got SIGHUP" not in after_reload, after_reload
 
 
 def test_reload_during_the_reset_query_retires_the_server(pg, bouncer):

@@ -115,7 +115,7 @@ def test_signals_are_passed_on_and_the_supervisor_cleans_up(bouncer):
     pidfile = b.workdir / "geobouncer.pid"
     assert pidfile.read_text().strip() == str(b.pid)
     b.signal(signal.SIGHUP)
-    wait_until(lambda: b.log_text().count("RELOAD command issued") == 2, timeout=10,
+    wait_until(lambda: b.log_text().count("got SIGHUP, re-reading config") == 2, timeout=10,
                message="both workers reloaded")
     workers = worker_pids(b)
     b.signal(signal.SIGTERM)
