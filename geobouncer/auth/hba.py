@@ -299,13 +299,14 @@ def cert_login(user: str, identity: str | None, method: str, maps: tuple | None 
     (cert) or the peer's OS user (peer). ``maps`` is (IdentMaps, map name) when
     the hba line names a map; otherwise the identity must be the user name.
 
-    A cert refusal tells the client only "certificate authentication failed",
-    as PgBouncer does; why (no TLS, no certificate, another name) is the
-    ``log_detail``, with PgBouncer's wording first."""
+    A cert refusal tells the client only "certificate authentication failed"
+    with SQLSTATE 08P01, as PgBouncer does (its login_via_cert ends in a plain
+    disconnect_client, which has no code of its own); why (no TLS, no
+    certificate, another name) is the ``log_detail``, PgBouncer's wording first."""
     if identity is None:
         if method == "cert":
             reason = "TLS client certificate required" if tls else "TLS connection required"
-            raise AuthFailed(CERT_FAILED, "28000", reason)
+            raise AuthFailed(CERT_FAILED, "08P01", reason)
         raise AuthFailed(f'Peer authentication failed for user "{user}"', "28000",
                          "could not get the peer's user name")
     if maps is not None and maps[0] is not None and maps[1]:
@@ -315,7 +316,7 @@ def cert_login(user: str, identity: str | None, method: str, maps: tuple | None 
     if not ok:
         if method == "cert":
             detail = f'TLS certificate name mismatch: certificate CN "{identity}" is not user "{user}"'
-            raise AuthFailed(CERT_FAILED, "28000", detail)
+            raise AuthFailed(CERT_FAILED, "08P01", detail)
         raise AuthFailed(f'Peer authentication failed for user "{user}"', "28000",
                          f'peer is OS user "{identity}"')
     return AuthResult(method)

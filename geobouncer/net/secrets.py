@@ -3,12 +3,16 @@ through auth_user's pool (PgBouncer's order). Owned by the Bouncer (app.py)."""
 
 from __future__ import annotations
 
+import logging
+
 from ..auth.hba import AS_AUTH_TYPE, HbaError, load_hba, load_ident
 from ..config import ConfigError
 from ..proto import messages as m
 from . import tls
 from .checkout import ClientError, acquire_server
 from .server import ServerError
+
+log = logging.getLogger("geobouncer")
 
 DEFAULT_AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
                       "FROM pg_authid WHERE rolname=$1 AND rolcanlogin")
@@ -42,17 +46,21 @@ class SecretLookup:
 
     def auth_method(self, client) -> str:
         """The method for this client: auth_type, or with auth_type = hba the
-        first matching line of auth_hba_file (no line, or reject: refused)."""
+        first matching line of auth_hba_file. No line, or a reject line, is
+        refused as PgBouncer does: "login rejected", SQLSTATE 08P01 (hba_eval
+        finds no method, and finish_set_pool's plain disconnect_client has no
+        code of its own). Which of the two, and for whom, goes to the log in
+        PostgreSQL's words."""
         method = self.app.settings.auth_type
         if method == "hba":
             rule = self._hba_rule(client)
             encrypted = tls.is_tls(client.sock)
             where = (f'host "{client.addr[0]}", user "{client.user}", database "{client.dbname}", '
                      f'{"SSL encryption" if encrypted else "no encryption"}')
-            if rule is None:
-                raise ClientError("28000", f"no pg_hba.conf entry for {where}")
-            if rule.method == "reject":
-                raise ClientError("28000", f"pg_hba.conf rejects connection for {where}")
+            if rule is None or rule.method == "reject":
+                why = "no pg_hba.conf entry for" if rule is None else "pg_hba.conf rejects connection for"
+                log.warning("%s %s %s", client.label(), why, where)
+                raise ClientError("08P01", "login rejected")
             return AS_AUTH_TYPE.get(rule.method, rule.method)
         if client.unix and method == "peer":
             return "trust"

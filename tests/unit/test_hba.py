@@ -90,14 +90,14 @@ def test_cert_login():
     # The client is told what PgBouncer tells it; the log detail says why.
     with pytest.raises(AuthFailed) as err:
         cert_login("app", None, "cert")
-    assert (err.value.sqlstate, err.value.message) == ("28000", "certificate authentication failed")
+    assert (err.value.sqlstate, err.value.message) == ("08P01", "certificate authentication failed")
     assert err.value.log_detail == "TLS client certificate required"
     with pytest.raises(AuthFailed) as err:
         cert_login("app", None, "cert", tls=False)
     assert err.value.log_detail == "TLS connection required"
     with pytest.raises(AuthFailed) as err:
         cert_login("app", "other", "cert")
-    assert (err.value.sqlstate, err.value.message) == ("28000", "certificate authentication failed")
+    assert (err.value.sqlstate, err.value.message) == ("08P01", "certificate authentication failed")
     assert err.value.log_detail == 'TLS certificate name mismatch: certificate CN "other" is not user "app"'
     maps = IdentMaps([("m", "other", "app")])
     assert cert_login("app", "other", "cert", (maps, "m")).method == "cert"
