@@ -96,7 +96,7 @@ class ServerConnection:
         # Transaction/statement pooling renames prepared statements (pool/prepared.py).
         self.tracker = Tracker(pool.registry, pool.max_prepared, pool.parsed) if pool.tracking else None
         self.session_sets: dict[str, str] = {}   # SETs replayed here (pool/session_state.py)
-        self.scanner: ServerScanner | None = None  # set by the reader (proto/scan.py)
+        self.scanner: ServerScanner | None = None  # set by the reader (proto/server_scan.py)
 
     def __repr__(self) -> str:
         return f"S-{self.id:#x}"

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from geobouncer.proto import messages as m
-from geobouncer.proto import scan
+from geobouncer.proto import server_scan
 from geobouncer.proto.framing import CANCEL_REQUEST_CODE, SSL_REQUEST_CODE, ProtocolError
 from geobouncer.proto.scan import (CLIENT_TYPES, REQUEST_REPLIES, SERVER_HOLD_LIMIT, SERVER_WATCH,
                                    ClientScanner, ServerScanner, check_names)
@@ -868,7 +868,7 @@ def test_disable_pqexec_makes_a_simple_query_a_protocol_violation():
 def learn_every_reply(monkeypatch):
     """Every reply scanned in full is learned from (not one in eight): a few
     replies then exercise the shape as much as a long run would."""
-    monkeypatch.setattr(scan, "_LEARN_SKIP", 0)
+    monkeypatch.setattr(server_scan, "_LEARN_SKIP", 0)
 
 
 _HEAD = m.row_description([("abalance", 23)])
