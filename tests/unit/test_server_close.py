@@ -114,6 +114,20 @@ def test_closed_by_a_greenlet_while_another_waits_to_write_nothing_raises():
         peer.close()
 
 
+def test_no_terminate_inside_a_write_under_way():
+    """A write that did not complete at once holds the write lock, its message
+    half sent: over TCP some room comes back as data is acknowledged, and a
+    Terminate would fit there, inside that message."""
+    server, peer, _ = _server()
+    try:
+        server.sock._sock.send(b"Q\x00\x01\x00\x00part of a large query")
+        server.wlock.acquire()
+        server.close("query timeout")
+        assert _drain(peer) == b"Q\x00\x01\x00\x00part of a large query"
+    finally:
+        peer.close()
+
+
 def test_a_dirty_or_linked_server_gets_no_terminate():
     for dirty in (True, False):
         server, peer, _ = _server()
