@@ -40,7 +40,8 @@ from ..pool.prepared import Tracker
 from ..pool.states import SV_LOGIN
 from ..proto import messages as m
 from ..proto.scan import ServerScanner
-from . import internal, server_login
+from . import internal, server_login, tls
+from .fastio import plain
 from .internal import InternalQuery, ServerError  # noqa: F401 - re-exported
 from .server_login import send_cancel  # noqa: F401 - re-exported
 from .server_trouble import report_trouble, unexpected
@@ -188,7 +189,12 @@ class ServerConnection:
             self.internal.result.set_exception(ServerError("08006", reason))
 
     def close(self, reason: str, from_reader: bool = False) -> None:
-        """Close the connection and take it out of its pool."""
+        """Close the connection and take it out of its pool. Never blocks nor
+        switches: it runs in the hub too (a read callback releasing a server
+        past its lifetime or in a transaction in statement mode, an idle
+        server's stray bytes, the shutdown that the last released server
+        ends), and gevent's own ``close`` only cancels the waits on the
+        socket (their greenlets see EBADF)."""
         if self.closed:
             return
         self.closed = True
@@ -196,14 +202,31 @@ class ServerConnection:
         self.pool.server_closed(self, reason)
         if self.watch is not None:
             self.watch.stop()         # before the close: libev must not watch a closed descriptor
-        if self.sock is not None:
-            try:
-                if not self.dirty and self.client is None:
-                    self.sock.sendall(m.TERMINATE)
-            except OSError:
-                pass
-            self.sock.close()
+        sock = self.sock
+        if sock is not None:
+            if not self.dirty and self.client is None and not self.wlock.locked():
+                _say_terminate(sock)
+            sock.close()
         if self.reader is not None and not from_reader and gevent.getcurrent() is not self.reader:
             self.reader.kill(block=False)
         if self.internal is not None and not self.internal.result.ready():
             self.internal.result.set_exception(ServerError("08006", reason))
+
+
+def _say_terminate(sock) -> None:
+    """The Terminate message, as PgBouncer sends it: one non-blocking try,
+    its result ignored (PostgreSQL takes the EOF that follows as well).
+    gevent's ``sendall`` would wait when the socket's buffer is full (the
+    backend not reading): in the hub that raises (no switch from the hub)
+    and the close would stop half-way, its descriptor never closed;
+    elsewhere it would block the closer (the janitor, the console) for as
+    long as PostgreSQL does not read, or fail at once when another greenlet
+    already waits to write there. Not sent while a write is under way (the
+    write lock held): it would land inside that message."""
+    try:
+        if plain(sock):
+            sock._sock.send(m.TERMINATE)
+        else:
+            tls.send_now(sock, m.TERMINATE)
+    except OSError:          # BlockingIOError, a TLS record that did not go, a broken connection
+        pass

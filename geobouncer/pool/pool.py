@@ -126,14 +126,18 @@ class Pool:
             return TAKE, server
         return (OPEN if self.may_open(use_reserve) else WAIT), None
 
-    def untake(self, server) -> None:
+    def untake(self, server, now: float, check_delay: float | None) -> None:
         """Undo a checkout whose server is not used now after all (net/inline.py
         leaves a check, a retirement or a parameter sync to the client's
-        greenlet, which checks out again): idle where it was, its idle time kept."""
+        greenlet, which checks out again): idle where it was, its idle time
+        kept, and SV_USED when idle past ``check_delay`` at ``now`` (checkout's
+        own test, mark_used's rule), not SV_IDLE: the checkout overwrote that
+        state, and remembering it there would cost every checkout a store."""
         if server is None:
             return
         self.active.discard(server)
-        server.state = SV_IDLE
+        server.state = SV_USED if check_delay is not None and now - server.idle_since > check_delay \
+            else SV_IDLE
         if self.limits.round_robin:
             self.idle.appendleft(server)
         else:

@@ -180,3 +180,32 @@ def test_full_means_no_idle_server_and_no_room_of_its_own():
     opened(reserve, Server())
     opened(reserve, Server())
     assert not reserve.full()                    # its reserve may still open one
+
+
+def test_untake_keeps_a_used_server_used():
+    """net/inline.py puts back a server it will not use now (a check, a
+    retirement, a parameter sync for the greenlet): idle past
+    server_check_delay it is SV_USED again, where it was in the idle list,
+    its idle time kept; not SV_IDLE, as if it had just been released."""
+    pool = make_pool(size=3)
+    a, used, b = (opened(pool, Server(created_at=90.0)) for _ in range(3))
+    for server in (a, used, b):
+        pool.release(server, 95.0)
+    used.idle_since = 60.0
+    pool.mark_used(100.0, 30.0)
+    assert [s.state for s in (a, used, b)] == ["idle", "used", "idle"]
+    pool.idle.remove(used)
+    pool.idle.append(used)                  # the most recently used: checkout's pick
+    assert pool.checkout(100.0, 0, 30.0) == (CHECK, used)
+    assert used.state == "active"
+    pool.untake(used, 100.0, 30.0)
+    assert used.state == "used" and used.idle_since == 60.0
+    assert list(pool.idle) == [a, b, used] and used not in pool.active
+    assert pool.checkout(100.0, 0, 30.0) == (CHECK, used)
+    pool.untake(used, 100.0, None)          # no server_check_query: never "used"
+    assert used.state == "idle"
+    assert pool.checkout(100.0, 0, 30.0) == (CHECK, used)
+    pool.forget(used)
+    assert pool.checkout(100.0, 0, 30.0) == (TAKE, b)
+    pool.untake(b, 100.0, 30.0)             # idle 5 s: idle, as it was
+    assert b.state == "idle" and list(pool.idle) == [a, b]
