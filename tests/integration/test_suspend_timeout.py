@@ -28,24 +28,32 @@ def suspend_error(messages) -> dict:
     return errors[0]
 
 
+def stuff_the_server(raw: RawClient) -> None:
+    """A long query, then megabytes of requests behind it until every buffer on
+    the way is full: the client's greenlet in the pooler is left blocked
+    writing to the server's socket."""
+    raw.send(query_message("SELECT pg_sleep(3)"))
+    big = query_message("SELECT '" + "y" * (1 << 20) + "'")
+    raw.sock.settimeout(0.5)
+    try:
+        for _ in range(64):
+            raw.sock.sendall(big)
+    except (TimeoutError, OSError):
+        pass
+    raw.sock.settimeout(20)
+
+
 @pytest.mark.timeout(60)
 def test_suspend_timeout_tells_a_client_whose_requests_the_server_is_not_reading(pg, bouncer):
-    """The client pipelines megabytes behind a long query: the server reads
-    none of it, SUSPEND cannot flush, and at suspend_timeout the client gets
-    the FATAL and EOF (its socket has room: it is the one sending)."""
+    """SUSPEND cannot flush such a server: at suspend_timeout the client gets
+    the FATAL and EOF (its socket has room: it is the one sending). Closing
+    that server must not write a Terminate to its full socket (the SUSPEND
+    failed with gevent's concurrent-use error when it did)."""
     b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "suspend_timeout": 1})
     raw = RawClient(b.host, b.port, timeout=20)
     try:
         assert raw.login(*APP)[-1][0] == b"Z"
-        raw.send(query_message("SELECT pg_sleep(3)"))
-        big = query_message("SELECT '" + "y" * (1 << 20) + "'")
-        raw.sock.settimeout(0.5)
-        try:
-            for _ in range(64):
-                raw.sock.sendall(big)
-        except (TimeoutError, OSError):
-            pass                          # every buffer on the way is full
-        raw.sock.settimeout(20)
+        stuff_the_server(raw)
         started = time.monotonic()
         b.admin("SUSPEND")
         assert time.monotonic() - started >= 0.9, "SUSPEND did not wait for the busy server"
@@ -55,6 +63,25 @@ def test_suspend_timeout_tells_a_client_whose_requests_the_server_is_not_reading
     assert tail == b"" and [t for t, _ in messages] == [b"E"], (messages, tail[:40])
     error = suspend_error(messages)
     assert (error["S"], error["C"], error["M"]) == ("FATAL", "08P01", "suspend_timeout"), error
+    finish(b)
+
+
+@pytest.mark.timeout(60)
+def test_query_timeout_closes_a_server_whose_socket_is_full(pg, bouncer):
+    """The same stuffed server, closed by the janitor's query_timeout: the
+    client gets its FATAL, and the janitor is not left writing a Terminate
+    to the full socket (nor failing on it)."""
+    b = bouncer(pgbouncer={"pool_mode": "transaction", "auth_type": "md5", "query_timeout": 1})
+    raw = RawClient(b.host, b.port, timeout=20)
+    try:
+        assert raw.login(*APP)[-1][0] == b"Z"
+        stuff_the_server(raw)
+        messages, tail = split_messages(read_all(raw))
+    finally:
+        raw.close()
+    assert tail == b"" and [t for t, _ in messages] == [b"E"], (messages, tail[:40])
+    error = suspend_error(messages)
+    assert (error["S"], error["C"], error["M"]) == ("FATAL", "08P01", "query timeout"), error
     finish(b)
 
 
