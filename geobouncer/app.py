@@ -205,6 +205,7 @@ class Bouncer:
             log.debug("hook reload: %s", error)
         self.classifier = Classifier(self.settings.write_functions)
         self.failover.reload(new)
+        self.listeners.retune(self.settings)
         s = self.settings
         logsetup.apply_syslog((s.syslog_ident, s.syslog_facility) if s.syslog else None)
 

@@ -79,13 +79,20 @@ class Lifecycle:
         return not any(s.outstanding > 0 for p in self.app.pools.values() for s in list(p.active))
 
     def suspend_close_busy(self) -> None:
-        """suspend_timeout ran out: close what still holds data, as PgBouncer does."""
+        """suspend_timeout ran out: close what still holds data, as PgBouncer does,
+        its client with PgBouncer's FATAL (08P01 "suspend_timeout"). A reply may be
+        half written to a client that reads slowly: the server then stays until
+        that message has ended (net/last_words.py), as closing it at once would
+        cut the message and leave the client only EOF; PgBouncer writes the error
+        into the message instead. SUSPEND waits for these closes (wait_pending)."""
         for pool in self.app.pools.values():
             for server in list(pool.active):
                 if server.outstanding > 0:
-                    if server.client is not None:
-                        server.client.shutdown("08P01", "suspend_timeout")
-                    server.close("suspend_timeout")
+                    client = server.client
+                    if client is not None and not client.closing:
+                        client.shutdown("08P01", "suspend_timeout", server_reason="suspend_timeout")
+                    else:
+                        server.close("suspend_timeout")
 
     def _resume_listeners(self) -> None:
         if not self.app.shutting_down:

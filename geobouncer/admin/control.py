@@ -133,6 +133,9 @@ class Control:
         timeout = app.settings.suspend_timeout or None
         if not self._wait(client, app.lifecycle.suspend_flushed, timeout) and app.suspended:
             app.lifecycle.suspend_close_busy()
+            # A client mid-message gets the rest of it, then the FATAL, before its
+            # server closes: SUSPEND answers once that is done (or given up).
+            last_words.wait_pending(last_words.LAST_WORDS_TIMEOUT + 1)
         return m.command_complete("SUSPEND")
 
     # --- config / shutdown ------------------------------------------------------------

@@ -27,12 +27,14 @@ class Listeners:
         self.app = app
         self.servers: list[StreamServer] = []
         self.unix_path: str | None = None
+        self.defer = False          # TCP_DEFER_ACCEPT on the TCP listeners (tcp_defer_accept)
 
     def start(self, shared=()) -> None:
         """Bind and listen; ``shared``: sockets already listening (a workers supervisor's),
         served instead of binding TCP ones; the unix socket is still this process's."""
         s = self.app.settings
         backlog = s.listen_backlog or 128
+        self.defer = bool(s.tcp_defer_accept)   # the supervisor set it on shared sockets
         for sock in shared:
             self._serve(sock, unix=sock.family == pysocket.AF_UNIX)
             log.info("accepting on the supervisor's %s", _name(sock))
@@ -63,6 +65,19 @@ class Listeners:
             self.unix_path = path
             self._serve(sock, unix=True)
             log.info("listening on unix:%s", path)
+
+    def retune(self, settings) -> None:
+        """RELOAD / SET: tcp_defer_accept turned on or off reaches the TCP
+        listeners already open, as in PgBouncer (its set_defer_accept); the
+        other tcp_* settings apply to each connection as it is made."""
+        on = bool(settings.tcp_defer_accept)
+        if on == self.defer:
+            return
+        self.defer = on
+        for server in self.servers:
+            sock = server.socket
+            if sock is not None and sock.family != pysocket.AF_UNIX:
+                defer_accept(sock, on)
 
     def _serve(self, sock, unix: bool) -> None:
         app = self.app

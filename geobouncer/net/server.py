@@ -152,8 +152,11 @@ class ServerConnection:
         try:
             client.send(data)
         except OSError:
-            # The client went away mid-response: this server cannot be reused.
-            self.dirty = True
+            # The client went away mid-response: this server cannot be reused, unless
+            # what was lost ended its answer to everything asked (or it serves another
+            # client already): then its stream is at a boundary, nothing owed.
+            if self.client is client and not self.answered():
+                self.dirty = True
             client.on_client_write_failed()
         else:
             self.pool.stats.bytes_sent += len(data)

@@ -199,7 +199,8 @@ def _write_rest(server, client, data, held: bool) -> None:
         finally:
             client.wlock.release()      # also when this greenlet is killed
         if failed:
-            server.dirty = True         # the client went away mid-response
+            if server.client is client and not server.answered():
+                server.dirty = True     # the client went away mid-response; else the server is done
             client.on_client_write_failed()
             return
         server.pool.stats.bytes_sent += len(data)

@@ -52,15 +52,17 @@ def _set(sock, level: int, option: str, value: int) -> None:
     sock.setsockopt(level, number, value)
 
 
-def defer_accept(sock) -> None:
+def defer_accept(sock, on: bool = True) -> None:
     """TCP_DEFER_ACCEPT (Linux), set after listen() with the value 1 as
     PgBouncer sets it: a connection is handed to accept() once its first
     bytes have come, or after about a second without them (the kernel then
     completes it anyway), so a client that connects and is slow to speak
-    costs no greenlet meanwhile. Systems without the option ignore the setting."""
+    costs no greenlet meanwhile. ``on`` False clears it (0), as PgBouncer
+    does when RELOAD or SET turns the setting off. Systems without the
+    option ignore the setting."""
     option = getattr(pysocket, "TCP_DEFER_ACCEPT", None)
     if option is not None:
         try:
-            sock.setsockopt(pysocket.IPPROTO_TCP, option, 1)
+            sock.setsockopt(pysocket.IPPROTO_TCP, option, 1 if on else 0)
         except OSError:
             pass

@@ -2,7 +2,8 @@
 socket has TCP_DEFER_ACCEPT, so a TCP connection that has sent nothing yet
 waits in the kernel (SYN-RECV on the server side, as ``ss`` shows) instead
 of being accepted; with the setting off it is accepted at once. A client
-that does send is served either way. PgBouncer 1.18 behaves the same."""
+that does send is served either way, and RELOAD or SET changes it on the
+listening socket already open. PgBouncer 1.18 behaves the same."""
 
 from __future__ import annotations
 
@@ -30,6 +31,28 @@ def test_silent_connection_waits_in_the_kernel_with_tcp_defer_accept(pg, bouncer
         time.sleep(0.3)
         states = server_side_states(b.port, silent.getsockname()[1])
         assert states == ({"SYN-RECV"} if defer else {"ESTAB"}), states
+        assert another_client_gets(b, "SELECT 'served'") == ("served",)
+    finally:
+        silent.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["RELOAD", "SET"])
+@pytest.mark.parametrize("before, after", [(0, 1), (1, 0)])
+def test_reload_and_set_turn_tcp_defer_accept_on_the_open_listener(pg, bouncer, before, after, how):
+    """PgBouncer applies a changed tcp_defer_accept to its listening sockets
+    at once (RELOAD or SET); they used to keep the value they started with."""
+    b = bouncer(pgbouncer={"tcp_defer_accept": before})
+    if how == "RELOAD":
+        b.rewrite(pgbouncer={"tcp_defer_accept": after}, reload=False)
+        b.admin("RELOAD")
+    else:
+        b.admin(f"SET tcp_defer_accept = {after}")
+    silent = socket.create_connection((b.host, b.port))
+    try:
+        time.sleep(0.3)
+        states = server_side_states(b.port, silent.getsockname()[1])
+        assert states == ({"SYN-RECV"} if after else {"ESTAB"}), states
         assert another_client_gets(b, "SELECT 'served'") == ("served",)
     finally:
         silent.close()

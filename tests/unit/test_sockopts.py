@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from geobouncer.net.sockopts import tune_socket
+from geobouncer.net.sockopts import defer_accept, tune_socket
 
 
 def settings(**kw):
@@ -70,3 +70,15 @@ def test_unix_sockets_are_left_alone():
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_DEFER_ACCEPT"), reason="Linux only")
+def test_defer_accept_sets_and_clears_the_listener_option():
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        defer_accept(listener)
+        assert opt(listener, socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) == 1
+        defer_accept(listener, False)          # RELOAD / SET turning tcp_defer_accept off
+        assert opt(listener, socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) == 0
+    finally:
+        listener.close()
