@@ -30,8 +30,9 @@ def parse(text: str):
     match = _SET.match(text)
     if match:
         name = match.group(1).lower()
-        if name in _NOT_SESSION or ";" in _strip_quoted(match.group(2)):
-            return None
+        bare = _strip_quoted(match.group(2))
+        if name in _NOT_SESSION or ";" in bare or "--" in bare or "/*" in bare:
+            return None     # several statements, or a comment: pool/session_multi.py reads those
         value = match.group(2)
         if value.lower() == "default":
             return ("reset", name)
