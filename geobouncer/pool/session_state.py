@@ -6,6 +6,10 @@ server it lands on next; a server that carries another client's SET gets a
 ``RESET`` first. Parameters the server reports itself (ParameterStatus:
 TimeZone, DateStyle, application_name ...) are tracked that way instead.
 ``SET LOCAL`` and SETs inside a transaction are left alone.
+
+``parse`` reads a text that is one SET / RESET / DISCARD ALL, keeping the value
+as written; a text of several statements (or with a comment) is refused here
+and read by pool/session_multi.py.
 """
 
 from __future__ import annotations
