@@ -11,6 +11,7 @@ come from what geobouncer replayed, and must equal the direct connection's.
 
 from __future__ import annotations
 
+import psycopg
 import psycopg2
 import pytest
 
@@ -31,7 +32,8 @@ CASES = [
     ("an error drops every SET of the text", ["SET work_mem = '2MB'"],
      "SET work_mem = '6MB'; SET search_path = s9; SELECT 1/0", None, {"work_mem": "2MB"}),
     ("ROLLBACK in the text", [], "SET lock_timeout = '4s'; ROLLBACK", None, {"lock_timeout": "0"}),
-    ("SET LOCAL", ["SET work_mem = '2MB'"], "SET LOCAL work_mem = '8MB'; SELECT 1", None, {"work_mem": "2MB"}),
+    ("SET LOCAL", ["SET work_mem = '2MB'"], "SET LOCAL work_mem = '8MB'; SELECT 1", None,
+     {"work_mem": "2MB"}),
     ("ROLLBACK TO a savepoint", [],
      "BEGIN; SAVEPOINT p; SET work_mem = '9MB'; ROLLBACK TO p; SET lock_timeout = '12s'; COMMIT", None,
      {"lock_timeout": "12s"}),
@@ -58,7 +60,7 @@ def _run(conn, text: str):
     with conn.cursor() as cur:
         try:
             cur.execute(text)
-        except psycopg2.Error:
+        except (psycopg2.Error, psycopg.Error):
             return "error"
         return cur.fetchall() if cur.description else None
 
@@ -81,12 +83,12 @@ def _case(connect, before, text, follow):
     return conn, outcome
 
 
-def _through_pooler_moved(b, before, text, follow):
+def _through_pooler_moved(b, before, text, follow, connect=None):
     """Run the case through ``b`` (2 servers), then read the settings on the
-    other server: (pid it ran on, pid read on, outcome, settings)."""
+    other server: (pid it ran on, pid held, pid read on, outcome, settings)."""
     holders = [b.connect(autocommit=True) for _ in range(2)]
     try:
-        client = b.connect(autocommit=True, application_name=APP)
+        client = connect() if connect else b.connect(autocommit=True, application_name=APP)
         for query in before:
             assert _run(client, query) is None, query
         busy = _begin(holders[0])                 # X: the case runs on the other one, Y
@@ -111,7 +113,8 @@ def test_sets_in_multi_statement_queries_follow_the_client(pg, bouncer):
     b = bouncer(pgbouncer={"pool_mode": "transaction", "default_pool_size": 2, "auth_type": "md5"})
     failures = []
     for name, before, text, follow, expected in CASES:
-        direct, direct_outcome = _case(lambda: pg.connect("app", "app", application_name=APP), before, text, follow)
+        direct, direct_outcome = _case(lambda: pg.connect("app", "app", application_name=APP),
+                                       before, text, follow)
         with direct.cursor() as cur:
             cur.execute(READ)
             want = dict(zip(SETTINGS, cur.fetchone()[1:]))
@@ -136,3 +139,25 @@ def test_plain_multi_statement_query_is_untouched(pg, bouncer):
                           " WHERE name = 'work_mem'; SELECT 2") == [(2,)]
     finally:
         conn.close()
+
+
+def test_extended_protocol_set_with_a_comment(pg, bouncer):
+    """A named prepared SET with a comment (psycopg 3, prepare_threshold=0): read
+    with the parser, so the comment does not enter the replayed value; a Parse of
+    two statements fails on the server and changes nothing."""
+    b = bouncer(pgbouncer={"pool_mode": "transaction", "default_pool_size": 2, "auth_type": "md5",
+                           "max_prepared_statements": 10})
+
+    def connect():
+        return psycopg.connect(b.dsn(), autocommit=True, prepare_threshold=0, application_name=APP)
+
+    cases = [([], "SET lock_timeout = '4s' /* c */", {"lock_timeout": "4s"}),
+             # replayed together: a comment kept in the first value would swallow the second
+             (["SET work_mem = '3MB' -- why"], "SET lock_timeout = '4s'",
+              {"work_mem": "3MB", "lock_timeout": "4s"}),
+             ([], "SET work_mem = '5MB'; SELECT 1", {"work_mem": "4MB"})]
+    for before, text, want in cases:
+        ran_on, busy, read_on, outcome, got = _through_pooler_moved(b, before, text, None, connect)
+        assert ran_on != busy and read_on == busy, (text, ran_on, busy, read_on)
+        assert (outcome == "error") == (";" in text), (text, outcome)
+        assert {key: got[key] for key in want} == want, (before, text, got)
