@@ -88,10 +88,11 @@ def _through_pooler_moved(b, before, text, follow, connect=None):
     other server: (pid it ran on, pid held, pid read on, outcome, settings)."""
     holders = [b.connect(autocommit=True) for _ in range(2)]
     try:
+        busy = _begin(holders[0])                 # X: the case runs on the other one, Y
         client = connect() if connect else b.connect(autocommit=True, application_name=APP)
+        _run(client, "SELECT 1")     # parked after it: what follows is read from the hub (net/inline.py)
         for query in before:
             assert _run(client, query) is None, query
-        busy = _begin(holders[0])                 # X: the case runs on the other one, Y
         outcome = _run(client, text)
         if follow is not None:
             _run(client, follow)
@@ -161,3 +162,15 @@ def test_extended_protocol_set_with_a_comment(pg, bouncer):
         assert ran_on != busy and read_on == busy, (text, ran_on, busy, read_on)
         assert (outcome == "error") == (";" in text), (text, outcome)
         assert {key: got[key] for key in want} == want, (before, text, got)
+
+
+def test_set_after_a_select_read_from_the_hub(pg, bouncer):
+    """"SELECT 1; SET ..." from a parked client whose server is idle and in line
+    with it: net/inline.py would send it from the hub unread; it must go to the
+    greenlet, which reads it (a fresh pool, so the case runs on a server
+    carrying no other client's SETs)."""
+    b = bouncer(pgbouncer={"pool_mode": "transaction", "default_pool_size": 2, "auth_type": "md5"})
+    ran_on, busy, read_on, outcome, got = _through_pooler_moved(
+        b, [], "SELECT 1; SET work_mem = '3MB'", None)
+    assert ran_on != busy and read_on == busy and outcome is None, (ran_on, busy, outcome)
+    assert got["work_mem"] == "3MB", got
