@@ -129,7 +129,7 @@ INSPECT_SPELLINGS = frozenset(
     for head in _INSPECT_HEADS for bit in range(8))
 
 
-#: A SET after a semicolon ("SELECT 1; SET ..."): the head alone does not tell.
+#: A SET (or a comment) after a semicolon ("SELECT 1; SET ..."): the head alone does not tell.
 MAY_SET_LATER = session_multi.MAY_SET_LATER
 
 
