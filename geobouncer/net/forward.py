@@ -19,7 +19,7 @@ from .checkout import ClientError
 from .fastio import Handoff, Parked, receiver
 from .handoff import queue_if_full, write_request
 from .login import ClientGone
-from .params import INSPECT_FIRST, INSPECT_SPELLINGS, needs_inspection
+from .params import INSPECT_FIRST, INSPECT_SPELLINGS, MAY_SET_LATER, needs_inspection
 from .unlinked import NOTHING_TO_ANSWER, answer_lost, drop_unanswered, server_or_answer
 
 RECV_SIZE = 65536
@@ -65,8 +65,8 @@ def serve_transaction(client) -> None:
                 _finish_queued(client)
             # Fast path: exactly one complete simple Query that needs no reading.
             # (lost_tx is checked after the read: a server can be lost meanwhile.)
-            if (lone_query(data) and data[5] not in INSPECT_FIRST
-                    and data[5:8] not in INSPECT_SPELLINGS and not client.lost_tx):
+            if (lone_query(data) and data[5] not in INSPECT_FIRST and data[5:8] not in INSPECT_SPELLINGS
+                    and not client.lost_tx and (b";" not in data or MAY_SET_LATER.search(data, 5) is None)):
                 _forward_query(client, data)
                 if park:
                     raise Parked()
@@ -244,14 +244,14 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
         if mtype == _Q:
             if (stmts or tracker.prepared.lru) and MAY_DROP_ALL.search(buf, start + 5, end):
                 watch_drop(tracker, stmts)
-            if needs_inspection(bytes(buf[start + 5:start + 8])):
+            if needs_inspection(bytes(buf[start + 5:start + 8])) or MAY_SET_LATER.search(buf, start + 5, end):
                 body = bytes(buf[start + 5:end])
                 if deallocate_locally(tracker, body, stmts):
                     out = [] if out is None else out
                     out.append(buf[run:start])
                     run = end
                     continue
-                effect = params.session_effect(client, server, params.session_change(body[:-1]), outside)
+                effect = params.session_effect(client, server, params.query_change(body[:-1]), outside)
                 replaced = client_message(mtype, body, stmts, scratch, params.both(sync_effect, effect))
             else:
                 replaced = client_message(mtype, None, stmts, scratch, sync_effect)
@@ -276,7 +276,7 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
                 change = None
                 if needs_inspection(bytes(buf[query_at:query_at + 3])):   # SET, RESET, DISCARD ...
                     query_end = buf.find(0, query_at, end)
-                    change = params.session_change(bytes(buf[query_at:query_end if query_end >= 0 else end]))
+                    change = params.query_change(bytes(buf[query_at:query_end if query_end >= 0 else end]))
                 if name_end == at:
                     client.unnamed_change = change
                 else:

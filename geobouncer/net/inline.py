@@ -28,7 +28,7 @@ from gevent.socket import socket as _PLAIN
 
 from ..pool.pool import TAKE
 from .handoff import queue_if_full, send_from_hub, write_request
-from .params import INSPECT_FIRST, INSPECT_SPELLINGS
+from .params import INSPECT_FIRST, INSPECT_SPELLINGS, MAY_SET_LATER
 
 RECV_SIZE = 65536
 _MAX = 16384        # larger requests go through the greenlet
@@ -56,6 +56,7 @@ def readable(client) -> bool:
         scanner = client.scanner
         if scanner.lone_query(data):
             if data[5] not in INSPECT_FIRST and data[5:8] not in INSPECT_SPELLINGS \
+                    and (b";" not in data or MAY_SET_LATER.search(data, 5) is None) \
                     and _request(client, data, 0, 0):
                 return True
         elif client.unnamed_change is None:

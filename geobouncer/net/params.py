@@ -9,7 +9,7 @@ and application_name, plus track_extra_parameters (IntervalStyle by default).
 
 from __future__ import annotations
 
-from ..pool import session_state
+from ..pool import session_multi, session_state
 from ..proto.framing import ProtocolError
 
 ALWAYS_TRACKED = ("client_encoding", "DateStyle", "TimeZone",
@@ -129,15 +129,25 @@ INSPECT_SPELLINGS = frozenset(
     for head in _INSPECT_HEADS for bit in range(8))
 
 
+#: A SET (or a comment) after a semicolon ("SELECT 1; SET ..."): the head alone does not tell.
+MAY_SET_LATER = session_multi.MAY_SET_LATER
+
+
 def needs_inspection(head: bytes) -> bool:
     """Whether a query text starting with ``head`` (its first three bytes)
     may be a SET / RESET / DEALLOCATE / DISCARD, so must be read."""
     return bool(head[:1]) and (head[0] in INSPECT_FIRST or head[:3] in INSPECT_SPELLINGS)
 
 
-def session_change(text: bytes):
-    """What a SET / RESET / DISCARD text does to the remembered state (pool/session_state.py)."""
-    return session_state.parse(text.decode("utf-8", "replace"))
+def query_change(text: bytes):
+    """What a Query's (or Parse's) text does to the remembered state: one SET /
+    RESET / DISCARD ALL (pool/session_state.py), or when the text may hold
+    several statements or comments, their Script (pool/session_multi.py)."""
+    decoded = text.decode("utf-8", "replace")
+    change = session_state.parse(decoded)
+    if change is None and session_multi.candidate(text):
+        return session_multi.parse(decoded)
+    return change
 
 
 def session_effect(client, server, change, outside: bool):
@@ -146,6 +156,8 @@ def session_effect(client, server, change, outside: bool):
     this client logged in with (what a direct connection resets to)."""
     if change is None or not outside:
         return None
+    if type(change) is session_multi.Script:
+        return _script_effect(client, server, change)
     canonical = client.app.tracked.get(change[1]) if len(change) > 1 else None
     reported = canonical is not None and canonical in server.params
     if reported and change[0] == "set":
@@ -163,6 +175,27 @@ def session_effect(client, server, change, outside: bool):
         else:
             session_state.apply(client.session_sets, change)
             session_state.apply(server.session_sets, change)
+    return remember
+
+
+def _script_effect(client, server, script):
+    """Several statements' changes, applied in order once the text ended in the
+    status it must end in without error. A reported parameter the text SET
+    after a RESET ALL keeps the value its ParameterStatus gave."""
+    steps = [session_effect(client, server, change, True) for change in script.changes]
+    reported = [client.app.tracked[c[1]] for c in script.changes
+                if c[0] == "set" and client.app.tracked.get(c[1]) in server.params]
+    expected = script.status
+
+    def remember(status: bytes) -> None:
+        if status != expected:
+            return
+        for step in steps:
+            if step is not None:
+                step(b"I")
+        for canonical in reported:
+            if canonical in server.tparams:
+                client.tparams[canonical] = server.tparams[canonical]
     return remember
 
 

@@ -6,6 +6,10 @@ server it lands on next; a server that carries another client's SET gets a
 ``RESET`` first. Parameters the server reports itself (ParameterStatus:
 TimeZone, DateStyle, application_name ...) are tracked that way instead.
 ``SET LOCAL`` and SETs inside a transaction are left alone.
+
+``parse`` reads a text that is one SET / RESET / DISCARD ALL, keeping the value
+as written; a text of several statements (or with a comment) is refused here
+and read by pool/session_multi.py.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ def parse(text: str):
     match = _SET.match(text)
     if match:
         name = match.group(1).lower()
-        if name in _NOT_SESSION or ";" in _strip_quoted(match.group(2)):
-            return None
+        bare = _strip_quoted(match.group(2))
+        if name in _NOT_SESSION or ";" in bare or "--" in bare or "/*" in bare:
+            return None     # several statements, or a comment: pool/session_multi.py reads those
         value = match.group(2)
         if value.lower() == "default":
             return ("reset", name)
