@@ -50,10 +50,13 @@ except ImportError:  # pragma: no cover - pglast is in requirements.txt
 #: linear in the text, whatever a client sends.
 MAY_SET_LATER = re.compile(rb";\s*(?:set|reset|discard|--|/\*)", re.IGNORECASE)
 
-#: Longer texts are not parsed (pglast: ~0.25 µs a character, on the hub) and
-#: so not remembered; shorter ones are cached up to _CACHE_SIZE, if not over _CACHED.
-_LONG = 64 * 1024
-_CACHED = 4096
+#: Longer texts are not parsed, so not remembered: the parse and its walk take
+#: about 0.7 µs a character of dense statements, with the whole process waiting
+#: (a client sending distinct 64 KiB texts would stall every other client ~45 ms
+#: a query; at 4 KiB about 3 ms, as much as PostgreSQL itself spends on some
+#: queries). Parsed texts are cached, up to _CACHE_SIZE.
+_LONG = 4096
+_CACHED = _LONG
 
 _CACHE_SIZE = 256
 _cache: dict[str, object] = {}
