@@ -399,22 +399,7 @@ COPY_CASES = {
 }
 
 # Known divergences (strict xfail): see the test's docstring.
-COPY_XFAIL = {
-    # copy_failed counts every Sync sent before the CopyDone swallowed; a COPY
-    # failing before PostgreSQL read some of them (a BEFORE STATEMENT trigger; a
-    # bad row in the CopyData before them) has them answered: the server,
-    # doubtful, is released and closed at the first ReadyForQuery, and the rest
-    # of the client's replies (the later query's row, two ReadyForQuery) never
-    # reach it: the client waits for ever. Other clients are not affected.
-    "simple-bad-row-then-syncs-pipelined": (
-        "copy_failed takes the Syncs sent before the CopyDone as swallowed; PostgreSQL fails on the row of "
-        "the CopyData it just read and answers the Syncs after it, and the doubtful server is closed at the "
-        "first ReadyForQuery: the rest of the client's replies are lost"),
-    "extended-statement-trigger-pipelined": (
-        "copy_failed takes the Syncs sent before the CopyDone as swallowed; failing before it read them "
-        "(a BEFORE STATEMENT trigger), PostgreSQL answers them, and the doubtful server is closed at the "
-        "first ReadyForQuery: the rest of the client's replies are lost"),
-}
+COPY_XFAIL: dict[str, str] = {}
 
 
 # What PostgreSQL fails each case with (the case tests what it says).
