@@ -22,7 +22,7 @@ from ..pool.states import CL_ACTIVE, CL_LOGIN, CL_WAITING
 from ..proto import messages as m
 from ..proto.framing import ProtocolError
 from ..proto.scan import ClientScanner
-from . import forward, inline, last_words, login, stream, tls
+from . import copy_fence, forward, inline, last_words, login, stream, tls
 from . import params as tracked_params
 from .checkout import ClientError, acquire_server
 from .unlinked import LOST as _LOST
@@ -329,6 +329,8 @@ class ClientConnection:
         """The server answered everything; return it unless the mode keeps it."""
         if self.scanner.owed:
             return        # a large message is still streaming to it (net/stream.py)
+        if server.tracker is not None and server.tracker.doubtful:    # a failed COPY: net/copy_fence.py
+            return copy_fence.start(server)
         mode = self.pool.limits.pool_mode
         if server.tx_status != b"I":
             if mode == "statement":

@@ -173,7 +173,8 @@ class ServerConnection:
     def reusable(self) -> bool:
         """May another client use this server now? Answered, outside any
         transaction, and neither broken nor doomed."""
-        return (self.tx_status == b"I" and not self.dirty and not self.closed and self.answered())
+        return (self.tx_status == b"I" and not self.dirty and not self.closed and self.answered()
+                and not (self.tracker is not None and self.tracker.doubtful))   # net/copy_fence.py
 
     def _maybe_release(self) -> None:
         client = self.client

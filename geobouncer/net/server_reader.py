@@ -41,7 +41,7 @@ from gevent.socket import socket as _PLAIN
 from ..pool.prepared import FAKE
 from ..proto.framing import ProtocolError
 from ..proto.scan import REQUEST_REPLIES, SERVER_WATCH, ServerScanner
-from . import internal, last_words
+from . import copy_fence, internal, last_words
 from .fastio import receiver, write_held
 from .server_trouble import error_after_ready
 from .tracker_news import settle, statements_dropped
@@ -231,6 +231,13 @@ def chunk(server, data, inline: bool):
         client = server.client
         scanner.watch = _TRACKED if exact else _LEAN if tracker.prepared.lru or (
             client is not None and client.statements) else _WATCHED
+    fenced = False
+    if tracker is not None and tracker.fence is not None:
+        # A fence after a doubtful COPY (net/copy_fence.py): up to its replies,
+        # the stream goes as it is; what follows them is read here, as always.
+        fenced, data = copy_fence.feed(server, data)
+        if data is None:
+            data = b""
     data, end, found = scanner.feed(data)
     out = None          # pieces, once a reply is dropped or one inserted
     cut = None          # an error nobody asked for: what comes before it is forwarded
@@ -280,6 +287,10 @@ def chunk(server, data, inline: bool):
         piece = b"".join(out)
     else:
         piece = data if end == len(data) else data[:end]
+    if fenced is not False:
+        piece = fenced + piece
+        if tracker.fence is None:
+            scanner.ready += 1      # the fence's ReadyForQuery: a release may be due
     if tracker is not None:
         if tracker.dropped_all:
             statements_dropped(server)

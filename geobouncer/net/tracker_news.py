@@ -7,8 +7,7 @@ reader calls these after the chunk, when the tracker raised their flag
   statements_dropped  a DEALLOCATE ALL / DISCARD ALL ran: the linked client's
                       statement names go (those that existed before it).
   settle              requests PostgreSQL will not answer were dropped: the
-                      server owes less, may wait for a Sync, or cannot be
-                      pooled again (a failed COPY FROM STDIN, ``doubtful``).
+                      server owes less, or may wait for a Sync.
 """
 
 from __future__ import annotations
@@ -42,15 +41,13 @@ def statements_dropped(server) -> None:
 def settle(server) -> None:
     """Requests PostgreSQL will not answer were dropped (pool/unanswered.py):
     they owe nothing; after an extended-protocol error with no Sync sent
-    yet, the server waits for one."""
+    yet, the server waits for one. A ``doubtful`` count stays so: the
+    fence (net/copy_fence.py) clears it, once the client's requests look
+    answered (ClientConnection.on_server_idle)."""
     tracker = server.tracker
     tracker.settle = False
     server.outstanding -= tracker.unanswered
     tracker.unanswered = 0
-    if tracker.doubtful:
-        tracker.doubtful = False
-        server.dirty = True
-        server.close_reason = "replies owed after a failed COPY not certain"
     if tracker.needs_sync:
         tracker.needs_sync = False
         server.unsynced = True

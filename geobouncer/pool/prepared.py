@@ -103,9 +103,10 @@ class Tracker:
         # (``unanswered`` to take off what the server owes, ``needs_sync``);
         # ``sync_effect``: an Execute's SET sent, its Sync or Query not yet (net/forward.py).
         # ``doubtful``: how many ReadyForQuery messages are still to come is not
-        # certain (a failed COPY FROM STDIN): the server is closed, not pooled.
+        # certain (a failed COPY FROM STDIN) until ``fence`` (net/copy_fence.py) says.
         self.irregular = self.skipping = self.copy_in = self.settle = self.needs_sync = False
         self.doubtful = False
+        self.fence = None
         self.unanswered, self.sync_effect = 0, None
 
     def reset(self) -> None:

@@ -18,7 +18,8 @@ for the reader to take off ``outstanding`` (``settle``; ``needs_sync``: the
 server waits for a Sync). Only what is certain is dropped: a
 count too high holds a server (its own client's); one too low would give the
 next client a ReadyForQuery that is not its own. A failed COPY FROM STDIN
-leaves the count in doubt (``doubtful``): that server is closed, not pooled.
+may leave the count in doubt (``doubtful``): once the client's requests look
+answered, a fence (net/copy_fence.py) finds where the stream stands.
 
 Functions over a Tracker, called by it (pool/prepared.py) when one of these
 cases comes up: the common request and reply pay no call here.
@@ -26,10 +27,12 @@ cases comes up: the common request and reply pay no call here.
 
 from __future__ import annotations
 
-PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FAKE, INJECTED, COPY_END = range(10)
+PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FAKE, INJECTED, COPY_END, FENCE = range(11)
 # INJECTED: a simple Query the pooler sent (a deferred BEGIN, net/defer_begin.py):
 # its replies are swallowed (CommandComplete, a warning, ReadyForQuery), an error forwarded.
 # COPY_END: a CopyDone or CopyFail sent (where a COPY FROM STDIN stops swallowing Syncs).
+# FENCE: the pooler's fence after a doubtful COPY (net/copy_fence.py), first in the queue
+# while its replies are awaited: what the client sends meanwhile queues behind it.
 
 # An error in one of these makes PostgreSQL skip to the next Sync. Only known
 # for sure while the tracker matches every reply (``exact``): otherwise the
@@ -102,10 +105,12 @@ def copy_failed(tracker) -> None:
     error). Of the Syncs sent before the first CopyDone / CopyFail, which
     were read before the error is not known: a bad row or a CopyFail comes
     after them (all swallowed), a statement_timeout or a trigger may come
-    before. Count them swallowed, the common case, and doubt the server
-    (``doubtful``): it goes on serving its client, whose stream is forwarded
-    as PostgreSQL sends it, and is closed, not pooled, once that client is
-    done with it (a ReadyForQuery still to come would reach the next client).
+    before. Count them swallowed, the fewest replies PostgreSQL can still
+    send (the server looks answered no later than it is), and doubt the
+    server (``doubtful``): it goes on serving its client, and when its
+    requests look answered a fence (net/copy_fence.py) forwards whatever
+    else comes, up to the fence's own replies; only then may it serve
+    another client (a ReadyForQuery still to come would reach the next one).
     Left counted, they held the server linked to its idle client for ever."""
     tracker.copy_in = False
     pending = tracker.pending
