@@ -1,0 +1,93 @@
+"""Hostile SET texts against the remembered-SET replay (pool/session_state.py,
+pool/session_multi.py, net/params.py): a client's SET is replayed by the
+pooler on the next server it lands on; the replayed text must set exactly
+what PostgreSQL set on the first server, and nothing else.
+
+Each test uses one server (default_pool_size 1) and a second client to move
+the server's state between the attacker's queries, then reads what the
+attacker's session really holds.
+"""
+
+from __future__ import annotations
+
+import psycopg2
+import pytest
+
+pytestmark = [pytest.mark.geobouncer_only("SETs remembered per client in transaction mode"),
+              pytest.mark.timeout(60)]
+
+POOL = {"pool_mode": "transaction", "default_pool_size": 1, "auth_type": "md5"}
+
+
+def _one(conn, sql: str):
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchall() if cur.description else None
+
+
+def _settings(conn, *names: str) -> dict:
+    row = _one(conn, "SELECT " + ", ".join(f"current_setting('{n}', true)" for n in names))[0]
+    return dict(zip(names, row))
+
+
+def _other_client_passes(b, *sql: str) -> None:
+    """Another client takes the pool's one server (the attacker's remembered SETs
+    are RESET for it), runs ``sql``, leaves."""
+    other = b.connect(autocommit=True)
+    try:
+        for text in sql:
+            _one(other, text)
+    finally:
+        other.close()
+
+
+def test_dollar_quoted_value_replays_only_the_set(pg, bouncer):
+    """"SET x.y = $$'$$; SET lock_timeout = 9000; SELECT $$'$$" is three
+    statements; the one-statement reader's quote stripping took the dollar
+    quotes for nothing and the quotes inside them for strings, so it kept the
+    whole tail as x.y's raw value, and every replay ran the hidden SET again."""
+    b = bouncer(pgbouncer=POOL)
+    attacker = b.connect(autocommit=True)
+    try:
+        _one(attacker, "SET x.y = $$'$$; SET lock_timeout = 9000; SELECT $$'$$")
+        _one(attacker, "RESET lock_timeout")
+        assert _settings(attacker, "x.y", "lock_timeout") == {"x.y": "'", "lock_timeout": "0"}
+        _other_client_passes(b, "SELECT 1")
+        assert _settings(attacker, "x.y", "lock_timeout") == {"x.y": "'", "lock_timeout": "0"}
+    finally:
+        attacker.close()
+
+
+def test_backslash_value_replayed_under_standard_conforming_strings_off(pg, bouncer):
+    """One SET under standard_conforming_strings on, whose raw text reads as a
+    SET and a second statement with it off. The replay is parsed whole by
+    PostgreSQL with the server's current setting (another client's off), its
+    "SET standard_conforming_strings" first only runs after that parse."""
+    b = bouncer(pgbouncer=POOL)
+    attacker = b.connect(autocommit=True)
+    try:
+        _one(attacker, "SET x.y = '\\'\n';SET lock_timeout = 9000;--'")
+        want = {"x.y": "\\;SET lock_timeout = 9000;--", "lock_timeout": "0"}
+        assert _settings(attacker, "x.y", "lock_timeout") == want
+        _other_client_passes(b, "SET standard_conforming_strings = off")
+        assert _settings(attacker, "x.y", "lock_timeout") == want
+    finally:
+        attacker.close()
+
+
+def test_no_traceback_for_hostile_sets(pg, bouncer):
+    b = bouncer(pgbouncer=POOL)
+    conn = b.connect(autocommit=True)
+    try:
+        for text in ["SET x.y = $$'$$; SELECT $$'$$", "SET x.y = E'\\'' ; SELECT 1",
+                     "SET x.y = U&'\\0027'; SELECT 1", "SET \"x.y\" = 'a'; SELECT 1",
+                     "SELECT 1;" + "(" * 3000, "SET x.y = 1;" * 300, ";" * 4000 + "SET x.y = 1"]:
+            try:
+                _one(conn, text)
+            except psycopg2.Error:
+                pass
+        _other_client_passes(b, "SELECT 1")
+        assert _one(conn, "SELECT 1") == [(1,)]
+    finally:
+        conn.close()
+    assert "Traceback" not in b.log_text() and "Traceback" not in b.output_text()
