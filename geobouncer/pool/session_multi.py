@@ -78,8 +78,9 @@ class Script:
 def candidate(text: bytes) -> bool:
     """Whether a query text worth reading (a SET-like head or ``MAY_SET_LATER``)
     that the one-statement parser refused may still hold a SET: several
-    statements, or a comment (whose text must not become part of a replayed value)."""
-    return b";" in text or b"--" in text or b"/*" in text
+    statements, a comment (whose text must not become part of a replayed value), a
+    dollar quote or a backslash (read differently with standard_conforming_strings off)."""
+    return b";" in text or b"--" in text or b"/*" in text or b"$" in text or b"\\" in text
 
 
 def parse(text: str) -> Script | None:

@@ -35,9 +35,13 @@ def parse(text: str):
     if match:
         name = match.group(1).lower()
         bare = _strip_quoted(match.group(2))
-        if name in _NOT_SESSION or ";" in bare or "--" in bare or "/*" in bare:
-            return None     # several statements, or a comment: pool/session_multi.py reads those
         value = match.group(2)
+        if name in _NOT_SESSION or any(mark in bare for mark in (";", "--", "/*", "$")) or "\\" in value:
+            # Several statements, a comment, a dollar quote or a backslash: pool/session_multi.py
+            # reads those. The raw value is replayed as written, so its quotes must end where
+            # _strip_quoted ends them whatever the replaying server's standard_conforming_strings
+            # (PostgreSQL parses the whole replay with the setting it had before it).
+            return None
         if value.lower() == "default":
             return ("reset", name)
         return ("set", name, value)
@@ -75,6 +79,8 @@ def raw_value(text: str) -> str:
 def _assign(name: str, value: str) -> str:
     if value.startswith(_RAW):
         literal = "'" + value[1:].replace("'", "''") + "'"
+        if "\\" in literal:    # a plain literal would read differently with standard_conforming_strings off
+            literal = "E" + literal.replace("\\", "\\\\")
         return f"SELECT pg_catalog.set_config('{name}', {literal}, false)"
     return f"SET {name} = {value}"
 

@@ -91,3 +91,21 @@ def test_no_traceback_for_hostile_sets(pg, bouncer):
     finally:
         conn.close()
     assert "Traceback" not in b.log_text() and "Traceback" not in b.output_text()
+
+
+def test_startup_search_path_with_a_backslash(pg, bouncer):
+    """A tracked startup parameter the server does not report (x.y here) is
+    replayed with set_config and a literal: a plain '...' with a backslash reads
+    differently when the replaying server has standard_conforming_strings off."""
+    from _util_pool import RawClient, query_message
+    b = bouncer(pgbouncer={**POOL, "track_extra_parameters": "x.y"})
+    value = "\\';SET lock_timeout = 9000;--"
+    raw = RawClient(b.host, b.port)
+    try:
+        assert raw.login("app", b.userlist["app"], "app", {"x.y": value})[-1][0] == b"Z"
+        _other_client_passes(b, "SET standard_conforming_strings = off")
+        raw.send(query_message("SELECT current_setting('x.y'), current_setting('lock_timeout')"))
+        rows = [body for mtype, body in raw.read_until(b"Z") if mtype == b"D"]
+        assert len(rows) == 1 and b"9s" not in rows[0] and value.encode() in rows[0], rows
+    finally:
+        raw.close()
