@@ -109,3 +109,20 @@ def test_startup_search_path_with_a_backslash(pg, bouncer):
         assert len(rows) == 1 and b"9s" not in rows[0] and value.encode() in rows[0], rows
     finally:
         raw.close()
+
+
+def test_quoted_names_replay_as_the_same_parameter(pg, bouncer):
+    """x."select" is a valid parameter name only quoted; "x.Ä" and "x.ä" are two
+    parameters (PostgreSQL folds ASCII only). The replay must name the same
+    parameter, else it fails on every server the client moves to (each one closed)."""
+    b = bouncer(pgbouncer=POOL)
+    attacker = b.connect(autocommit=True)
+    try:
+        _one(attacker, "SET x.\"select\" = 'k'; SET \"x.Ä\" = 'upper'; SET \"x.ä\" = 'lower'; SELECT 1")
+        want = {"x.select": "k", "x.Ä": "upper", "x.ä": "lower"}
+        assert _settings(attacker, *want) == want
+        _other_client_passes(b, "SELECT 1")
+        assert _settings(attacker, *want) == want
+    finally:
+        attacker.close()
+    assert "parameter sync failed" not in b.log_text()
