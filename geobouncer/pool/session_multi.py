@@ -101,6 +101,7 @@ def parse(text: str) -> Script | None:
 
 # --- statements -------------------------------------------------------------------
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _UNSURE = ("unsure",)
 _OTHER = ("other",)
 _TX_KINDS = {"TRANS_STMT_BEGIN": "begin", "TRANS_STMT_START": "begin", "TRANS_STMT_COMMIT": "commit",
@@ -143,7 +144,7 @@ def _set_statement(stmt: dict) -> tuple:
         return _OTHER           # SET LOCAL, SET TRANSACTION ...; FROM CURRENT keeps the value
     if kind == "VAR_RESET_ALL":
         return ("change", ("reset_all",))
-    name = stmt.get("name", "").lower()
+    name = stmt.get("name", "").translate(_ASCII_LOWER)   # PostgreSQL folds ASCII letters only
     if kind in ("VAR_RESET", "VAR_SET_DEFAULT"):
         return ("change", ("reset", name))
     if kind != "VAR_SET_VALUE":

@@ -82,11 +82,17 @@ def _assign(name: str, value: str) -> str:
         if "\\" in literal:    # a plain literal would read differently with standard_conforming_strings off
             literal = "E" + literal.replace("\\", "\\\\")
         return f"SELECT pg_catalog.set_config('{name}', {literal}, false)"
-    return f"SET {name} = {value}"
+    return f"SET {_quoted(name)} = {value}"
+
+
+def _quoted(name: str) -> str:
+    """Each part of a dotted name as a quoted identifier: the parser gives names a
+    client could only write quoted (x."select"), and a quoted name keeps its case."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
 
 
 def sync_sql(wanted: dict[str, str], current: dict[str, str]) -> str:
     """SQL that brings a server's remembered SETs (``current``) to ``wanted``."""
-    parts = [f"RESET {name}" for name in current if name not in wanted]
+    parts = [f"RESET {_quoted(name)}" for name in current if name not in wanted]
     parts += [_assign(name, value) for name, value in wanted.items() if current.get(name) != value]
     return ";".join(parts)
