@@ -126,3 +126,25 @@ def test_quoted_names_replay_as_the_same_parameter(pg, bouncer):
     finally:
         attacker.close()
     assert "parameter sync failed" not in b.log_text()
+
+
+def test_backslash_literal_under_standard_conforming_strings_off(pg, bouncer):
+    """With standard_conforming_strings off, 'a\\\\b' is a\\b to PostgreSQL, but
+    a\\\\b to pglast (always on): the replay must not give the client a value it
+    never set. Such a text is not remembered (the setting is lost on a move and
+    stays on its server, as any SET the pooler cannot read), never misread."""
+    from test_multi_sets import _through_pooler_moved
+    for text in ["SET search_path = 'a\\\\b'; SELECT 1", "SET search_path = 'a\\\\b'",
+                 "SET application_name = 'x\\'; SET work_mem = 9000; --'"]:
+        b = bouncer(pgbouncer={**POOL, "default_pool_size": 2})    # a SET not remembered stays on its server
+        ran_on, busy, read_on, outcome, got = _through_pooler_moved(
+            b, ["SET standard_conforming_strings = off"], text, None)
+        assert ran_on != busy and read_on == busy and outcome != "error", (text, outcome)
+        direct = pg.connect("app", "app")
+        direct.autocommit = True
+        _one(direct, "SET standard_conforming_strings = off")
+        _one(direct, text)
+        want = _settings(direct, "search_path", "work_mem")
+        direct.close()
+        assert (got["search_path"], got["work_mem"]) in (
+            (want["search_path"], want["work_mem"]), ('"$user", public', "4MB")), (text, got, want)
