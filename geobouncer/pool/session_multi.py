@@ -117,9 +117,23 @@ def _statements(text: str) -> list | None:
         return None
     try:
         tree = json.loads(_pglast.parse_sql_json(text))
+        if "\\" in text and _reads_with_backslashes(text):
+            return None
     except Exception:  # noqa: BLE001 - pglast's ParseError and anything else: not understood
         return None
     return [_statement(entry.get("stmt", {})) for entry in tree.get("stmts", ())]
+
+
+def _reads_with_backslashes(text: str) -> bool:
+    """Whether a plain '...' literal holds a backslash: pglast reads it with
+    standard_conforming_strings on, PostgreSQL with the session's setting, which
+    may be off (then the literal, and where statements end, read otherwise)."""
+    raw = text.encode("utf-8")
+    for token in _pglast.scan(text):
+        if token.name == "SCONST" and raw[token.start:token.start + 1] in (b"'", b"N", b"n") \
+                and b"\\" in raw[token.start:token.end + 1]:
+            return True
+    return False
 
 
 def _statement(node: dict) -> tuple:
