@@ -148,3 +148,18 @@ def test_backslash_literal_under_standard_conforming_strings_off(pg, bouncer):
         direct.close()
         assert (got["search_path"], got["work_mem"]) in (
             (want["search_path"], want["work_mem"]), ('"$user", public', "4MB")), (text, got, want)
+
+
+@pytest.mark.parametrize("text", ["SET search_path = 'caf\xe9'; SELECT 1", "SET search_path = 'caf\xe9'"])
+def test_latin1_value_follows_the_client(pg, bouncer, text):
+    """A client with client_encoding LATIN1: its bytes are LATIN1, not UTF-8."""
+    from test_multi_sets import _through_pooler_moved
+    b = bouncer(pgbouncer={**POOL, "default_pool_size": 2})
+
+    def connect():
+        conn = psycopg2.connect(b.dsn(application_name="gbmulti", client_encoding="LATIN1"))
+        conn.autocommit = True
+        return conn
+    ran_on, busy, read_on, outcome, got = _through_pooler_moved(b, [], text, None, connect)
+    assert ran_on != busy and read_on == busy and outcome != "error", (text, outcome)
+    assert got["search_path"] in ('"caf\xe9"', '"$user", public'), got
