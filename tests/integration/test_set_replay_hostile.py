@@ -163,3 +163,38 @@ def test_latin1_value_follows_the_client(pg, bouncer, text):
     ran_on, busy, read_on, outcome, got = _through_pooler_moved(b, [], text, None, connect)
     assert ran_on != busy and read_on == busy and outcome != "error", (text, outcome)
     assert got["search_path"] in ('"caf\xe9"', '"$user", public'), got
+
+
+HOSTILE_CASES = [
+    ("SET before BEGIN joins the block", [], "SET work_mem = '5MB'; BEGIN; COMMIT", None),
+    ("RELEASE keeps the SET", [], "BEGIN; SAVEPOINT a; SET work_mem = '5MB'; RELEASE a; COMMIT", None),
+    ("a repeated savepoint name", [],
+     "BEGIN; SAVEPOINT a; SET lock_timeout = '3s'; SAVEPOINT a; SET work_mem = '5MB'; ROLLBACK TO a; COMMIT", None),
+    ("RELEASE of an outer savepoint drops the inner", [],
+     "BEGIN; SAVEPOINT a; SET work_mem = '5MB'; SAVEPOINT b; RELEASE a; ROLLBACK TO b", "ROLLBACK"),
+    ("a quoted savepoint name", [], "BEGIN; SAVEPOINT \"A\"; SET work_mem = '5MB'; ROLLBACK TO a; COMMIT", "ROLLBACK"),
+    ("COMMIT, then an implicit transaction rolled back", [],
+     "SET work_mem = '5MB'; COMMIT; SET lock_timeout = '3s'; ROLLBACK", None),
+    ("DISCARD ALL among statements fails", ["SET work_mem = '2MB'"], "SELECT 1; DISCARD ALL", None),
+    ("SET TO DEFAULT", ["SET work_mem = '2MB'"], "SELECT 1; SET work_mem TO DEFAULT", None),
+    ("SET SESSION", [], "SELECT 1; SET SESSION work_mem = '6MB'", None),
+    ("RESET ALL rolled back", ["SET work_mem = '2MB'"], "BEGIN; RESET ALL; ROLLBACK", None),
+    ("a backslash in an E'' value", [], "SELECT 1; SET search_path = E'a\\\\b', \"c\"\"d\"", None),
+    ("a Unicode escape", [], "SELECT 1; SET search_path = U&'d\\0061t\\+000061'", None),
+    ("a quote in a dollar quote", [], "SELECT 1; SET search_path = $q$it's$q$", None),
+    ("a long name truncated", [], "SELECT 1; SET search_path = " + "s" * 70, None),
+]
+
+
+@pytest.mark.parametrize("name,before,text,follow", HOSTILE_CASES, ids=[c[0] for c in HOSTILE_CASES])
+def test_hostile_texts_follow_the_client(pg, bouncer, name, before, text, follow):
+    """As test_multi_sets: PostgreSQL on a direct connection is the oracle."""
+    from test_multi_sets import APP, READ, SETTINGS, _case, _through_pooler_moved
+    direct, direct_outcome = _case(lambda: pg.connect("app", "app", application_name=APP), before, text, follow)
+    want = dict(zip(SETTINGS, _one(direct, READ)[0][1:]))
+    direct.close()
+    b = bouncer(pgbouncer={**POOL, "default_pool_size": 2})
+    ran_on, busy, read_on, outcome, got = _through_pooler_moved(b, before, text, follow)
+    assert ran_on != busy and read_on == busy, (ran_on, busy, read_on)
+    assert (outcome == "error") == (direct_outcome == "error")
+    assert got == want
