@@ -198,3 +198,32 @@ def test_hostile_texts_follow_the_client(pg, bouncer, name, before, text, follow
     assert ran_on != busy and read_on == busy, (ran_on, busy, read_on)
     assert (outcome == "error") == (direct_outcome == "error")
     assert got == want
+
+
+@pytest.mark.parametrize("text,expected_error", [
+    ("SET search_path = s1; SELECT 1", False),
+    ("SET search_path = s1; SELECT 1/0", True),
+    pytest.param("SET search_path = s1; COMMIT; SELECT 1/0", True, marks=pytest.mark.xfail(
+        strict=True, reason="an error drops every change of the text, also a SET committed before it: "
+                            "PostgreSQL keeps it, the pooler does not know, the next client gets it")),
+    pytest.param("BEGIN; SET search_path = s1; COMMIT AND CHAIN; COMMIT", False, marks=pytest.mark.xfail(
+        strict=True, reason="AND CHAIN texts are not followed (no Script): their committed SET stays "
+                            "on the server for the next client")),
+])
+def test_one_clients_set_never_reaches_the_next(pg, bouncer, text, expected_error):
+    b = bouncer(pgbouncer=POOL)
+    first = b.connect(autocommit=True)
+    try:
+        try:
+            _one(first, text)
+            failed = False
+        except psycopg2.Error:
+            failed = True
+        assert failed == expected_error
+        second = b.connect(autocommit=True)
+        try:
+            assert _settings(second, "search_path")["search_path"] == '"$user", public'
+        finally:
+            second.close()
+    finally:
+        first.close()
