@@ -251,7 +251,8 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
                     out.append(buf[run:start])
                     run = end
                     continue
-                effect = params.session_effect(client, server, params.query_change(body[:-1]), outside)
+                change = params.query_change(body[:-1], client)
+                effect = params.session_effect(client, server, change, outside)
                 replaced = client_message(mtype, body, stmts, scratch, params.both(sync_effect, effect))
             else:
                 replaced = client_message(mtype, None, stmts, scratch, sync_effect)
@@ -276,7 +277,8 @@ def _forward_tracked(client, buf: bytearray, msgs: list, scratch: list) -> None:
                 change = None
                 if needs_inspection(bytes(buf[query_at:query_at + 3])):   # SET, RESET, DISCARD ...
                     query_end = buf.find(0, query_at, end)
-                    change = params.query_change(bytes(buf[query_at:query_end if query_end >= 0 else end]))
+                    text = bytes(buf[query_at:query_end if query_end >= 0 else end])
+                    change = params.query_change(text, client)
                 if name_end == at:
                     client.unnamed_change = change
                 else:

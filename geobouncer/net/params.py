@@ -139,10 +139,18 @@ def needs_inspection(head: bytes) -> bool:
     return bool(head[:1]) and (head[0] in INSPECT_FIRST or head[:3] in INSPECT_SPELLINGS)
 
 
-def query_change(text: bytes):
+_UTF8 = ("UTF8", "utf8", "UTF-8", "utf-8", "UNICODE", "unicode")
+
+
+def query_change(text: bytes, client=None):
     """What a Query's (or Parse's) text does to the remembered state: one SET /
     RESET / DISCARD ALL (pool/session_state.py), or when the text may hold
-    several statements or comments, their Script (pool/session_multi.py)."""
+    several statements or comments, their Script (pool/session_multi.py).
+    Nothing from a text not in ASCII when ``client`` does not send UTF-8: its
+    bytes would be read, and replayed, as the wrong characters."""
+    if client is not None and not text.isascii() \
+            and client.tparams.get("client_encoding", "UTF8") not in _UTF8:
+        return None
     decoded = text.decode("utf-8", "replace")
     change = session_state.parse(decoded)
     if change is None and session_multi.candidate(text):

@@ -78,8 +78,9 @@ class Script:
 def candidate(text: bytes) -> bool:
     """Whether a query text worth reading (a SET-like head or ``MAY_SET_LATER``)
     that the one-statement parser refused may still hold a SET: several
-    statements, or a comment (whose text must not become part of a replayed value)."""
-    return b";" in text or b"--" in text or b"/*" in text
+    statements, a comment (whose text must not become part of a replayed value), a
+    dollar quote or a backslash (read differently with standard_conforming_strings off)."""
+    return b";" in text or b"--" in text or b"/*" in text or b"$" in text or b"\\" in text
 
 
 def parse(text: str) -> Script | None:
@@ -100,6 +101,7 @@ def parse(text: str) -> Script | None:
 
 # --- statements -------------------------------------------------------------------
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _UNSURE = ("unsure",)
 _OTHER = ("other",)
 _TX_KINDS = {"TRANS_STMT_BEGIN": "begin", "TRANS_STMT_START": "begin", "TRANS_STMT_COMMIT": "commit",
@@ -115,9 +117,23 @@ def _statements(text: str) -> list | None:
         return None
     try:
         tree = json.loads(_pglast.parse_sql_json(text))
+        if "\\" in text and _reads_with_backslashes(text):
+            return None
     except Exception:  # noqa: BLE001 - pglast's ParseError and anything else: not understood
         return None
     return [_statement(entry.get("stmt", {})) for entry in tree.get("stmts", ())]
+
+
+def _reads_with_backslashes(text: str) -> bool:
+    """Whether a plain '...' literal holds a backslash: pglast reads it with
+    standard_conforming_strings on, PostgreSQL with the session's setting, which
+    may be off (then the literal, and where statements end, read otherwise)."""
+    raw = text.encode("utf-8")
+    for token in _pglast.scan(text):
+        if token.name == "SCONST" and raw[token.start:token.start + 1] in (b"'", b"N", b"n") \
+                and b"\\" in raw[token.start:token.end + 1]:
+            return True
+    return False
 
 
 def _statement(node: dict) -> tuple:
@@ -142,7 +158,7 @@ def _set_statement(stmt: dict) -> tuple:
         return _OTHER           # SET LOCAL, SET TRANSACTION ...; FROM CURRENT keeps the value
     if kind == "VAR_RESET_ALL":
         return ("change", ("reset_all",))
-    name = stmt.get("name", "").lower()
+    name = stmt.get("name", "").translate(_ASCII_LOWER)   # PostgreSQL folds ASCII letters only
     if kind in ("VAR_RESET", "VAR_SET_DEFAULT"):
         return ("change", ("reset", name))
     if kind != "VAR_SET_VALUE":

@@ -35,9 +35,13 @@ def parse(text: str):
     if match:
         name = match.group(1).lower()
         bare = _strip_quoted(match.group(2))
-        if name in _NOT_SESSION or ";" in bare or "--" in bare or "/*" in bare:
-            return None     # several statements, or a comment: pool/session_multi.py reads those
         value = match.group(2)
+        if name in _NOT_SESSION or any(mark in bare for mark in (";", "--", "/*", "$")) or "\\" in value:
+            # Several statements, a comment, a dollar quote or a backslash: pool/session_multi.py
+            # reads those. The raw value is replayed as written, so its quotes must end where
+            # _strip_quoted ends them whatever the replaying server's standard_conforming_strings
+            # (PostgreSQL parses the whole replay with the setting it had before it).
+            return None
         if value.lower() == "default":
             return ("reset", name)
         return ("set", name, value)
@@ -75,12 +79,20 @@ def raw_value(text: str) -> str:
 def _assign(name: str, value: str) -> str:
     if value.startswith(_RAW):
         literal = "'" + value[1:].replace("'", "''") + "'"
+        if "\\" in literal:    # a plain literal would read differently with standard_conforming_strings off
+            literal = "E" + literal.replace("\\", "\\\\")
         return f"SELECT pg_catalog.set_config('{name}', {literal}, false)"
-    return f"SET {name} = {value}"
+    return f"SET {_quoted(name)} = {value}"
+
+
+def _quoted(name: str) -> str:
+    """Each part of a dotted name as a quoted identifier: the parser gives names a
+    client could only write quoted (x."select"), and a quoted name keeps its case."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
 
 
 def sync_sql(wanted: dict[str, str], current: dict[str, str]) -> str:
     """SQL that brings a server's remembered SETs (``current``) to ``wanted``."""
-    parts = [f"RESET {name}" for name in current if name not in wanted]
+    parts = [f"RESET {_quoted(name)}" for name in current if name not in wanted]
     parts += [_assign(name, value) for name, value in wanted.items() if current.get(name) != value]
     return ";".join(parts)

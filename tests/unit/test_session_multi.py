@@ -78,7 +78,7 @@ def test_script_values_replay():
     sets: dict = {}
     for change in changes:
         session_state.apply(sets, change)
-    assert session_state.sync_sql(sets, {}) == "SET search_path = 'My S', 'x';SET x.y = 42"
+    assert session_state.sync_sql(sets, {}) == "SET \"search_path\" = 'My S', 'x';SET \"x\".\"y\" = 42"
 
 
 def test_parsed_texts_are_cached_and_bounded():
