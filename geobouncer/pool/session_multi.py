@@ -50,12 +50,13 @@ except ImportError:  # pragma: no cover - pglast is in requirements.txt
 #: linear in the text, whatever a client sends.
 MAY_SET_LATER = re.compile(rb";\s*(?:set|reset|discard|--|/\*)", re.IGNORECASE)
 
-#: Longer texts are not parsed, so not remembered: the parse and its walk take
-#: about 0.7 µs a character of dense statements, with the whole process waiting
-#: (a client sending distinct 64 KiB texts would stall every other client ~45 ms
-#: a query; at 4 KiB about 3 ms, as much as PostgreSQL itself spends on some
-#: queries). Parsed texts are cached, up to _CACHE_SIZE.
-_LONG = 4096
+#: Longer texts are not parsed, so not remembered (as PgBouncer remembers no
+#: SET): the parse and its walk cost up to ~0.4 µs a character of dense
+#: statements (more on a loaded machine), with the whole process waiting, so a
+#: client sending distinct long texts would stall every other client that long
+#: a query (64 KiB: ~25 ms). 2 KiB: about 1 ms, near what PostgreSQL spends
+#: running such a text. Parsed texts are cached, up to _CACHE_SIZE.
+_LONG = 2048
 _CACHED = _LONG
 
 _CACHE_SIZE = 256
