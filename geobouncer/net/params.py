@@ -190,6 +190,11 @@ def _script_effect(client, server, script):
     """Several statements' changes, applied in order once the text ended in the
     status it must end in without error. A reported parameter the text SET
     after a RESET ALL keeps the value its ParameterStatus gave."""
+    if script.status is None:               # session_multi.UNKNOWN: whatever the reply
+        def taint(status: bytes) -> None:
+            _taint(server)
+        taint.on_error = lambda: _taint(server)
+        return taint
     steps = [session_effect(client, server, change, True) for change in script.changes]
     reported = [client.app.tracked[c[1]] for c in script.changes
                 if c[0] == "set" and client.app.tracked.get(c[1]) in server.params]
@@ -204,11 +209,25 @@ def _script_effect(client, server, script):
         for canonical in reported:
             if canonical in server.tparams:
                 client.tparams[canonical] = server.tparams[canonical]
+    if script.uncertain:
+        remember.on_error = lambda: _taint(server)     # called by the tracker (pool/prepared.py)
     return remember
+
+
+def _taint(server) -> None:
+    """What a text left in this server's session is not known: no other client
+    may get it (it is closed when released); this client's next requests may
+    use it until then, as on a direct connection."""
+    server.dirty = True
+    server.close_reason = "session settings unknown after a multi-statement text"
 
 
 def both(first, second):
     """Two session effects for one ReadyForQuery, ``first`` first (either may be None)."""
     if first is None or second is None:
         return first or second
-    return lambda status: (first(status), second(status))
+    combined = lambda status: (first(status), second(status))    # noqa: E731
+    failed = [f.on_error for f in (first, second) if getattr(f, "on_error", None) is not None]
+    if failed:
+        combined.on_error = lambda: [f() for f in failed]
+    return combined

@@ -314,6 +314,9 @@ class Tracker:
                     return True, b""
                 kind = pending[0][0]
             if kind == QUERY:
+                failed = getattr(pending[0][2], "on_error", None)
+                if failed is not None:
+                    failed()                        # a text whose error may keep part of it (net/params.py)
                 pending[0] = (QUERY, False, None)   # a failed query has no effect to apply
                 return True, b""
             replacement = b""

@@ -64,16 +64,26 @@ _cache: dict[str, object] = {}
 
 
 class Script:
-    """What a multi-statement text leaves, once it succeeded with ReadyForQuery ``status``."""
+    """What a multi-statement text leaves, once it succeeded with ReadyForQuery
+    ``status``. ``uncertain``: an error part-way may leave some of it on the
+    server (what a COMMIT in the text committed before the error), which the
+    pooler cannot tell from the reply: the server is then not reused
+    (net/params.py). ``UNKNOWN`` (status None): a text whose effect on the
+    session is not followed at all (AND CHAIN, PREPARE TRANSACTION, a SET of a
+    form not read): the server is not reused after it, whatever its reply."""
 
-    __slots__ = ("changes", "status")
+    __slots__ = ("changes", "status", "uncertain")
 
-    def __init__(self, changes: tuple, status: bytes):
+    def __init__(self, changes: tuple, status: bytes | None, uncertain: bool = False):
         self.changes = changes      # session_state.parse's tuples, in order
         self.status = status
+        self.uncertain = uncertain
 
     def __repr__(self) -> str:
-        return f"Script({self.changes!r}, {self.status!r})"
+        return f"Script({self.changes!r}, {self.status!r}{', uncertain' if self.uncertain else ''})"
+
+
+UNKNOWN = Script((), None, True)
 
 
 def candidate(text: bytes) -> bool:
@@ -189,13 +199,18 @@ def _literal(arg: dict) -> str | None:
 # --- transactions -----------------------------------------------------------------
 
 def _simulate(statements: list | None) -> Script | None:
-    if statements is None or _UNSURE in statements:
-        return None
+    if statements is None:
+        return None     # does not parse: PostgreSQL refuses it whole, nothing runs
+    if _UNSURE in statements:
+        return UNKNOWN
     committed: list = []     # changes of the transactions committed so far
     current: list = []       # changes of the open transaction (implicit or explicit)
     explicit = False
     savepoints: list = []    # (name, len(current)) in an explicit block
+    uncertain = False       # a statement after a COMMIT that kept changes: an error there keeps them
     for statement in statements:
+        if committed:
+            uncertain = True
         kind = statement[0]
         if kind == "change":
             current.append(statement[1])
@@ -224,7 +239,7 @@ def _simulate(statements: list | None) -> Script | None:
     if not explicit:
         committed += current
     changes = _net(committed)
-    return Script(changes, b"T" if explicit else b"I") if changes else None
+    return Script(changes, b"T" if explicit else b"I", uncertain) if changes or uncertain else None
 
 
 def _net(changes: list) -> tuple:

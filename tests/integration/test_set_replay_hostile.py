@@ -203,12 +203,8 @@ def test_hostile_texts_follow_the_client(pg, bouncer, name, before, text, follow
 @pytest.mark.parametrize("text,expected_error", [
     ("SET search_path = s1; SELECT 1", False),
     ("SET search_path = s1; SELECT 1/0", True),
-    pytest.param("SET search_path = s1; COMMIT; SELECT 1/0", True, marks=pytest.mark.xfail(
-        strict=True, reason="an error drops every change of the text, also a SET committed before it: "
-                            "PostgreSQL keeps it, the pooler does not know, the next client gets it")),
-    pytest.param("BEGIN; SET search_path = s1; COMMIT AND CHAIN; COMMIT", False, marks=pytest.mark.xfail(
-        strict=True, reason="AND CHAIN texts are not followed (no Script): their committed SET stays "
-                            "on the server for the next client")),
+    ("SET search_path = s1; COMMIT; SELECT 1/0", True),        # PostgreSQL keeps s1: the server goes
+    ("BEGIN; SET search_path = s1; COMMIT AND CHAIN; COMMIT", False),    # not followed: the server goes
 ])
 def test_one_clients_set_never_reaches_the_next(pg, bouncer, text, expected_error):
     b = bouncer(pgbouncer=POOL)
@@ -225,5 +221,28 @@ def test_one_clients_set_never_reaches_the_next(pg, bouncer, text, expected_erro
             assert _settings(second, "search_path")["search_path"] == '"$user", public'
         finally:
             second.close()
+    finally:
+        first.close()
+
+
+def test_a_text_that_may_keep_part_of_itself_costs_its_server_only_when_it_fails(pg, bouncer):
+    """SET; COMMIT; then a statement: when that statement fails, PostgreSQL keeps
+    the committed SET and the pooler cannot tell from the reply, so the server
+    is closed, not handed on; when the text succeeds the server stays."""
+    b = bouncer(pgbouncer=POOL)
+    first = b.connect(autocommit=True)
+    try:
+        pid = _one(first, "SELECT pg_backend_pid()")[0][0]
+        _one(first, "SET search_path = s1; COMMIT; SELECT 1")
+        assert _one(first, "SELECT pg_backend_pid()")[0][0] == pid          # kept
+        assert _settings(first, "search_path")["search_path"] == "s1"
+        with pytest.raises(psycopg2.Error):
+            _one(first, "SET search_path = s2; COMMIT; SELECT 1/0")
+        other = b.connect(autocommit=True)
+        try:
+            assert _one(other, "SELECT pg_backend_pid()")[0][0] != pid      # closed, not reused
+            assert _settings(other, "search_path")["search_path"] == '"$user", public'
+        finally:
+            other.close()
     finally:
         first.close()

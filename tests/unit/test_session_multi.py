@@ -55,14 +55,36 @@ def test_what_stays(text, want):
     "BEGIN; SAVEPOINT p; SET x.y = 1; ROLLBACK TO p; COMMIT",
     "SAVEPOINT p; SET x.y = 1",                       # fails outside a block
     "BEGIN; SET x.y = 1; RELEASE nope; COMMIT",       # fails: no such savepoint
-    "COMMIT AND CHAIN; SET x.y = 1",                  # not followed
-    "SET x.y = 1; PREPARE TRANSACTION 'g'",
     "SELECT 1; SET x.y = (",                          # does not parse
     "SELECT ';set x.y = 1'",
     "SELECT 1; SELECT 2",
 ])
 def test_nothing_stays(text):
     assert script(text) is None
+
+
+@pytest.mark.parametrize("text", [
+    "COMMIT AND CHAIN; SET x.y = 1",
+    "BEGIN; SET search_path = s1; COMMIT AND CHAIN; COMMIT",
+    "SET x.y = 1; PREPARE TRANSACTION 'g'",
+])
+def test_not_followed_is_unknown(text):
+    """Statements whose effect on the session is not followed: UNKNOWN, so
+    the server is not reused after them (net/params.py)."""
+    assert query_change(text.encode()) is session_multi.UNKNOWN
+
+
+@pytest.mark.parametrize("text, uncertain", [
+    ("SET search_path = s1; COMMIT; SELECT 1/0", True),     # an error after the COMMIT keeps s1
+    ("SET x.y = 1; COMMIT; RESET x.y; SELECT 1", True),     # nothing net, but an error keeps x.y = 1
+    ("BEGIN; SET x.y = 1; COMMIT; SELECT 1", True),
+    ("SET search_path = s1; SELECT 1/0", False),            # one transaction: an error keeps nothing
+    ("BEGIN; SET x.y = 1; COMMIT", False),                  # the COMMIT is the last statement
+    ("SELECT 1; SET x.y = 2", False),
+])
+def test_uncertain_when_an_error_may_keep_a_commit(text, uncertain):
+    change = query_change(text.encode())
+    assert type(change) is Script and change.uncertain is uncertain
 
 
 def test_one_set_keeps_the_one_statement_parser():
