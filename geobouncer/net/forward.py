@@ -65,8 +65,10 @@ def serve_transaction(client) -> None:
                 _finish_queued(client)
             # Fast path: exactly one complete simple Query that needs no reading.
             # (lost_tx is checked after the read: a server can be lost meanwhile.)
+            # A semicolon only at the end ("...;\0", pgbench's texts) has nothing after it.
             if (lone_query(data) and data[5] not in INSPECT_FIRST and data[5:8] not in INSPECT_SPELLINGS
-                    and not client.lost_tx and (b";" not in data or MAY_SET_LATER.search(data, 5) is None)):
+                    and not client.lost_tx
+                    and (data.find(b";", 5, -2) < 0 or MAY_SET_LATER.search(data, 5) is None)):
                 _forward_query(client, data)
                 if park:
                     raise Parked()

@@ -56,8 +56,8 @@ def readable(client) -> bool:
         scanner = client.scanner
         if scanner.lone_query(data):
             if data[5] not in INSPECT_FIRST and data[5:8] not in INSPECT_SPELLINGS \
-                    and (b";" not in data or MAY_SET_LATER.search(data, 5) is None) \
-                    and _request(client, data, 0, 0):
+                    and (data.find(b";", 5, -2) < 0 or MAY_SET_LATER.search(data, 5) is None) \
+                    and _request(client, data, 0, 0):   # (a ";" just before the final NUL: nothing after it)
                 return True
         elif client.unnamed_change is None:
             batch = scanner.unnamed_batch(data, INSPECT_FIRST, INSPECT_SPELLINGS)
