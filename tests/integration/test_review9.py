@@ -445,6 +445,14 @@ def _entry(mtype: bytes, body: bytes):
     return (mtype.decode(),)
 
 
+def _transcript_or_stall(raw: RawClient, steps):
+    """_run_steps, or "timed out" when the pooler stops answering part-way."""
+    try:
+        return _run_steps(raw, steps)
+    except TimeoutError:
+        return "timed out"
+
+
 def _run_steps(raw: RawClient, steps) -> list:
     """The transcript of what the client read (notices and parameter changes left out)."""
     got = []
@@ -533,10 +541,7 @@ def test_failing_copy_as_postgres_and_the_pool_of_one_serves(pg, bouncer, case):
     with raw_login(b) as raw:
         known_stall = case in COPY_XFAIL or (TARGET == "pgbouncer" and case in PGBOUNCER_COPY_DIVERGES)
         raw.sock.settimeout(4 if known_stall else 15)   # no need to wait long
-        try:
-            got = _run_steps(raw, steps)
-        except TimeoutError:
-            got = "timed out"
+        got = _transcript_or_stall(raw, steps)
         assert got == want, f"through the pooler:\n{got}\nPostgreSQL:\n{want}"
         time.sleep(0.3)
         other = another_client_gets(b, "SELECT 'served', txid_current_if_assigned()")
