@@ -38,17 +38,15 @@ first: pool/prepared.py, _send_parse).
 from __future__ import annotations
 
 import os
-import struct
 
 import gevent
 
 from ..pool.unanswered import FENCE
 from ..proto import messages as m
 from ..proto.framing import ProtocolError
-from ..proto.server_scan import SERVER_HOLD_LIMIT
+from ..proto.server_scan import ServerScanner
 from .handoff import send_from_hub
 
-_unpack_header = struct.Struct("!BI").unpack_from
 _NAME = b"geobouncer_fence\x00"
 _TAIL = m.message(b"D", b"S" + _NAME) + m.message(b"C", b"S" + _NAME) + m.message(b"S")
 _Z, _ONE, _T, _G, _S = (ord(c) for c in "Z1tGS")
@@ -62,12 +60,12 @@ _ENTRY = (FENCE, False, None)
 class Fence:
     """Where the reply stream stands while a fence is awaited."""
 
-    __slots__ = ("held", "nonce", "part", "skip", "stage")
+    __slots__ = ("held", "nonce", "scanner", "stage")
 
     def __init__(self, nonce: bytes):
         self.nonce = nonce      # the body of the fence's ParameterDescription
-        self.part = b""         # an incomplete header, or a held message not yet whole
-        self.skip = 0           # bytes of a streamed message still to come
+        # The boundaries, for this stream alone: the types in _HOLD whole, the rest streamed.
+        self.scanner = ServerScanner(_HOLD)
         self.held = []          # a ParseComplete that may be the fence's, and notices after it
         self.stage = 0          # 1: a ParseComplete held; 2: the fence's own replies, up to its ReadyForQuery
 
@@ -113,43 +111,21 @@ def _send(server, locked: bool) -> None:
 def feed(server, data):
     """A chunk from the server while the fence is awaited. Returns (bytes for
     the client, what follows the fence's ReadyForQuery: None while it has
-    not come)."""
+    not come). The boundaries come from the fence's own ServerScanner."""
     fence = server.tracker.fence
+    buf, end, found = fence.scanner.feed(data)
     out = []
-    if fence.part:
-        data = fence.part + data
-        fence.part = b""
-    n = len(data)
-    pos = 0
-    if fence.skip:
-        pos = min(fence.skip, n)
-        out.append(data[:pos])
-        fence.skip -= pos
-    while pos < n:
-        if n - pos < 5:
-            fence.part = data[pos:]
-            break
-        mtype, length = _unpack_header(data, pos)
-        if length < 4:
-            raise ProtocolError(f"invalid message length {length} from server")
-        end = pos + 1 + length
-        if mtype not in _HOLD:
+    run = 0
+    for mtype, start, stop in found:
+        if start > run:                 # streamed messages (or the rest of one) between
             _flush(fence, out)
-            if end > n:
-                fence.skip = end - n
-                end = n
-            out.append(data[pos:end])
-            pos = end
-            continue
-        if end > n:
-            if length > SERVER_HOLD_LIMIT:
-                raise ProtocolError("server message too large")
-            fence.part = data[pos:]
-            break
-        msg = data[pos:end]
-        pos = end
-        if _message(server, fence, mtype, msg, out):
-            return b"".join(out), data[pos:]
+            out.append(buf[run:start])
+        run = stop
+        if _message(server, fence, mtype, buf[start:stop], out):
+            return b"".join(out), buf[stop:]    # from a message boundary: the connection's scanner reads on
+    if end > run:
+        _flush(fence, out)
+        out.append(buf[run:end])
     return b"".join(out), None
 
 
