@@ -20,15 +20,17 @@ tracker drops the effect of a Query that got an ErrorResponse). So:
 
 - an error anywhere drops every change of the text. Exact without
   transaction control in the text; with it ("SET a.b = 1; COMMIT; SELECT 1/0")
-  a SET committed before the failing statement is not remembered (as before
-  this module: the client would lose it when moved to another server).
+  a SET committed before the failing statement stays on the server, which the
+  reply does not tell: such a Script is ``uncertain``, and on an error its
+  server is not reused (net/params.py).
 - a text that ends inside an explicit block ("BEGIN; SET x.y = 1") leaves the
   SETs of that block to a COMMIT in a later Query, which is not followed:
   they are not remembered, as a SET inside a transaction never is.
-- COMMIT/ROLLBACK AND CHAIN, PREPARE TRANSACTION and texts pglast cannot
-  parse give no Script (nothing remembered, as before); so do SETs whose value
-  is not constants (none in PostgreSQL's grammar but SET TIME ZONE INTERVAL,
-  a reported parameter anyway).
+- COMMIT/ROLLBACK AND CHAIN, PREPARE TRANSACTION and SETs whose value is not
+  constants (none in PostgreSQL's grammar but SET TIME ZONE INTERVAL, a
+  reported parameter anyway) give ``UNKNOWN``: the server is not reused after
+  the text. A text pglast cannot parse gives None: PostgreSQL refuses it
+  whole, nothing of it runs.
 
 Values are rebuilt from the parse tree as literals ('s1', 'My S', 42), not
 copied from the text, so a comment in the text never reaches the replayed SET.
