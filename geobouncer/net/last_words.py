@@ -175,11 +175,6 @@ def _send_now(sock, data: bytes) -> bytes:
 def _drop_server(client, server, reason: str | None) -> None:
     if server is None or not reason or client.server is not server:
         return
-    if not server.reusable():
-        # Busy (a query timeout, SUSPEND's suspend_timeout): no Terminate on close.
-        # Its socket may be full, the client's greenlet blocked writing to it:
-        # a second writer would wait there, or fail as gevent's concurrent use.
-        server.dirty = True
     client.server = None
     server.client = None
     server.close(reason)
