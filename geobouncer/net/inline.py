@@ -93,7 +93,7 @@ def _request(client, data: bytes, syncs: int, parses: int) -> bool:
         if decision is not TAKE or server.tparams != client.tparams \
                 or server.session_sets != client.session_sets:
             # A check, a retirement or a parameter sync: the greenlet's.
-            pool.untake(server, now, settings.server_check_delay if settings.server_check_query else None)
+            pool.untake(server)
             return False
         client.request_time = now
         client.attach(server, True)

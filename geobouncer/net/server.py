@@ -37,7 +37,6 @@ import gevent
 from gevent.lock import Semaphore
 
 from ..pool.prepared import Tracker
-from ..pool.states import SV_LOGIN
 from ..proto import messages as m
 from ..proto.scan import ServerScanner
 from . import internal, server_login, tls
@@ -56,7 +55,7 @@ class ServerConnection:
     __slots__ = ("client", "close_reason", "closed", "created_at", "cancelling", "dirty", "host", "id",
                  "idle_since", "in_copy", "internal", "key", "last_activity", "linked_at", "local_addr",
                  "outstanding", "params", "pid", "pool", "port", "reader", "request_started", "scanner",
-                 "send", "session_sets", "sock", "stale", "state", "tparams", "to_boundary", "tracker",
+                 "send", "session_sets", "sock", "stale", "tparams", "to_boundary", "tracker",
                  "tx_status", "unsynced", "watch", "wlock", "xact_started", "__weakref__")
 
     def __init__(self, pool, host: str, port: int):
@@ -67,7 +66,6 @@ class ServerConnection:
         self.host = host
         self.port = port
         self.sock = None
-        self.state = SV_LOGIN
         self.client = None
         self.tx_status = b"I"
         self.outstanding = 0          # ReadyForQuery messages owed to the client

@@ -4,15 +4,16 @@ Decisions only: which idle server to hand out, whether a new one may be opened,
 who waits, who gets a released server. The net layer does the I/O and calls
 these methods; nothing here blocks or touches a socket, so the logic is testable
 without PostgreSQL. Servers and waiters are opaque objects with a few attributes
-(``server.state``, ``server.created_at``; waiters are gevent-free callables).
+(``server.created_at``, ``server.idle_since``; waiters are gevent-free
+callables). A server's state is the list it is in, as in PgBouncer: ``active``,
+``idle``; SHOW SERVERS and SHOW POOLS tell idle from used by ``idle_since``
+(admin/show.py's server_state).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from time import monotonic
-
-from .states import SV_ACTIVE, SV_IDLE, SV_USED
 
 # Checkout decisions (Pool.checkout): the net layer carries them out.
 TAKE = "take"      # an idle server, ready: use it
@@ -116,7 +117,6 @@ class Pool:
         if idle:
             # LIFO keeps the working set warm; server_round_robin spreads the load
             server = idle.popleft() if self.limits.round_robin else idle.pop()
-            server.state = SV_ACTIVE
             self.active.add(server)
             life = self.db.server_lifetime or lifetime
             if server.stale or (life > 0 and now - server.created_at > life):
@@ -126,18 +126,14 @@ class Pool:
             return TAKE, server
         return (OPEN if self.may_open(use_reserve) else WAIT), None
 
-    def untake(self, server, now: float, check_delay: float | None) -> None:
+    def untake(self, server) -> None:
         """Undo a checkout whose server is not used now after all (net/inline.py
         leaves a check, a retirement or a parameter sync to the client's
         greenlet, which checks out again): idle where it was, its idle time
-        kept, and SV_USED when idle past ``check_delay`` at ``now`` (checkout's
-        own test, mark_used's rule), not SV_IDLE: the checkout overwrote that
-        state, and remembering it there would cost every checkout a store."""
+        kept (so it is still "used" past server_check_delay)."""
         if server is None:
             return
         self.active.discard(server)
-        server.state = SV_USED if check_delay is not None and now - server.idle_since > check_delay \
-            else SV_IDLE
         if self.limits.round_robin:
             self.idle.appendleft(server)
         else:
@@ -161,7 +157,6 @@ class Pool:
         warm), or with server_round_robin the least recently used."""
         if self.idle:
             server = self.idle.popleft() if self.limits.round_robin else self.idle.pop()
-            server.state = SV_ACTIVE
             self.active.add(server)
             return server
         return None
@@ -173,7 +168,6 @@ class Pool:
     def opened(self, server) -> None:
         """A connection finished logging in; it starts active (owned by its opener)."""
         self.connecting -= 1
-        server.state = SV_ACTIVE
         self.active.add(server)
 
     def open_failed(self, sqlstate: str, text: str, started: float | None = None) -> None:
@@ -200,7 +194,6 @@ class Pool:
             if waiter.take(server):
                 return waiter
         self.active.discard(server)
-        server.state = SV_IDLE
         server.idle_since = monotonic() if now is None else now
         self.idle.append(server)
         return None
@@ -252,11 +245,6 @@ class Pool:
                 doomed.append(server)
                 total -= 1
         return doomed
-
-    def mark_used(self, now: float, check_delay: float) -> None:
-        for server in self.idle:
-            if now - server.idle_since > check_delay:
-                server.state = SV_USED
 
 
 class PoolStats:

@@ -2,6 +2,9 @@
 retire / open / wait; check-in answers park / hand over / reset / close; the
 hand-off to a waiter that has just timed out never loses the server."""
 
+from types import SimpleNamespace
+
+from geobouncer.admin.show import server_state
 from geobouncer.pool.pool import (
     CHECK, CLOSE, HAND_OVER, OPEN, PARK, RESET, RETIRE, TAKE, WAIT,
     ConnectionCounters, Pool, PoolLimits,
@@ -17,7 +20,8 @@ class Server:
     def __init__(self, created_at=0.0, idle_since=0.0):
         self.created_at = created_at
         self.idle_since = idle_since
-        self.state = "login"
+        self.client = None
+        self.internal = None
         self.dirty = False
         self.stale = False
 
@@ -59,7 +63,7 @@ def test_checkout_takes_the_most_recently_used_idle_server():
     pool.release(b)
     assert repr(pool) == "<Pool app/app [clients: 0, 0 waiting | servers: 0 active, 2 idle, 0 login]>"
     assert pool.checkout(10.0, 0, None) == (TAKE, b)
-    assert b.state == "active" and b in pool.active
+    assert b in pool.active and b not in pool.idle
     assert repr(pool) == "<Pool app/app [clients: 0, 0 waiting | servers: 1 active, 1 idle, 0 login]>"
 
 
@@ -162,7 +166,7 @@ def test_a_waiter_takes_a_server_still_counted_active():
     pool.waiters.append(waiter)
     assert pool.checkin(s, 1.0, 0) == (HAND_OVER, waiter)
     assert seen == [(True, [], 1, True)]
-    assert s in pool.active and s.state == "active"
+    assert s in pool.active and s not in pool.idle
 
 
 def test_full_means_no_idle_server_and_no_room_of_its_own():
@@ -184,28 +188,30 @@ def test_full_means_no_idle_server_and_no_room_of_its_own():
 
 def test_untake_keeps_a_used_server_used():
     """net/inline.py puts back a server it will not use now (a check, a
-    retirement, a parameter sync for the greenlet): idle past
-    server_check_delay it is SV_USED again, where it was in the idle list,
-    its idle time kept; not SV_IDLE, as if it had just been released."""
+    retirement, a parameter sync for the greenlet): where it was in the idle
+    list, its idle time kept, so SHOW still lists it "used" when idle past
+    server_check_delay, not "idle" as if it had just been released."""
     pool = make_pool(size=3)
     a, used, b = (opened(pool, Server(created_at=90.0)) for _ in range(3))
     for server in (a, used, b):
+        server.pool = pool
         pool.release(server, 95.0)
     used.idle_since = 60.0
-    pool.mark_used(100.0, 30.0)
-    assert [s.state for s in (a, used, b)] == ["idle", "used", "idle"]
+    app = SimpleNamespace(settings=SimpleNamespace(server_check_query="select 1", server_check_delay=30.0))
+    assert [server_state(app, s, 100.0) for s in (a, used, b)] == ["idle", "used", "idle"]
     pool.idle.remove(used)
     pool.idle.append(used)                  # the most recently used: checkout's pick
     assert pool.checkout(100.0, 0, 30.0) == (CHECK, used)
-    assert used.state == "active"
-    pool.untake(used, 100.0, 30.0)
-    assert used.state == "used" and used.idle_since == 60.0
+    assert server_state(app, used, 100.0) == "active"
+    pool.untake(used)
+    assert server_state(app, used, 100.0) == "used" and used.idle_since == 60.0
     assert list(pool.idle) == [a, b, used] and used not in pool.active
     assert pool.checkout(100.0, 0, 30.0) == (CHECK, used)
-    pool.untake(used, 100.0, None)          # no server_check_query: never "used"
-    assert used.state == "idle"
+    pool.untake(used)
+    app.settings.server_check_query = ""    # no server_check_query: never "used"
+    assert server_state(app, used, 100.0) == "idle"
     assert pool.checkout(100.0, 0, 30.0) == (CHECK, used)
     pool.forget(used)
     assert pool.checkout(100.0, 0, 30.0) == (TAKE, b)
-    pool.untake(b, 100.0, 30.0)             # idle 5 s: idle, as it was
-    assert b.state == "idle" and list(pool.idle) == [a, b]
+    pool.untake(b)                          # idle 5 s: idle, as it was
+    assert server_state(app, b, 100.0) == "idle" and list(pool.idle) == [a, b]
