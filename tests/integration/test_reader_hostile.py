@@ -41,10 +41,7 @@ def tiny_client(b, rcvbuf: int = 1024) -> RawClient:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.settimeout(20)
     sock.connect((b.host, b.port))
-    raw = RawClient.__new__(RawClient)
-    raw.sock, raw.buf, raw.closed = sock, bytearray(), False
-    assert raw.login(*APP)[-1][0] == b"Z"
-    return raw
+    return _logged_in(sock)
 
 
 def unix_client(b) -> RawClient:
@@ -52,6 +49,11 @@ def unix_client(b) -> RawClient:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(20)
     sock.connect(str(b.workdir / f".s.PGSQL.{b.port}"))
+    return _logged_in(sock)
+
+
+def _logged_in(sock) -> RawClient:
+    """A RawClient on a socket already connected to the pooler, logged in."""
     raw = RawClient.__new__(RawClient)
     raw.sock, raw.buf, raw.closed = sock, bytearray(), False
     assert raw.login(*APP)[-1][0] == b"Z"
